@@ -1,0 +1,1 @@
+"""One step of physics on any number of ranks: neighbour list, partition, halo, model, forces."""

@@ -1,0 +1,54 @@
+"""The local graph a model sees on one rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def identity_exchange(features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
+@dataclass
+class LocalGraph:
+    """Atoms and edges of one rank, for a batch of structures.
+
+    Local atoms are ordered [owned | halo]. Each edge is owned by (and aggregates into)
+    its receiver, which is always an owned atom; its sender may be a halo atom.
+
+    n_owned:    number of owned atoms (the first rows)
+    numbers:    (n_local,) int64 atomic numbers
+    positions:  (n_local, 3) Å, strained and differentiable
+    batch:      (n_local,) int64, structure index of each atom within the batch
+    n_structures: number of structures in the batch
+    cells:      (n_structures, 3, 3) Å, strained, rows are lattice vectors
+    receivers:  (E,) int64 local index (< n_owned)
+    senders:    (E,) int64 local index
+    shifts:     (E, 3) Å, periodic image offset: r = x[sender] - x[receiver] + shift
+    exchange:   [n_owned, ...] -> [n_local, ...]: owned rows kept, halo rows filled
+                from their owners; differentiable (gradients go home in backward)
+    """
+
+    n_owned: int
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    batch: torch.Tensor
+    n_structures: int
+    cells: torch.Tensor
+    receivers: torch.Tensor
+    senders: torch.Tensor
+    shifts: torch.Tensor
+    exchange: Callable[[torch.Tensor], torch.Tensor] = identity_exchange
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def n_local(self) -> int:
+        return int(self.numbers.shape[0])
+
+    def edge_vectors(self) -> torch.Tensor:
+        """(E, 3) Å, from receiver to sender."""
+        return self.positions[self.senders] - self.positions[self.receivers] + self.shifts

@@ -1,0 +1,100 @@
+"""The values that pass between mlipd's layers. Å, eV, eV/Å; cell rows are lattice vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlipd.errors import ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """One atomic structure.
+
+    numbers:   (N,) int atomic numbers
+    positions: (N, 3) float64, Å
+    cell:      (3, 3) float64, Å, rows are lattice vectors (zeros where not periodic)
+    pbc:       (3,) bool
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+
+    def __post_init__(self) -> None:
+        numbers = np.asarray(self.numbers)
+        positions = np.asarray(self.positions, dtype=np.float64)
+        cell = np.asarray(self.cell, dtype=np.float64)
+        pbc = np.broadcast_to(np.asarray(self.pbc, dtype=bool), (3,)).copy()
+        if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
+            raise ValidationError(f"numbers must be a 1-D integer array, got {numbers.dtype} {numbers.shape}")
+        n = numbers.shape[0]
+        if n == 0:
+            raise ValidationError("structure has no atoms")
+        if positions.shape != (n, 3):
+            raise ValidationError(f"positions must have shape ({n}, 3), got {positions.shape}")
+        if cell.shape != (3, 3):
+            raise ValidationError(f"cell must have shape (3, 3), got {cell.shape}")
+        if not np.all(np.isfinite(positions)):
+            raise ValidationError("positions contain NaN or infinity")
+        if not np.all(np.isfinite(cell)):
+            raise ValidationError("cell contains NaN or infinity")
+        if np.any(numbers < 1) or np.any(numbers > 118):
+            raise ValidationError("atomic numbers must be in 1..118")
+        if pbc.any():
+            periodic = cell[pbc]
+            if np.linalg.matrix_rank(cell) < 3 and np.any(np.linalg.norm(periodic, axis=1) == 0):
+                raise ValidationError("periodic direction with a zero cell vector")
+        object.__setattr__(self, "numbers", numbers.astype(np.int64, copy=False))
+        object.__setattr__(self, "positions", positions)
+        object.__setattr__(self, "cell", cell)
+        object.__setattr__(self, "pbc", pbc)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @classmethod
+    def from_atoms(cls, atoms: Any) -> Structure:
+        """From an ``ase.Atoms`` (copies the arrays)."""
+        return cls(
+            numbers=np.array(atoms.numbers),
+            positions=np.array(atoms.positions, dtype=np.float64),
+            cell=np.array(atoms.cell.array, dtype=np.float64),
+            pbc=np.array(atoms.pbc, dtype=bool),
+        )
+
+    def to_atoms(self) -> Any:
+        import ase
+
+        return ase.Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a model returns for one structure.
+
+    energy: eV
+    forces: (N, 3) eV/Å
+    virial: (3, 3) eV, ``-dE/dstrain`` (stress = -virial / volume); None if not computed
+    extras: per-structure extra outputs (e.g. ``magmoms`` (N,) in μB), JSON-serialisable
+    """
+
+    energy: float
+    forces: np.ndarray
+    virial: np.ndarray | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def stress(self, cell: np.ndarray) -> np.ndarray | None:
+        """Stress (3, 3) eV/Å³ in ASE's sign convention, or None without a virial."""
+        if self.virial is None:
+            return None
+        volume = abs(float(np.linalg.det(cell)))
+        if volume == 0.0:
+            return None
+        return -self.virial / volume
