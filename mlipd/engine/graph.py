@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,8 +29,14 @@ class LocalGraph:
     receivers:  (E,) int64 local index (< n_owned)
     senders:    (E,) int64 local index
     shifts:     (E, 3) Å, periodic image offset: r = x[sender] - x[receiver] + shift
+    images:     (E, 3) int64, the same offset in lattice vectors (pairs i->j,S with j->i,-S)
+    global_ids: (n_local,) int64, index of each local atom in the whole batch
+    n_atoms:    (n_structures,) int64, atoms per structure (whole structure, all ranks)
     exchange:   [n_owned, ...] -> [n_local, ...]: owned rows kept, halo rows filled
-                from their owners; differentiable (gradients go home in backward)
+                from their owners; differentiable (gradients go home in backward).
+                Every rank must call it the same number of times per step.
+    comm:       None at one rank; otherwise the engine's communicator, for models that
+                exchange more than atom features (see ``mlipd.engine.halo``)
     """
 
     n_owned: int
@@ -41,7 +48,11 @@ class LocalGraph:
     receivers: torch.Tensor
     senders: torch.Tensor
     shifts: torch.Tensor
+    images: torch.Tensor
+    global_ids: torch.Tensor
+    n_atoms: torch.Tensor
     exchange: Callable[[torch.Tensor], torch.Tensor] = identity_exchange
+    comm: Any = None
     rank: int = 0
     world_size: int = 1
 

@@ -57,6 +57,9 @@ class LocalEngine:
     def world_size(self) -> int:
         return 1
 
+    def close(self) -> None:
+        """Nothing to release at one rank; the distributed engine stops its ranks here."""
+
     def compute(self, structures: Sequence[Structure], *, virial: bool = True) -> list[Result]:
         if not structures:
             return []
@@ -87,8 +90,9 @@ class LocalEngine:
         images = tensor(img, dt)
         edge_batch = tensor(ebatch, torch.long)
         shifts = torch.bmm(images.unsqueeze(1), cells[edge_batch]).squeeze(1)
+        n_total = int(offsets[-1])
         graph = LocalGraph(
-            n_owned=int(offsets[-1]),
+            n_owned=n_total,
             numbers=tensor([s.numbers for s in structures], torch.long),
             positions=pos,
             batch=batch,
@@ -97,6 +101,9 @@ class LocalEngine:
             receivers=tensor(recv, torch.long),
             senders=tensor(send, torch.long),
             shifts=shifts,
+            images=tensor(img, torch.long),
+            global_ids=torch.arange(n_total, device=dev),
+            n_atoms=torch.as_tensor(counts, device=dev),
         )
         out = self.model(graph)
         energies = torch.zeros(len(structures), dtype=out.site_energy.dtype, device=dev)

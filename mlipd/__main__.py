@@ -1,0 +1,5 @@
+import sys
+
+from mlipd.cli import main
+
+sys.exit(main())
