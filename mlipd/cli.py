@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlipd.driver.cli import add_arguments as add_drive
 
-    drive = sub.add_parser("drive", help="connect to i-PI or ASE socket servers as their force client")
+    drive = sub.add_parser(
+        "drive", help="connect to i-PI or ASE socket servers as their force client"
+    )
     add_engine_options(drive)
     add_drive(drive)
 

@@ -32,7 +32,9 @@ class Structure:
         cell = np.asarray(self.cell, dtype=np.float64)
         pbc = np.broadcast_to(np.asarray(self.pbc, dtype=bool), (3,)).copy()
         if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
-            raise ValidationError(f"numbers must be a 1-D integer array, got {numbers.dtype} {numbers.shape}")
+            raise ValidationError(
+                f"numbers must be a 1-D integer array, got {numbers.dtype} {numbers.shape}"
+            )
         n = numbers.shape[0]
         if n == 0:
             raise ValidationError("structure has no atoms")
@@ -72,7 +74,9 @@ class Structure:
     def to_atoms(self) -> Any:
         import ase
 
-        return ase.Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        return ase.Atoms(
+            numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc
+        )
 
 
 @dataclass(frozen=True, slots=True)

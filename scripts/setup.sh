@@ -9,5 +9,5 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${MLIPD_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
-python -m pip install -q -e ".[test,mace]" 2>&1 | grep -v '^WARNING: Location' || true
+python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import torch, mlipd, chgnet, ipi; print('mlipd', mlipd.__version__, 'torch', torch.__version__)"

@@ -56,7 +56,7 @@ def test_lj_equals_ase(engine, name):
 def test_batch_equals_singles(engine):
     structures = [Structure.from_atoms(a) for a in systems().values()]
     batched = engine.compute(structures)
-    for s, b in zip(structures, batched):
+    for s, b in zip(structures, batched, strict=True):
         (single,) = engine.compute([s])
         assert b.energy == pytest.approx(single.energy, rel=1e-13, abs=1e-14)
         np.testing.assert_allclose(b.forces, single.forces, rtol=1e-12, atol=1e-14)

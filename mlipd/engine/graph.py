@@ -36,7 +36,9 @@ class LocalGraph:
                 from their owners; differentiable (gradients go home in backward).
                 Every rank must call it the same number of times per step.
     comm:       None at one rank; otherwise the engine's communicator, for models that
-                exchange more than atom features (see ``mlipd.engine.halo``)
+                exchange more than atom features (see ``mlipd.engine.comm``)
+    owner:      (n_local,) int64 owner rank of each local atom; None at one rank
+                (every atom is owned by rank 0 there)
     """
 
     n_owned: int
@@ -55,6 +57,7 @@ class LocalGraph:
     comm: Any = None
     rank: int = 0
     world_size: int = 1
+    owner: torch.Tensor | None = None
 
     @property
     def n_local(self) -> int:

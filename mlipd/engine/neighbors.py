@@ -33,7 +33,8 @@ class Edges:
 
 
 def neighbor_list(structure: Structure, cutoff: float) -> Edges:
-    """All pairs with |r_ij| < cutoff, both directions, self-images kept, i == j at zero shift dropped."""
+    """All pairs with |r_ij| < cutoff in both directions; periodic self-images are kept,
+    i == j at zero shift is not a pair."""
     nl = NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, s = nl.compute(
         structure.positions, structure.cell, [bool(p) for p in structure.pbc], quantities="ijS"

@@ -1,0 +1,81 @@
+"""``mlipd drive``: mlipd as the force client of i-PI or ASE's SocketIOCalculator.
+
+Exit status: 0 when every connection ended with EXIT or a clean close by the
+server, 1 when any connection failed (bad data, unreachable address), 2 for
+setup errors (bad options, unknown model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mlipd.protocols.ipi import DEFAULT_MAX_ATOMS
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", action="append", required=True, metavar="ADDR",
+                   help="unix:NAME (socket /tmp/ipi_NAME, as i-PI and ASE name it), "
+                        "unix:/path/to/socket, or HOST:PORT; repeat for several "
+                        "connections sharing one engine")
+    tmpl = p.add_mutually_exclusive_group(required=True)
+    tmpl.add_argument("--structure", metavar="FILE",
+                      help="template structure (any ase.io format): atomic numbers and "
+                           "pbc, in the order i-PI sends the atoms")
+    tmpl.add_argument("--species", metavar="SYMBOL",
+                      help="every atom is this element (periodic in 3D), any atom count")
+    p.add_argument("--pbc", choices=["auto", "yes", "no"], default="auto",
+                   help="periodicity: auto takes it from --structure (i-PI's xyz counts as "
+                        "periodic) and is 'yes' with --species")
+    p.add_argument("--mode", choices=["socket", "shm"], default="socket",
+                   help="shm: i-PI's shared-memory mode (needs unix: addresses)")
+    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
+                   help="keep retrying to connect for this long (default 60)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                   help="give up on a server silent for this long (default 3600)")
+    p.add_argument("--max-atoms", type=int, default=DEFAULT_MAX_ATOMS,
+                   help=f"refuse messages with more atoms (default {DEFAULT_MAX_ATOMS})")
+    p.add_argument("--sockets-prefix", default="/tmp/ipi_",
+                   help="prefix of unix:NAME socket files (i-PI's sockets_prefix)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlipd.driver.session import drive_all, socket_transports
+    from mlipd.driver.socket_io import parse_address
+    from mlipd.driver.template import Template
+    from mlipd.engine import make_engine
+    from mlipd.errors import SetupError
+
+    addresses = [parse_address(a, sockets_prefix=args.sockets_prefix) for a in args.address]
+    pbc = {"auto": None, "yes": True, "no": False}[args.pbc]
+    template = (Template.from_file(args.structure, pbc=pbc) if args.structure
+                else Template.from_species(args.species, pbc=pbc is not False))
+    if args.max_atoms < 1:
+        raise SetupError(f"--max-atoms must be >= 1, got {args.max_atoms}")
+    if args.mode == "shm":
+        from mlipd.driver.shm import shm_transports
+
+        if not all(a.is_unix for a in addresses):
+            raise SetupError("--mode shm needs unix: addresses (i-PI's shm mode is same-node)")
+        make_transport = shm_transports(template, max_atoms=args.max_atoms)
+    else:
+        make_transport = socket_transports(template, max_atoms=args.max_atoms)
+    engine = make_engine(args.model, device=args.device, dtype=args.dtype, ranks=args.ranks)
+    try:
+        outcomes = drive_all(addresses, lambda s: engine.compute(s, virial=True),
+                             make_transport=make_transport,
+                             connect_timeout=args.connect_timeout, timeout=args.timeout)
+    finally:
+        engine.close()
+    failed = [o for o in outcomes if o.error is not None]
+    for o in outcomes:
+        if o.report is not None:
+            log.info("%s: %d steps, %d structures (%d computed)%s", o.address, o.report.steps,
+                     o.report.structures, o.report.computed, ", EXIT" if o.report.exit else "")
+    if failed:
+        log.error("%d of %d connections failed: %s", len(failed), len(outcomes),
+                  "; ".join(f"{o.address}: {o.error}" for o in failed))
+        return 1
+    return 0

@@ -1,0 +1,157 @@
+"""Addresses, connecting with retries, and a framed socket that reads exact byte counts.
+
+Address forms (``--address``):
+    unix:NAME       i-PI's and ASE's convention: the socket file ``/tmp/ipi_NAME``
+                    (the prefix is i-PI's ``<simulation sockets_prefix>``)
+    unix:/abs/path  any other socket file (a NAME containing "/" is a path)
+    HOST:PORT       TCP (``tcp:HOST:PORT`` also accepted; ``[::1]:PORT`` for IPv6)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from mlipd.errors import ConnectionClosed, ProtocolError, ServerUnavailable, SetupError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKETS_PREFIX = "/tmp/ipi_"
+_RETRY_S = 0.05  # first pause between connection attempts; doubles up to _RETRY_MAX_S
+_RETRY_MAX_S = 1.0
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address: ``path`` for UNIX sockets, else ``host`` and ``port``."""
+
+    text: str
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+
+def parse_address(text: str, *, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) -> Address:
+    """Parse ``unix:NAME``, ``unix:/path``, ``HOST:PORT`` or ``tcp:HOST:PORT``."""
+    if text.startswith("unix:"):
+        name = text[len("unix:"):]
+        if not name:
+            raise SetupError(f"address {text!r}: empty socket name")
+        return Address(text, path=name if "/" in name else sockets_prefix + name)
+    rest = text[len("tcp:"):] if text.startswith("tcp:") else text
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host:
+        raise SetupError(f"address {text!r}: expected unix:NAME, unix:/path or HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise SetupError(f"address {text!r}: port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise SetupError(f"address {text!r}: port {number} outside 1..65535")
+    return Address(text, host=host.strip("[]"), port=number)
+
+
+def connect(address: Address, *, timeout: float) -> socket.socket:
+    """Connect, retrying while the server is not up yet, for at most ``timeout`` s.
+
+    Raises ServerUnavailable naming the address and the last error.
+    """
+    deadline = time.monotonic() + timeout
+    pause = _RETRY_S
+    while True:
+        try:
+            return _connect_once(address, timeout=max(deadline - time.monotonic(), 0.1))
+        except OSError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerUnavailable(
+                    f"cannot connect to {address.text} within {timeout:g} s: {e}") from e
+            log.debug("connect %s: %s; retrying", address.text, e)
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, _RETRY_MAX_S)
+
+
+def _connect_once(address: Address, *, timeout: float) -> socket.socket:
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = address.path
+    else:
+        info = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        target = info[4]
+    try:
+        sock.settimeout(timeout)
+        sock.connect(target)
+        if not address.is_unix:
+            # the protocol is many small request/reply messages: Nagle would add ~40 ms each
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class FramedSocket:
+    """A connected socket read in exact byte counts into one reused buffer.
+
+    ``recv_exact`` returns a view that is valid until the next call (the codec
+    copies what it keeps). ``timeout`` (s) bounds every wait for data.
+    """
+
+    def __init__(self, sock: socket.socket, *, timeout: float) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self._buf = bytearray(1 << 16)
+
+    def recv_exact(self, n: int) -> memoryview:
+        """Exactly ``n`` bytes. A closed peer raises ConnectionClosed, silence
+        for longer than the timeout raises ProtocolError."""
+        self._reserve(n)
+        self._fill(0, n)
+        return memoryview(self._buf)[:n]
+
+    def recv_exact_or_eof(self, n: int) -> memoryview | None:
+        """Like ``recv_exact``, but None when the peer closed before the first byte
+        (a clean end between messages: ASE's server closes without EXIT)."""
+        self._reserve(n)
+        try:
+            first = self.sock.recv_into(memoryview(self._buf)[:n], n)
+        except TimeoutError:
+            raise ProtocolError(f"no message for {self.sock.gettimeout():g} s") from None
+        except ConnectionResetError:
+            return None
+        if first == 0:
+            return None
+        self._fill(first, n)
+        return memoryview(self._buf)[:n]
+
+    def _reserve(self, n: int) -> None:
+        if n > len(self._buf):
+            self._buf = bytearray(n)
+
+    def _fill(self, got: int, n: int) -> None:
+        view = memoryview(self._buf)
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:n], n - got)
+            except TimeoutError:
+                raise ProtocolError(
+                    f"no data for {self.sock.gettimeout():g} s (had {got} of {n} bytes)") from None
+            if k == 0:
+                raise ConnectionClosed(f"peer closed the connection after {got} of {n} bytes")
+            got += k
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # already closed by the peer
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()

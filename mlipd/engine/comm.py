@@ -1,0 +1,139 @@
+"""The communicator models and the engine use across ranks (``LocalGraph.comm``).
+
+API (all collective: every rank of the group calls them in the same order):
+
+    plan = comm.plan_from_keys(owned_keys, wanted_keys, wanted_owner)
+        owned_keys   (m, k) int64: keys of the rows this rank owns (unique)
+        wanted_keys  (n, k) int64: keys of the rows this rank needs from others
+        wanted_owner (n,)   int64: group rank that owns each wanted key
+        Keys are anything the ranks agree on, e.g. (global atom id,) for atoms or
+        (global id i, global id j, image a, b, c) for bonds. A wanted key missing at
+        its owner raises ``CalculationFailed``.
+    comm.exchange(plan, owned_rows (m, ...)) -> (n, ...)
+        copies from the owners; differentiable (backward sums gradients at the owners)
+    comm.scatter_home(plan, wanted_rows (n, ...)) -> (m, ...)
+        the adjoint: every owner receives the sum of what its holders sent
+    comm.reduce_replicas(plan, owned_rows, wanted_rows) -> (owned_total, wanted_total)
+        an item held by its owner and by other ranks (e.g. a cut bond whose partial
+        sums live on both sides): every holder gets the sum of all partials;
+        differentiable
+    comm.all_reduce_sum(tensor) -> tensor summed over ranks; differentiable
+
+At one rank use ``None`` for ``comm``: models call ``graph.exchange`` for atom
+features, which is the identity there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mlipd.engine.halo import AllReduceSum, Exchange, HaloPlan, ScatterHome, all_to_all_rows
+from mlipd.errors import CalculationFailed
+
+
+class Comm:
+    """A process group seen from one rank (``rank``/``world_size`` are group ranks)."""
+
+    def __init__(self, *, group=None, device: torch.device | str = "cpu") -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device(device)
+        self._root = dist.get_global_rank(group, 0) if group is not None else 0
+
+    # --- halo plans and exchanges -------------------------------------------------
+    def plan_from_keys(self, owned_keys: torch.Tensor, wanted_keys: torch.Tensor,
+                       wanted_owner: torch.Tensor) -> HaloPlan:
+        p, dev = self.world_size, self.device
+        owned_keys = _as_2d(owned_keys).to(dev)
+        wanted_keys = _as_2d(wanted_keys).to(dev)
+        wanted_owner = wanted_owner.to(dev, torch.long)
+        if wanted_keys.shape[1] != owned_keys.shape[1] and wanted_keys.shape[0]:
+            raise ValueError("owned_keys and wanted_keys need the same number of columns")
+        if bool((wanted_owner == self.rank).any()):
+            raise ValueError("a wanted key is owned by the asking rank itself")
+        order = torch.argsort(wanted_owner, stable=True)
+        recv_counts_t = torch.bincount(wanted_owner, minlength=p)
+        send_counts_t = all_to_all_rows(recv_counts_t.view(p, 1), [1] * p, [1] * p, self.group)
+        recv_counts, send_counts = recv_counts_t.tolist(), send_counts_t.view(-1).tolist()
+        asked = all_to_all_rows(wanted_keys[order], recv_counts, send_counts, self.group)
+        send_rows = _lookup(owned_keys, asked)
+        if bool((send_rows < 0).any()):
+            missing = asked[send_rows < 0][:3].tolist()
+            raise CalculationFailed(f"rank {self.rank}: peers asked for keys it does not own, "
+                                    f"e.g. {missing}")
+        recv_order = torch.empty_like(order)
+        recv_order[order] = torch.arange(order.numel(), device=dev)
+        return HaloPlan(n_owned=int(owned_keys.shape[0]), n_wanted=int(wanted_keys.shape[0]),
+                        send_rows=send_rows, send_counts=send_counts, recv_counts=recv_counts,
+                        recv_order=recv_order, group=self.group)
+
+    def exchange(self, plan: HaloPlan, owned_rows: torch.Tensor) -> torch.Tensor:
+        return Exchange.apply(owned_rows, plan)
+
+    def scatter_home(self, plan: HaloPlan, wanted_rows: torch.Tensor) -> torch.Tensor:
+        return ScatterHome.apply(wanted_rows, plan)
+
+    def reduce_replicas(self, plan: HaloPlan, owned_rows: torch.Tensor,
+                        wanted_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = owned_rows + self.scatter_home(plan, wanted_rows)
+        return total, self.exchange(plan, total)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return AllReduceSum.apply(tensor, self.group)
+
+    # --- front-end traffic (not differentiable) -------------------------------------
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Pickle ``obj`` on group rank 0 and return it everywhere."""
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=self._root, group=self.group)
+        return box[0]
+
+    def broadcast_array(self, array: np.ndarray | None, *, shape: tuple[int, ...],
+                        dtype: torch.dtype) -> torch.Tensor:
+        """Rank 0's ``array`` (given ``shape``/``dtype``) on every rank, as a CPU tensor."""
+        if self.rank == 0:
+            t = torch.as_tensor(np.ascontiguousarray(array)).to(dtype).reshape(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype)
+        t = t.to(self.device)
+        dist.broadcast(t, src=self._root, group=self.group)
+        return t.cpu()
+
+    def gather_rows(self, rows: torch.Tensor, *, n_max: int) -> list[torch.Tensor] | None:
+        """Rows (r, c) of every rank padded to ``n_max`` rows; the list on rank 0 only."""
+        buf = rows.new_zeros((n_max, rows.shape[1]))
+        buf[: rows.shape[0]] = rows
+        buf = buf.to(self.device)
+        out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(buf, out, dst=self._root, group=self.group)
+        return None if out is None else [t.cpu() for t in out]
+
+    def atom_exchange(self, plan: HaloPlan):
+        """The ``LocalGraph.exchange`` callable: (n_owned, ...) -> (n_owned + n_halo, ...)."""
+
+        def exchange(owned: torch.Tensor) -> torch.Tensor:
+            return torch.cat([owned, Exchange.apply(owned, plan)])
+
+        return exchange
+
+
+def _as_2d(keys: torch.Tensor) -> torch.Tensor:
+    keys = torch.as_tensor(keys, dtype=torch.long)
+    return keys.view(-1, 1) if keys.dim() == 1 else keys
+
+
+def _lookup(table_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Row of each query key in ``table_keys`` (both (r, k) int64), -1 where absent."""
+    m = table_keys.shape[0]
+    if query.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=table_keys.device)
+    both = torch.cat([table_keys, query.reshape(-1, table_keys.shape[1])])
+    _, inverse = torch.unique(both, dim=0, return_inverse=True)
+    table = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=both.device)
+    table[inverse[:m]] = torch.arange(m, device=both.device)
+    return table[inverse[m:]]

@@ -1,0 +1,115 @@
+"""Halo plans and the differentiable exchanges built on them.
+
+A ``HaloPlan`` says, on one rank, which of its owned rows every peer wants
+(``send_rows``, grouped by peer) and how many rows it receives from each peer for the
+rows it wants (``recv_counts``; received rows arrive grouped by peer, and
+``recv_order`` puts them back in the order they were asked for). Plans are made by
+``Comm.plan_from_keys`` (collective) and are reused until the partition changes.
+
+Two adjoint operations, each one ``all_to_all_single``:
+- ``Exchange``: owned rows (m, ...) -> wanted rows (n, ...), copies from the owners.
+  Backward: the reverse all_to_all, scatter-added into the owners' rows.
+- ``ScatterHome``: wanted rows (n, ...) -> owned rows (m, ...), each owner receives the
+  sum of the values its holders sent. Backward: ``Exchange``.
+Every rank must call them in the same order (they are collectives, also in backward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """One rank's side of an all_to_all pattern.
+
+    n_owned:     m, rows on this rank that others may ask for
+    n_wanted:    n, rows this rank asked for
+    send_rows:   (S,) int64 owned-row indices sent, grouped by destination rank
+    send_counts: per peer, rows sent (len world_size; sums to S)
+    recv_counts: per peer, rows received (len world_size; sums to n)
+    recv_order:  (n,) int64, wanted row k arrives at position recv_order[k] of the
+                 peer-grouped receive buffer
+    """
+
+    n_owned: int
+    n_wanted: int
+    send_rows: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+    recv_order: torch.Tensor
+    group: object = None
+
+    @property
+    def n_sent(self) -> int:
+        return int(self.send_rows.shape[0])
+
+
+def all_to_all_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                    group=None) -> torch.Tensor:
+    """Rows (sum send_counts, ...) grouped by destination -> (sum recv_counts, ...) by source."""
+    tail = rows.shape[1:]
+    flat = rows.reshape(rows.shape[0], math.prod(tail)).contiguous()
+    out = flat.new_empty((sum(recv_counts), flat.shape[1]))
+    dist.all_to_all_single(out, flat, output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts, group=group)
+    return out.reshape((out.shape[0], *tail))
+
+
+def exchange_rows(plan: HaloPlan, owned: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable forward of ``Exchange``: (m, ...) -> (n, ...)."""
+    received = all_to_all_rows(owned[plan.send_rows], plan.send_counts, plan.recv_counts,
+                               plan.group)
+    return received[plan.recv_order]
+
+
+def scatter_home_rows(plan: HaloPlan, wanted: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable forward of ``ScatterHome``: (n, ...) -> (m, ...) sums at owners."""
+    grouped = wanted.new_empty(wanted.shape)
+    grouped[plan.recv_order] = wanted
+    back = all_to_all_rows(grouped, plan.recv_counts, plan.send_counts, plan.group)
+    out = wanted.new_zeros((plan.n_owned, *wanted.shape[1:]))
+    return out.index_add_(0, plan.send_rows, back)
+
+
+class Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owned: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+        ctx.plan = plan
+        return exchange_rows(plan, owned)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ScatterHome.apply(grad, ctx.plan), None
+
+
+class ScatterHome(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wanted: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+        ctx.plan = plan
+        return scatter_home_rows(plan, wanted)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return Exchange.apply(grad, ctx.plan), None
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is again the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.detach().clone().contiguous()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.detach().clone().contiguous()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None

@@ -1,0 +1,162 @@
+"""CHGNet (the ``chgnet`` package) inside mlipd's layer loop.
+
+The package's own modules and pretrained weights do all the maths; this adapter
+only builds the graphs (``chgnet_graph``) and calls the modules block by block,
+with the halo exchanges a partitioned graph needs between them
+(``CHGNet._compute``, chgnet/model/model.py:389-541, re-expressed as a loop; see
+/work/shared/porting/PORTING_MAP.md §1). At one rank every exchange is the identity.
+
+Energies: CHGNet is trained on energy per atom, e = (Σ_i mlp_i + Σ_i w[Z_i]) / N, with
+w the AtomRef composition model. The site energy of atom i here is mlp_i + w[Z_i] (eV),
+so Σ site energy is the package's total energy e·N and the engine's forces and
+virial equal the package's (which differentiates Σ mlp_i before dividing by N).
+Magnetic moments (μB, ``abs(site_wise(atom))`` after the last-but-one AtomConv) are a
+per-atom extra. An atom with no neighbour within the cutoff keeps its embedding and
+gets the value the package gives with ``on_isolated_atoms="ignore"`` (its default in
+``CHGNetCalculator`` is to warn and compute that same value).
+
+Per block, every rank calls, in order: AtomConv, BondConv up to its aggregate, a
+pair-sum of that aggregate over *cut* bonds (``chgnet_comm``), the rest of BondConv,
+AngleUpdate, then refreshes the halo atoms' features (``graph.exchange``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+import torch
+from chgnet.model import CHGNet
+from chgnet.model.functions import aggregate
+
+from mlipd.engine.graph import LocalGraph
+from mlipd.errors import SetupError
+from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.models.chgnet_comm import CutBondSum
+from mlipd.models.chgnet_graph import BondGraph, build_bond_graph
+
+log = logging.getLogger(__name__)
+
+PRETRAINED = ("0.3.0", "0.2.0", "r2scan")
+
+
+def load_chgnet(path: str | None = None) -> CHGNet:
+    """The pretrained model bundled with ``chgnet`` (``None`` or a version name in
+    ``PRETRAINED``) or a checkpoint file written by chgnet; on CPU, no network."""
+    # CHGNet.__init__ prints its parameter count; keep stdout clean for servers
+    with contextlib.redirect_stdout(io.StringIO()):
+        if path is None or path in PRETRAINED:
+            return CHGNet.load(model_name=path or "0.3.0", use_device="cpu", verbose=False)
+        if not os.path.isfile(path):
+            raise SetupError(f"chgnet: no checkpoint file {path!r} (or use one of {PRETRAINED})")
+        return CHGNet.from_file(path)
+
+
+class CHGNetModel(torch.nn.Module):
+    """CHGNet as an mlipd model. ``path``: a chgnet checkpoint file, or a bundled
+    version name (``"0.3.0"`` default, ``"0.2.0"``, ``"r2scan"``)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        net = load_chgnet(path)
+        if not net.mlp_first:
+            raise SetupError("chgnet: only mlp_first models have site energies (pooling first "
+                             "mixes atoms before the readout MLP)")
+        if net.composition_model is None or not getattr(net.composition_model, "fitted", True):
+            raise SetupError("chgnet: the checkpoint has no fitted AtomRef composition model")
+        if not all(layer is not None for layer in (*net.bond_conv_layers, *net.angle_layers)):
+            raise SetupError("chgnet: models without bond or angle updates are not supported")
+        self.net = net.eval()
+        args = net.model_args
+        log.info("CHGNet %s loaded (%d parameters)", net.version or path, net.n_params)
+        self.bond_cutoff = float(args.get("bond_graph_cutoff", 3.0))
+        n_species = int(net.atom_embedding.embedding.num_embeddings)
+        self.spec = ModelSpec(
+            name="chgnet",
+            cutoff=float(args.get("atom_graph_cutoff", 6.0)),
+            species=frozenset(range(1, n_species + 1)),
+            n_layers=int(net.n_conv),
+            per_atom_extras=("magmoms",),
+        )
+        self.counters: dict[str, int] = {}  # sizes of the last forward, for tests and metrics
+
+    def forward(self, graph: LocalGraph) -> ModelOutput:
+        """Site energies (n_owned,) eV and ``magmoms`` (n_owned,) μB of the owned atoms."""
+        m, n_own = self.net, graph.n_owned
+        bg = build_bond_graph(graph, bond_cutoff=self.bond_cutoff)
+        cut_sum = CutBondSum(graph, bg)  # collective at P > 1: every rank builds it
+        atom_graph = torch.stack([graph.receivers, graph.senders], dim=1)
+        d2u = bg.edge_bond
+
+        # geometry: the package's encoders on engine-made shifts (image @ lattice already
+        # applied, so the lattice argument is the identity); unit vectors point to the centre
+        eye = torch.eye(3, dtype=graph.positions.dtype, device=graph.positions.device)
+        b_ag, b_bg, unit = m.bond_basis_expansion(
+            center=graph.positions[graph.receivers], neighbor=graph.positions[graph.senders],
+            undirected2directed=bg.bond_edge, image=graph.shifts, lattice=eye)
+        angle_bases = m.angle_basis_expansion(unit[bg.angle_d1], unit[bg.angle_d2])
+
+        atom = m.atom_embedding(graph.numbers - 1)  # halo rows too: no exchange before block 0
+        bond = m.bond_embedding(b_ag)
+        w_ag = m.bond_weights_ag(b_ag)
+        w_bg = m.bond_weights_bg(b_bg)
+        angle = m.angle_embedding(angle_bases)
+        magmom = None
+        for i in range(m.n_conv - 1):
+            if i > 0:
+                atom = graph.exchange(atom[:n_own])
+            atom = m.atom_conv_layers[i](atom_feas=atom, bond_feas=bond, bond_weights=w_ag,
+                                         atom_graph=atom_graph, directed2undirected=d2u)
+            layer = m.bond_conv_layers[i]
+            partial = _bond_conv_partial(layer, atom, bond, w_bg, angle, bg)
+            bond = _bond_conv_finish(layer, bond, cut_sum(partial))
+            if i < m.n_conv - 2:  # the last AngleUpdate's output is never read
+                angle = m.angle_layers[i](atom_feas=atom, bond_feas=bond, angle_feas=angle,
+                                          bond_graph=bg.angles)
+            else:
+                magmom = torch.abs(m.site_wise(atom[:n_own])).view(-1)
+        atom = graph.exchange(atom[:n_own])
+        atom = m.atom_conv_layers[-1](atom_feas=atom, bond_feas=bond, bond_weights=w_ag,
+                                      atom_graph=atom_graph, directed2undirected=d2u)
+        atom = atom[:n_own]
+        if m.readout_norm is not None:
+            atom = m.readout_norm(atom)
+        atom_ref = m.composition_model.fc.weight[0, graph.numbers[:n_own] - 1]
+        site = m.mlp(atom).view(-1) + atom_ref
+        if magmom is None:  # n_conv == 1: no magmom layer ran
+            magmom = torch.zeros_like(site)
+        self.counters = {
+            "atoms": n_own,
+            "halo_atoms": graph.n_local - n_own,
+            "directed_edges": int(graph.receivers.shape[0]),
+            "bonds": bg.n_bonds,
+            "canonical_bonds": int(bg.bond_canonical.sum()),
+            "angles": bg.n_angles,
+            "cut_bonds": int(bg.cut.shape[0]),
+            "atom_exchanges": m.n_conv - 1,
+            "atom_rows_received": (m.n_conv - 1) * (graph.n_local - n_own),
+            "bond_exchanges": cut_sum.calls,
+            "bond_rows_received": cut_sum.calls * int(bg.cut.shape[0]),
+        }
+        return ModelOutput(site_energy=site, extras={"magmoms": magmom})
+
+
+def _bond_conv_partial(layer, atom, bond, w_bg, angle, bg: BondGraph) -> torch.Tensor:
+    """``BondConv.forward`` (chgnet/model/layers.py:238-254) up to its aggregate:
+    (U, F) sum over this rank's angles of each bond's messages."""
+    c, u1, u2 = bg.angles[:, 0], bg.angles[:, 1], bg.angles[:, 2]
+    msg = layer.twoBody_bond(torch.cat([bond[u1], bond[u2], angle, atom[c]], dim=1))
+    msg = msg * w_bg[u1] * w_bg[u2]
+    return aggregate(msg, u1, average=False, num_owner=bond.shape[0])
+
+
+def _bond_conv_finish(layer, bond: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
+    """``BondConv.forward`` (layers.py:256-265) after the aggregate."""
+    new = layer.mlp_out(summed) if layer.use_mlp_out else summed
+    if layer.resnet:
+        new = new + bond
+    if layer.bond_norm is not None:
+        new = layer.bond_norm(new)
+    return new

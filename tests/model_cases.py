@@ -1,0 +1,119 @@
+"""Structures and comparisons shared by the model adapter tests (MACE, TensorNet, eSEN, plug-ins).
+
+Every builder takes the species to draw from, so each model gets structures it knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk, fcc111
+
+from mlipd.engine.distributed import DistributedEngine
+from mlipd.engine.local import LocalEngine
+from mlipd.engine.neighbors import neighbor_list
+from mlipd.types import Result, Structure
+
+
+def _species(atoms: Atoms, species: Sequence[int], rng: np.random.Generator) -> Atoms:
+    atoms.numbers = rng.choice(list(species), size=len(atoms))
+    return atoms
+
+
+def bulk_box(species: Sequence[int], *, reps: int = 5, a: float = 5.43, seed: int = 0) -> Atoms:
+    """Rattled diamond lattice, 8 reps³ atoms (1,000 at reps = 5), fully periodic."""
+    rng = np.random.default_rng(seed)
+    at = bulk("Si", "diamond", a=a, cubic=True).repeat((reps, reps, reps))
+    at.positions += rng.normal(scale=0.1, size=at.positions.shape)
+    return _species(at, species, rng)
+
+
+def small_triclinic(species: Sequence[int], *, seed: int = 1) -> Atoms:
+    """3 atoms in a skewed cell ~3 Å wide: any cutoff above 1.5 Å sees many self-images."""
+    rng = np.random.default_rng(seed)
+    cell = np.array([[3.1, 0.0, 0.0], [1.2, 2.9, 0.0], [0.6, 0.8, 3.0]])
+    frac = np.array([[0.0, 0.0, 0.0], [0.45, 0.5, 0.4], [0.7, 0.2, 0.8]])
+    at = Atoms(numbers=np.ones(3, int), scaled_positions=frac, cell=cell, pbc=True)
+    at.positions += rng.normal(scale=0.05, size=at.positions.shape)
+    return _species(at, species, rng)
+
+
+def slab(species: Sequence[int], *, seed: int = 2) -> Atoms:
+    """fcc(111) slab, periodic in x and y, open in z (pbc = T, T, F)."""
+    rng = np.random.default_rng(seed)
+    at = fcc111("Cu", size=(4, 4, 3), a=3.6, vacuum=5.0)
+    at.pbc = (True, True, False)
+    at.positions += rng.normal(scale=0.05, size=at.positions.shape)
+    return _species(at, species, rng)
+
+
+def molecule(species: Sequence[int], *, n: int = 24, seed: int = 3) -> Atoms:
+    """An isolated cluster (no cell, no periodicity), nearest neighbours >= 1.0 Å apart."""
+    rng = np.random.default_rng(seed)
+    pos: list[np.ndarray] = []
+    while len(pos) < n:
+        p = rng.uniform(-4.0, 4.0, size=3)
+        if all(np.linalg.norm(p - q) >= 1.0 for q in pos):
+            pos.append(p)
+    at = Atoms(numbers=np.ones(n, int), positions=np.array(pos), pbc=False)
+    return _species(at, species, rng)
+
+
+def four_cases(species: Sequence[int], *, bulk_reps: int = 5) -> dict[str, Atoms]:
+    """The structures every distributed test runs: bulk (1,000 atoms at reps 5), small
+    triclinic, slab and molecule."""
+    return {
+        "bulk": bulk_box(species, reps=bulk_reps),
+        "triclinic": small_triclinic(species),
+        "slab": slab(species),
+        "molecule": molecule(species),
+    }
+
+
+def rel(a: np.ndarray | float, b: np.ndarray | float) -> float:
+    """max |a - b| / max(|b|), the relative error used by the acceptance tests."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    scale = max(float(np.abs(b).max()), 1e-300)
+    return float(np.abs(a - b).max()) / scale
+
+
+def assert_results_close(got: Result, ref: Result, *, rtol: float, cell: np.ndarray) -> None:
+    assert rel(got.energy, ref.energy) <= rtol, (got.energy, ref.energy)
+    assert rel(got.forces, ref.forces) <= rtol, rel(got.forces, ref.forces)
+    if ref.virial is None:
+        assert got.virial is None
+    else:
+        assert got.virial is not None
+        assert rel(got.stress(cell), ref.stress(cell)) <= rtol, rel(got.virial, ref.virial)
+
+
+def compare_to_ase(result: Result, atoms: Atoms, *, rtol: float) -> None:
+    """``atoms`` carries a package calculator; energy, forces (and stress if periodic)."""
+    assert rel(result.energy, atoms.get_potential_energy()) <= rtol
+    assert rel(result.forces, atoms.get_forces()) <= rtol
+    if atoms.pbc.all():
+        assert rel(result.stress(atoms.cell.array), atoms.get_stress(voigt=False)) <= rtol
+
+
+def check_distributed(spec: str, model, ranks: int, cases: dict) -> None:
+    """``spec`` on ``ranks`` ranks equals ``model`` at P = 1 on every structure of ``cases``,
+    and the ranks' counters show each atom and each edge (r < cutoff) owned exactly once."""
+    structures = {k: Structure.from_atoms(a) for k, a in cases.items()}
+    local = LocalEngine(model)
+    cutoff = model.spec.cutoff
+    with DistributedEngine(spec, ranks=ranks) as engine:
+        for name, s in structures.items():
+            (ref,) = local.compute([s])
+            (got,) = engine.compute([s])
+            assert_results_close(got, ref, rtol=1e-10, cell=s.cell)
+            owned, edges, halo = engine.last_stats.sum(0)
+            assert owned == s.n_atoms, name
+            assert edges == len(neighbor_list(s, cutoff)), name
+            if name == "bulk":
+                assert (engine.last_stats[:, 0] > 0).all()  # really split over every rank
+                assert halo > 0
+        together = engine.compute(list(structures.values()))  # one batch, mixed pbc
+        for s, got in zip(structures.values(), together, strict=True):
+            assert_results_close(got, local.compute([s])[0], rtol=1e-10, cell=s.cell)

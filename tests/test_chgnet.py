@@ -1,0 +1,280 @@
+"""CHGNet in mlipd's layer loop (P = 1) against the ``chgnet`` package itself.
+
+float32: our engine vs the package's own ``CHGNetCalculator`` (float32).
+float64: our engine vs the package's own ``CHGNet._compute`` on a float64 graph
+(forces and dE/dstrain by autograd of its energy; AtomRef added, since the package's
+composition model casts to float32).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import bulk
+from chgnet.model.dynamics import CHGNetCalculator
+from chgnet.model.model import BatchedGraph
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from mlipd.engine.graph import LocalGraph
+from mlipd.engine.local import LocalEngine
+from mlipd.engine.neighbors import neighbor_list
+from mlipd.errors import SetupError, UnknownSpecies
+from mlipd.models.chgnet import CHGNetModel, load_chgnet
+from mlipd.models.chgnet_graph import build_bond_graph
+from mlipd.models.registry import load_model
+from mlipd.types import Structure
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def oxide(repeat=(2, 2, 2), seed=0, rattle=0.08):
+    """Disordered rocksalt Li(Mn,Ni)O, rattled: 8·repeat³ atoms (64 for 2x2x2)."""
+    rng = np.random.default_rng(seed)
+    atoms = bulk("LiO", "rocksalt", a=4.16, cubic=True).repeat(repeat)
+    cations = np.flatnonzero(atoms.numbers == 3)
+    swap = rng.permutation(cations)[: len(cations) // 2]
+    atoms.numbers[swap[::2]] = 25
+    atoms.numbers[swap[1::2]] = 28
+    atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+    return atoms
+
+
+def triclinic():
+    """4 atoms in a skewed cell ~3.5 Å wide: the 6 Å cutoff spans several images
+    and every atom bonds to its own images."""
+    cell = [[3.6, 0.0, 0.0], [0.9, 3.4, 0.0], [0.7, -0.6, 3.8]]
+    frac = [[0, 0, 0], [0.5, 0.45, 0.55], [0.1, 0.5, 0.25], [0.55, 0.05, 0.6]]
+    return Atoms("LiCoO2", scaled_positions=frac, cell=cell, pbc=True)
+
+
+def slab(pbc_z=True):
+    """Rocksalt (001) slab, 3 layers, 12 Å of vacuum (periodic in z with vacuum, or not)."""
+    atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True).repeat((2, 2, 2))
+    atoms = atoms[atoms.positions[:, 2] < 5.0]
+    atoms.cell[2, 2] = 16.0
+    atoms.rattle(0.05, seed=3)
+    atoms.pbc = [True, True, pbc_z]
+    return atoms
+
+
+SYSTEMS = {"oxide64": oxide, "triclinic": triclinic, "slab": slab}
+
+
+@pytest.fixture(scope="module")
+def chgnet():
+    return CHGNetModel()
+
+
+@pytest.fixture(scope="module")
+def engines(chgnet):
+    dtypes = (torch.float32, torch.float64)
+    return {dt: LocalEngine(copy.deepcopy(chgnet), dtype=dt) for dt in dtypes}
+
+
+@pytest.fixture(scope="module")
+def package32():
+    calc = CHGNetCalculator(model=load_chgnet(), use_device="cpu", on_isolated_atoms="ignore")
+    return calc
+
+
+@pytest.fixture(scope="module")
+def package64():
+    return load_chgnet().double()
+
+
+def package_float32(calc, atoms):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    return {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+            "stress": atoms.get_stress(voigt=False),  # GPa * units.GPa: eV/Å³, ASE's sign
+            "magmoms": atoms.get_magnetic_moments()}
+
+
+def package_float64(model, atoms):
+    """The package's own float64 forward: energy (eV), forces, dE/dstrain (eV), magmoms."""
+    struct = AseAtomsAdaptor.get_structure(atoms)
+    g = model.graph_converter(struct)
+    g.atom_frac_coord = torch.tensor(struct.frac_coords, dtype=torch.float64, requires_grad=True)
+    g.lattice = torch.tensor(struct.lattice.matrix, dtype=torch.float64, requires_grad=True)
+    g.neighbor_image = g.neighbor_image.double()
+    bg = BatchedGraph.from_graphs([g], bond_basis_expansion=model.bond_basis_expansion,
+                                  angle_basis_expansion=model.angle_basis_expansion,
+                                  compute_stress=True)
+    out = model._compute(bg, compute_magmom=True)
+    n = len(atoms)
+    energy = out["e"][0] * n  # e is per atom and carries the autograd graph
+    d_pos, d_strain = torch.autograd.grad(energy, [bg.atom_positions[0], bg.strains[0]])
+    atom_ref = model.composition_model.fc.weight[0, g.atomic_number.long() - 1].sum()
+    return {"energy": float(energy + atom_ref), "forces": -d_pos.numpy(),
+            "virial": -d_strain.numpy(), "magmoms": out["m"][0].detach().numpy()}
+
+
+def test_spec(chgnet):
+    s = chgnet.spec
+    assert s.name == "chgnet"
+    assert s.cutoff == 6.0
+    assert s.species == frozenset(range(1, 95))
+    assert s.n_layers == 4
+    assert s.per_atom_extras == ("magmoms",)
+    assert chgnet.bond_cutoff == 3.0
+
+
+def test_checkpoint_file(tmp_path, engines):
+    """A checkpoint file in chgnet's own format loads through ``chgnet:PATH``."""
+    net = load_chgnet()
+    path = tmp_path / "mine.pth.tar"
+    torch.save({"model": {"model_args": net.model_args, "state_dict": net.state_dict()}}, path)
+    engine = LocalEngine(load_model(f"chgnet:{path}"), dtype=torch.float64)
+    s = Structure.from_atoms(triclinic())
+    (mine,) = engine.compute([s])
+    (bundled,) = engines[torch.float64].compute([s])
+    assert mine.energy == bundled.energy
+    np.testing.assert_array_equal(mine.forces, bundled.forces)
+
+
+def test_registry_and_bad_path(tmp_path):
+    assert isinstance(load_model("chgnet"), CHGNetModel)
+    with pytest.raises(SetupError, match="no checkpoint file"):
+        load_model(f"chgnet:{tmp_path / 'missing.pth.tar'}")
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_float32_equals_package_calculator(engines, package32, name):
+    """CHGNet's own float32 round-off is ~1e-6 eV/atom and ~1e-4 eV/Å here: the
+    package's float32 calculator and ours each deviate from float64 by that much (a
+    per-atom energy of 5 eV has a float32 ulp of 5e-7). So the two float32 runs agree
+    to 3e-6 eV/atom and 2e-4 eV/Å, and ours must be as accurate as the package's,
+    both measured against float64."""
+    atoms = SYSTEMS[name]()
+    (r,) = engines[torch.float32].compute([Structure.from_atoms(atoms)])
+    (exact,) = engines[torch.float64].compute([Structure.from_atoms(atoms)])
+    ref = package_float32(package32, atoms)
+    n = len(atoms)
+    assert abs(r.energy - ref["energy"]) / n < 3e-6
+    ours, theirs = abs(r.energy - exact.energy) / n, abs(ref["energy"] - exact.energy) / n
+    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+    np.testing.assert_allclose(r.forces, ref["forces"], atol=2e-4)
+    ours, theirs = np.abs(r.forces - exact.forces).max(), np.abs(ref["forces"] - exact.forces).max()
+    assert ours <= 2 * theirs + 2e-5, (ours, theirs)
+    np.testing.assert_allclose(r.stress(atoms.cell.array), ref["stress"], atol=2e-6)  # 0.3 MPa
+    np.testing.assert_allclose(r.extras["magmoms"], ref["magmoms"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_float64_equals_package_compute(engines, package64, name):
+    atoms = SYSTEMS[name]()
+    (r,) = engines[torch.float64].compute([Structure.from_atoms(atoms)])
+    ref = package_float64(package64, atoms)
+    n = len(atoms)
+    assert abs(r.energy - ref["energy"]) / n < 1e-12
+    np.testing.assert_allclose(r.forces, ref["forces"], rtol=0, atol=1e-11)
+    np.testing.assert_allclose(r.virial, ref["virial"], rtol=0, atol=1e-10 * n)
+    np.testing.assert_allclose(r.extras["magmoms"], ref["magmoms"], rtol=0, atol=1e-12)
+
+
+def test_stress_is_ase_convention(engines, package32):
+    """Compressing the cell raises the pressure: sign and unit against the package."""
+    atoms = oxide(seed=4)
+    atoms.set_cell(atoms.cell * 0.97, scale_atoms=True)
+    (r,) = engines[torch.float64].compute([Structure.from_atoms(atoms)])
+    stress = r.stress(atoms.cell.array)
+    ref = package_float32(package32, atoms)["stress"]
+    assert np.trace(stress) < 0  # compressed: negative stress in ASE's convention
+    np.testing.assert_allclose(stress, ref, atol=2e-6)
+    assert np.trace(stress) / 3 / units.GPa < -1.0  # more than 1 GPa of pressure
+
+
+def test_open_slab_equals_vacuum_slab(engines):
+    """pbc=(T,T,F) gives the same energy and forces as the periodic slab with 12 Å vacuum."""
+    eng = engines[torch.float64]
+    (periodic,) = eng.compute([Structure.from_atoms(slab(pbc_z=True))])
+    (open_,) = eng.compute([Structure.from_atoms(slab(pbc_z=False))])
+    assert open_.energy == pytest.approx(periodic.energy, abs=1e-10)
+    np.testing.assert_allclose(open_.forces, periodic.forces, atol=1e-10)
+    assert open_.virial is None
+
+
+def test_batch_equals_singles(engines):
+    eng = engines[torch.float64]
+    structures = [Structure.from_atoms(f()) for f in SYSTEMS.values()]
+    batched = eng.compute(structures)
+    for s, b in zip(structures, batched, strict=True):
+        (single,) = eng.compute([s])
+        assert b.energy == pytest.approx(single.energy, abs=1e-10)
+        np.testing.assert_allclose(b.forces, single.forces, atol=1e-10)
+        np.testing.assert_allclose(b.virial, single.virial, atol=1e-9)
+        np.testing.assert_allclose(b.extras["magmoms"], single.extras["magmoms"], atol=1e-12)
+
+
+@pytest.mark.parametrize("positions", [
+    [[1.0, 1.0, 1.0], [2.9, 1.0, 1.0], [12.0, 12.0, 12.0]],  # one atom far from a pair
+    [[1.0, 1.0, 1.0]],  # a structure without a single edge
+], ids=["far-atom", "no-edges"])
+def test_isolated_atoms_as_package_ignore(engines, package32, positions):
+    """Atoms without neighbours compute, with the value the package's calculator
+    gives with on_isolated_atoms='ignore' (its default warns and gives the same)."""
+    atoms = Atoms(numbers=[8] * len(positions), positions=positions, cell=np.eye(3) * 20.0,
+                  pbc=True)
+    (r,) = engines[torch.float32].compute([Structure.from_atoms(atoms)])
+    ref = package_float32(package32, atoms)
+    assert np.isfinite(r.energy)
+    assert abs(r.energy - ref["energy"]) / len(atoms) < 3e-6
+    np.testing.assert_allclose(r.forces, ref["forces"], atol=1e-4)
+    np.testing.assert_allclose(r.extras["magmoms"], ref["magmoms"], atol=1e-5)
+
+
+def test_unknown_species_rejected(engines):
+    atoms = Atoms("Og", positions=[[0, 0, 0]], cell=np.eye(3) * 10, pbc=True)
+    with pytest.raises(UnknownSpecies):
+        engines[torch.float64].compute([Structure.from_atoms(atoms)])
+
+
+def local_graph(atoms, cutoff=6.0):
+    s = Structure.from_atoms(atoms)
+    e = neighbor_list(s, cutoff)
+    pos = torch.as_tensor(s.positions)
+    images = torch.as_tensor(e.shifts)
+    n = s.n_atoms
+    return LocalGraph(
+        n_owned=n, numbers=torch.as_tensor(s.numbers), positions=pos,
+        batch=torch.zeros(n, dtype=torch.long), n_structures=1,
+        cells=torch.as_tensor(s.cell)[None], receivers=torch.as_tensor(e.centers),
+        senders=torch.as_tensor(e.neighbors), shifts=images.double() @ torch.as_tensor(s.cell),
+        images=images, global_ids=torch.arange(n), n_atoms=torch.tensor([n]))
+
+
+@pytest.mark.parametrize("name", ["triclinic", "oxide64"])
+def test_bond_graph_reproduces_package_rows(package64, name):
+    """Same directed edges, bond pairing and angle rows as chgnet's own converter."""
+    atoms = SYSTEMS[name]()
+    g = package64.graph_converter(AseAtomsAdaptor.get_structure(atoms))
+    ag = g.atom_graph.long().numpy()
+    img = g.neighbor_image.long().numpy()
+    pkg_edges = [(int(c), int(nb), *map(int, s)) for (c, nb), s in zip(ag, img, strict=True)]
+    pkg_bonds = {}
+    for d, u in enumerate(g.directed2undirected.long().tolist()):
+        pkg_bonds.setdefault(u, set()).add(pkg_edges[d])
+    pkg_angles = sorted((int(c), pkg_edges[d1], pkg_edges[d2])
+                        for c, _, d1, _, d2 in g.bond_graph.long().tolist())
+
+    lg = local_graph(atoms)
+    bg = build_bond_graph(lg, bond_cutoff=3.0)
+    edges = [(int(r), int(s), *map(int, i)) for r, s, i in
+             zip(lg.receivers, lg.senders, lg.images, strict=True)]
+    assert sorted(edges) == sorted(pkg_edges)
+    bonds = {}
+    for d, u in enumerate(bg.edge_bond.tolist()):
+        bonds.setdefault(u, set()).add(edges[d])
+    assert sorted(map(sorted, bonds.values())) == sorted(map(sorted, pkg_bonds.values()))
+    assert all(len(v) == 2 for v in bonds.values())
+    rows = zip(bg.angles[:, 0].tolist(), bg.angle_d1.tolist(), bg.angle_d2.tolist(), strict=True)
+    angles = sorted((c, edges[d1], edges[d2]) for c, d1, d2 in rows)
+    assert len(angles) > 0
+    assert angles == pkg_angles
+    # the 3-column rows agree with the directed edges they came from
+    assert torch.equal(bg.angles[:, 1], bg.edge_bond[bg.angle_d1])
+    assert torch.equal(bg.angles[:, 2], bg.edge_bond[bg.angle_d2])
+    assert int(bg.bond_canonical.sum()) == bg.n_bonds
+    assert bg.cut.numel() == 0

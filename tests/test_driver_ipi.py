@@ -1,0 +1,193 @@
+"""The real i-PI program drives ``mlipd drive``: NVT MD, 4-bead PIMD, UNIX and TCP
+sockets, i-PI's batched mode, several connections, and CHGNet.
+
+Tolerances: i-PI converts what it writes with its own constants, which differ
+from ASE's (used by mlipd) by ~1e-7 relative, and writes trajectories with 8
+decimals, so i-PI's files match a direct evaluation to rtol 1e-6 (+ 2e-8 eV/Å).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from helpers_ipi import inet_socket_xml, ipi_xml, run_ipi_and_driver, unix_socket_xml
+
+from mlipd.engine import make_engine
+from mlipd.types import Structure
+
+pytestmark = pytest.mark.timeout(180)
+
+LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff=6.0"
+
+
+@pytest.fixture(scope="module")
+def lj_engine():
+    return make_engine(LJ, dtype="float64")
+
+
+def argon(workdir):
+    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    atoms.write(workdir / "init.xyz", format="extxyz")
+    return atoms
+
+
+def check_against_engine(run, engine, template, *, nbeads, steps):
+    """Every recorded step: i-PI's forces of every bead and its potential (bead
+    average) equal a direct evaluation of the positions i-PI recorded."""
+    props = run.properties()
+    assert props.shape[0] == steps + 1
+    positions = [run.frames("pos", b) for b in range(nbeads)]
+    forces = [run.frames("for", b) for b in range(nbeads)]
+    for step in range(0, steps + 1, 5):
+        structures = [Structure(numbers=template.numbers, positions=positions[b][step],
+                                cell=template.cell.array, pbc=True) for b in range(nbeads)]
+        results = engine.compute(structures)
+        for b, r in enumerate(results):
+            np.testing.assert_allclose(forces[b][step], r.forces, rtol=1e-6, atol=2e-8)
+        mean = np.mean([r.energy for r in results])
+        np.testing.assert_allclose(props[step, 4], mean, rtol=1e-6)
+
+
+def test_nvt_unix_socket_path(processes, short_tmp, lj_engine):
+    atoms = argon(short_tmp)
+    prefix = f"{short_tmp}/ipi_"
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("nvt"),
+                                      sockets_prefix=prefix, steps=20),
+        driver_args=["--address", f"unix:{prefix}nvt", "--species", "Ar", "--model", LJ])
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    assert "EXIT after 21 steps" in run.driver_log
+    check_against_engine(run, lj_engine, atoms, nbeads=1, steps=20)
+    # NVE-like short run with a weak thermostat: the conserved quantity holds
+    conserved = run.properties()[:, 2]
+    assert np.ptp(conserved) < 1e-3 * np.abs(conserved).max()
+
+
+@pytest.fixture(scope="module")
+def pimd_tcp(tmp_path_factory):
+    """4-bead PIMD over TCP, unbatched; shared by the batched-mode comparison."""
+    from conftest import Processes
+
+    workdir = tmp_path_factory.mktemp("pimd_tcp")
+    atoms = argon(workdir)
+    procs = Processes()
+    try:
+        run = run_ipi_and_driver(
+            procs, workdir,
+            xml_for=lambda port: ipi_xml(init_file="init.xyz", socket_xml=inet_socket_xml(port),
+                                         nbeads=4, steps=20),
+            driver_args=["--address", "127.0.0.1:{port}", "--structure", "init.xyz",
+                         "--model", LJ])
+    finally:
+        procs.kill_all()
+    return run, atoms
+
+
+def test_pimd_4_beads_tcp(pimd_tcp, lj_engine):
+    run, atoms = pimd_tcp
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    check_against_engine(run, lj_engine, atoms, nbeads=4, steps=20)
+    beads = [run.frames("pos", b)[20] for b in range(4)]
+    assert np.abs(beads[0] - beads[1]).max() > 1e-4  # the beads did spread
+
+
+def test_batched_mode_same_trajectory(processes, short_tmp, pimd_tcp):
+    """batch_size 4: one POSDATA carries all 4 beads -> one compute call per step,
+    and the trajectory equals the unbatched one."""
+    reference, _ = pimd_tcp
+    argon(short_tmp)
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(
+            init_file="init.xyz", socket_xml=unix_socket_xml("b4", batch_size=4),
+            sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
+        driver_args=["--address", "unix:b4", "--sockets-prefix", f"{short_tmp}/ipi_",
+                     "--species", "Ar", "--model", LJ])
+    assert run.driver_rc == 0, run.driver_log
+    assert "batch size 4" in run.driver_log
+    # 21 POSDATA of 4 structures; at step 0 the 4 beads are identical copies of
+    # init.xyz and are computed once (compute_padded), so 84 - 3 evaluations
+    assert "21 steps, 84 structures (81 computed)" in run.driver_log
+    np.testing.assert_allclose(run.properties(), reference.properties(), rtol=1e-12, atol=1e-14)
+    for b in range(4):
+        np.testing.assert_allclose(run.frames("pos", b)[-1], reference.frames("pos", b)[-1],
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_shm_mode_same_trajectory(processes, short_tmp, pimd_tcp, batch_size):
+    """i-PI's shared-memory mode (positions and forces through /dev/shm)."""
+    reference, _ = pimd_tcp
+    argon(short_tmp)
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(
+            init_file="init.xyz",
+            socket_xml=unix_socket_xml("shm", batch_size=batch_size, mode="shm"),
+            sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
+        driver_args=["--address", f"unix:{short_tmp}/ipi_shm", "--mode", "shm",
+                     "--species", "Ar", "--model", LJ])
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    assert f"batch size {batch_size}" in run.driver_log
+    np.testing.assert_allclose(run.properties(), reference.properties(), rtol=1e-12, atol=1e-14)
+
+
+def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
+    """Two connections of one driver process to one i-PI: both serve beads."""
+    atoms = argon(short_tmp)
+    prefix = f"{short_tmp}/ipi_"
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("two"),
+                                      sockets_prefix=prefix, nbeads=4, steps=10),
+        driver_args=["--address", f"unix:{prefix}two", "--address", f"unix:{prefix}two",
+                     "--species", "Ar", "--model", LJ])
+    assert run.driver_rc == 0, run.driver_log
+    assert run.driver_log.count("connected") == 2
+    counts = [int(line.split(": ")[-1].split()[0]) for line in run.driver_log.splitlines()
+              if "structures (" in line]
+    assert len(counts) == 2, run.driver_log
+    assert sum(counts) == 44, run.driver_log
+    assert min(counts) > 0, run.driver_log
+    check_against_engine(run, lj_engine, atoms, nbeads=4, steps=10)
+
+
+needs_chgnet = pytest.mark.skipif(
+    importlib.util.find_spec("chgnet") is None, reason="chgnet package not installed")
+
+
+@needs_chgnet
+def test_chgnet_nvt_matches_chgnet_calculator(processes, short_tmp):
+    """Acceptance: i-PI + mlipd drive (CHGNet, float32) on silicon, step 0 equals
+    the chgnet package's own float32 CHGNetCalculator within float32 round-off."""
+    from chgnet.model import CHGNet
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=2)
+    atoms.write(short_tmp / "si.xyz", format="extxyz")
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="si.xyz", socket_xml=unix_socket_xml("si"),
+                                      sockets_prefix=f"{short_tmp}/ipi_", steps=20,
+                                      temperature_k=300, timestep_fs=1.0),
+        driver_args=["--address", "unix:si", "--sockets-prefix", f"{short_tmp}/ipi_",
+                     "--structure", "si.xyz", "--model", "chgnet", "--dtype", "float32"],
+        timeout=170)
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    calc = CHGNetCalculator(model=CHGNet.load(verbose=False), use_device="cpu")
+    ref = atoms.copy()
+    ref.calc = calc
+    energy, forces = ref.get_potential_energy(), ref.get_forces()
+    # float32 model on both sides: energies agree to ~1e-6 relative, forces to ~1e-4 eV/Å
+    np.testing.assert_allclose(run.properties()[0, 4], energy, rtol=1e-5)
+    np.testing.assert_allclose(run.frames("for", 0)[0], forces, atol=2e-4)

@@ -1,0 +1,272 @@
+"""MACE / ScaleShiftMACE on mlipd's engine against mace-torch's own calculator (float64).
+
+Models are small and randomly initialised (no weights can be downloaded here); they
+are real mace-torch modules, evaluated by mace's own MACECalculator for reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace", reason="mace-torch not installed")  # mace before e3nn (see adapter)
+
+from e3nn import o3
+from mace import modules
+from mace.calculators import MACECalculator
+from model_cases import (
+    bulk_box,
+    check_distributed,
+    compare_to_ase,
+    four_cases,
+    molecule,
+    rel,
+    small_triclinic,
+)
+
+from mlipd.engine.local import LocalEngine
+from mlipd.errors import SetupError, UnknownSpecies
+from mlipd.models.mace import MaceModel
+from mlipd.models.registry import load_model
+from mlipd.types import Structure
+
+pytestmark = pytest.mark.timeout(300)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+ZS = [1, 6, 8, 14]
+E0 = np.array([-1.1, -2.2, -3.3, -4.4])
+
+
+def build_mace(**kw) -> torch.nn.Module:
+    """A cached small random MACE (building e3nn modules is the slow part of these tests;
+    the models are only evaluated, never changed)."""
+    if kw.get("heads") is not None:
+        kw["heads"] = tuple(kw["heads"])
+    return _build_mace_cached(tuple(sorted(kw.items())))
+
+
+@functools.cache
+def _build_mace_cached(items: tuple) -> torch.nn.Module:
+    kw = dict(items)
+    if kw.get("heads") is not None:
+        kw["heads"] = list(kw["heads"])
+    return _build_mace(**kw)
+
+
+def _build_mace(*, scale_shift: bool = True, zbl: bool = True, layers: int = 2, max_ell: int = 2,
+               correlation: int = 2, hidden: str = "8x0e+8x1o",
+               first: str = "RealAgnosticResidualInteractionBlock",
+               inter: str = "RealAgnosticResidualInteractionBlock",
+               distance_transform: str = "None", heads: list[str] | None = None,
+               seed: int = 0) -> torch.nn.Module:
+    """A small random MACE built under float64 (its buffers take the default dtype)."""
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        kw = dict(
+            r_max=4.0, num_bessel=6, num_polynomial_cutoff=5, max_ell=max_ell,
+            interaction_cls=modules.interaction_classes[inter],
+            interaction_cls_first=modules.interaction_classes[first],
+            num_interactions=layers, num_elements=len(ZS), hidden_irreps=o3.Irreps(hidden),
+            MLP_irreps=o3.Irreps("8x0e"), gate=torch.nn.functional.silu,
+            atomic_energies=E0 if heads is None else np.stack([E0 * (k + 1) for k in
+                                                                range(len(heads))]),
+            avg_num_neighbors=12.0, atomic_numbers=ZS, correlation=correlation,
+            pair_repulsion=zbl, distance_transform=distance_transform, heads=heads,
+        )
+        if scale_shift:
+            n = 1 if heads is None else len(heads)
+            model = modules.ScaleShiftMACE(atomic_inter_scale=[1.7] * n if n > 1 else 1.7,
+                                           atomic_inter_shift=[0.3] * n if n > 1 else 0.3, **kw)
+        else:
+            model = modules.MACE(**kw)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.double().eval()
+
+
+def reference(model, atoms, **kw):
+    """``atoms`` copy evaluated by mace's own ASE calculator on the same model object."""
+    a = atoms.copy()
+    a.calc = MACECalculator(models=model, device="cpu", default_dtype="float64", **kw)
+    return a
+
+
+def compressed():
+    # a = 4.3 Å puts many neighbours inside the covalent-radius sums, so ZBL is active
+    return bulk_box(ZS, reps=2, a=4.3, seed=5)
+
+
+CASES = {"compressed": compressed, "triclinic": lambda: small_triclinic(ZS),
+         "molecule": lambda: molecule(ZS)}
+
+
+@pytest.mark.parametrize("scale_shift", [True, False], ids=["ScaleShiftMACE", "MACE"])
+@pytest.mark.parametrize("zbl", [True, False], ids=["zbl", "nozbl"])
+def test_equals_mace_calculator(scale_shift, zbl):
+    model = build_mace(scale_shift=scale_shift, zbl=zbl)
+    engine = LocalEngine(MaceModel(model=model))
+    for name, make in CASES.items():
+        atoms = make()
+        (got,) = engine.compute([Structure.from_atoms(atoms)])
+        compare_to_ase(got, reference(model, atoms), rtol=1e-8)
+        assert (got.virial is None) == (name == "molecule")
+
+
+def test_zbl_term_is_exercised():
+    """The compressed box must make ZBL matter, or the ZBL cases above prove nothing."""
+    s = [Structure.from_atoms(compressed())]
+    for scale_shift in (True, False):
+        with_zbl = LocalEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=True)))
+        without = LocalEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=False)))
+        assert rel(with_zbl.compute(s)[0].energy, without.compute(s)[0].energy) > 1e-5
+
+
+@pytest.mark.parametrize("variant", [
+    dict(layers=3, correlation=3),
+    dict(layers=1, hidden="8x0e"),
+    dict(first="RealAgnosticInteractionBlock", distance_transform="Agnesi"),
+    dict(hidden="8x0e+8x1o+8x2e", inter="RealAgnosticResidualNonLinearInteractionBlock",
+         first="RealAgnosticResidualNonLinearInteractionBlock"),
+    dict(first="RealAgnosticDensityInteractionBlock",
+         inter="RealAgnosticDensityResidualInteractionBlock", zbl=False),
+], ids=["L3-corr3", "L1", "agnesi-plainfirst", "nonlinear-L2", "density"])
+def test_variants_equal_mace_calculator(variant):
+    model = build_mace(**variant)
+    engine = LocalEngine(MaceModel(model=model))
+    atoms = small_triclinic(ZS)
+    (got,) = engine.compute([Structure.from_atoms(atoms)])
+    compare_to_ase(got, reference(model, atoms), rtol=1e-8)
+
+
+def test_multi_head_uses_default_head():
+    model = build_mace(heads=["pt_head", "Default"])
+    atoms = small_triclinic(ZS)
+    (got,) = LocalEngine(MaceModel(model=model)).compute([Structure.from_atoms(atoms)])
+    compare_to_ase(got, reference(model, atoms), rtol=1e-8)
+    (other,) = LocalEngine(MaceModel(model=model, head="pt_head")).compute(
+        [Structure.from_atoms(atoms)])
+    compare_to_ase(other, reference(model, atoms, head="pt_head"), rtol=1e-8)
+    assert rel(other.energy, got.energy) > 1e-3
+    with pytest.raises(ValueError, match="default"):
+        MaceModel(model=build_mace(heads=["a", "b"]))
+
+
+def test_batch_equals_singles():
+    engine = LocalEngine(MaceModel(model=build_mace()))
+    structures = [Structure.from_atoms(make()) for make in CASES.values()]
+    batched = engine.compute(structures)
+    for s, b in zip(structures, batched, strict=True):
+        (single,) = engine.compute([s])
+        assert rel(b.energy, single.energy) < 1e-12
+        assert rel(b.forces, single.forces) < 1e-12
+
+
+def test_model_file_through_registry(tmp_path):
+    model = build_mace()
+    path = tmp_path / "tiny.model"
+    torch.save(model, path)
+    loaded = load_model(f"mace:{path}")
+    assert isinstance(loaded, MaceModel)
+    assert loaded.spec.species == frozenset(ZS)
+    assert loaded.spec.cutoff == pytest.approx(4.0)
+    atoms = small_triclinic(ZS)
+    (got,) = LocalEngine(loaded).compute([Structure.from_atoms(atoms)])
+    compare_to_ase(got, reference(model, atoms), rtol=1e-8)
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(SetupError, match="no MACE model file"):
+        load_model(f"mace:{tmp_path / 'missing.model'}")
+    path = tmp_path / "weights.pt"
+    torch.save({"not": "a model"}, path)
+    with pytest.raises(SetupError, match="not a MACE model"):
+        load_model(f"mace:{path}")
+    with pytest.raises(SetupError, match="model file"):
+        load_model("mace")
+
+
+def test_importing_the_adapter_leaves_torch_load_safe():
+    """``import mace`` turns torch.load's weights_only default off process-wide; the
+    adapter restores it (a fresh interpreter, since this one imported mace directly)."""
+    code = ("import os, mlipd.models.mace as m; "
+            "print(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'), m.MaceModel.__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert out.splitlines()[-1] == "None MaceModel"  # mace may print a cuequivariance notice
+
+
+def test_unknown_species_is_a_clear_error():
+    engine = LocalEngine(MaceModel(model=build_mace()))
+    atoms = small_triclinic([26])
+    with pytest.raises(UnknownSpecies, match="26"):
+        engine.compute([Structure.from_atoms(atoms)])
+
+
+# --- P > 1: the distributed engine equals P = 1 to 1e-10, with zero redundancy ------------
+# By default one case runs (spawning ranks that import mace costs ~10 s each on 2 cores);
+# the full 4 x 3 matrix of (class, ZBL) x P is marked slow. Each structure is also sent
+# alone, so it is split over all P ranks.
+DIST_DEFAULT = [(4, True, True)]  # 4 ranks: the 3-atom cell leaves a rank without atoms
+DIST_ALL = [(p, ss, z) for p in (2, 3, 4) for ss in (True, False) for z in (True, False)]
+
+
+def _dist_params():
+    for p, ss, z in DIST_ALL:
+        marks = () if (p, ss, z) in DIST_DEFAULT else (pytest.mark.slow,)
+        name = f"P{p}-{'ScaleShiftMACE' if ss else 'MACE'}-{'zbl' if z else 'nozbl'}"
+        yield pytest.param(p, ss, z, marks=marks, id=name)
+
+
+@pytest.mark.parametrize(("ranks", "scale_shift", "zbl"), list(_dist_params()))
+def test_distributed_equals_single(tmp_path, ranks, scale_shift, zbl):
+    model = build_mace(scale_shift=scale_shift, zbl=zbl)
+    path = tmp_path / "tiny.model"
+    torch.save(model, path)
+    check_distributed(f"mace:{path}", MaceModel(model=model), ranks, four_cases(ZS))
+
+
+# --- acceptance: a MACE model file drives the real i-PI --------------------------------------
+def test_mace_file_drives_real_ipi(processes, short_tmp):
+    """``mlipd drive --model mace:PATH`` against the real ``i-pi`` for 20 NVT steps; every
+    5th recorded step, i-PI's forces and potential equal the engine on its positions."""
+    from helpers_ipi import ipi_xml, run_ipi_and_driver, unix_socket_xml
+
+    model = build_mace()
+    torch.save(model, short_tmp / "tiny.model")
+    atoms = bulk_box([6, 14], reps=1, a=4.6, seed=7)
+    atoms.write(short_tmp / "init.xyz", format="extxyz")
+    prefix = f"{short_tmp}/ipi_"
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("mace"),
+                                      sockets_prefix=prefix, steps=20, temperature_k=100,
+                                      timestep_fs=0.5),
+        driver_args=["--address", "unix:mace", "--sockets-prefix", prefix,
+                     "--structure", "init.xyz", "--model", f"mace:{short_tmp / 'tiny.model'}"],
+        timeout=170)
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    props = run.properties()
+    assert props.shape[0] == 21
+    positions, forces = run.frames("pos", 0), run.frames("for", 0)
+    engine = LocalEngine(MaceModel(model=model))
+    moved = 0.0
+    for step in range(0, 21, 5):
+        s = Structure(numbers=atoms.numbers, positions=positions[step], cell=atoms.cell.array,
+                      pbc=True)
+        (r,) = engine.compute([s])
+        # i-PI's constants differ from ASE's by ~1e-7 relative; files keep 8 decimals
+        np.testing.assert_allclose(forces[step], r.forces, rtol=1e-6, atol=2e-8)
+        np.testing.assert_allclose(props[step, 4], r.energy, rtol=1e-6)
+        moved = max(moved, float(np.abs(positions[step] - positions[0]).max()))
+    assert moved > 1e-3  # the atoms really moved: forces came from the model each step

@@ -1,0 +1,128 @@
+"""`mlipd serve --ipi` against the real i-PI: PIMD beads end in one engine call per step.
+
+Two ways i-PI hands out 8 beads: 8 client connections (one bead each), or one
+connection in batched mode (``batch_size`` 8). Both must reach the engine as one
+batched call per MD step (checked from the server's own counters via ``stats``),
+and i-PI's recorded forces must equal a direct, unbatched evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from helpers_ipi import ipi_xml, unix_socket_xml
+
+from mlipd.client import Client
+from mlipd.engine import make_engine
+from mlipd.server.testing import running_server
+from mlipd.types import Structure
+
+pytestmark = pytest.mark.timeout(240)
+
+NBEADS = 8
+STEPS = 5
+
+
+def write_argon(workdir) -> ase.Atoms:
+    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=3)
+    ase.io.write(workdir / "init.xyz", atoms, format="extxyz")
+    return atoms
+
+
+def start_ipi(processes, workdir, *, name: str, batch_size: int):
+    """Start i-PI and wait until its socket file exists (so all clients join at once)."""
+    prefix = f"{workdir}/ipi_"
+    (workdir / "input.xml").write_text(ipi_xml(
+        init_file="init.xyz", socket_xml=unix_socket_xml(name, batch_size=batch_size),
+        sockets_prefix=prefix, nbeads=NBEADS, steps=STEPS))
+    log = (workdir / "ipi.log").open("w")
+    proc = processes.start(["i-pi", "input.xml"], cwd=workdir, stdout=log,
+                           stderr=subprocess.STDOUT)
+    path = f"{prefix}{name}"
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail("i-PI did not open its socket:\n" + (workdir / "ipi.log").read_text())
+        time.sleep(0.05)
+    return proc, log, f"unix:{path}"
+
+
+def check_forces_against_direct(workdir, atoms) -> None:
+    """Every bead's forces at every step equal an unbatched evaluation (i-PI's units: 1e-7)."""
+    engine = make_engine("lj")
+    for b in range(NBEADS):
+        pos = ase.io.read(workdir / f"sim.pos_{b}.extxyz", index=":")
+        frc = ase.io.read(workdir / f"sim.for_{b}.extxyz", index=":")
+        assert len(pos) == STEPS + 1
+        for p, f in zip(pos, frc, strict=True):
+            (ref,) = engine.compute([Structure(numbers=atoms.numbers, positions=p.positions,
+                                               cell=atoms.cell.array, pbc=True)])
+            np.testing.assert_allclose(f.get_forces(), ref.forces, rtol=1e-6, atol=2e-8)
+
+
+def one_call_per_step(stats, *, runs: int = 1, batched: bool = False) -> None:
+    evaluations = runs * (STEPS + 1)  # the initial forces, then one per step
+    assert stats["engine_calls"] == evaluations, stats
+    if batched:
+        # all beads start at the same positions, and the driver evaluates a batch's
+        # repeated structure once: the first call of each run has 1 structure
+        assert stats["batch_structures"] == {"1": runs, str(NBEADS): runs * STEPS}, stats
+    else:
+        assert stats["batch_structures"] == {str(NBEADS): evaluations}, stats
+
+
+def test_pimd_8_beads_over_8_connections(processes, short_tmp):
+    atoms = write_argon(short_tmp)
+    ipi, ipi_log, address = start_ipi(processes, short_tmp, name="beads", batch_size=1)
+    # a generous bound for a loaded CI machine: batches go as soon as all 8 beads are in
+    args = ["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar",
+            "--max-wait-ms", "500"]
+    for _ in range(NBEADS):
+        args += ["--ipi", address]
+    try:
+        with running_server(args, log=short_tmp / "serve.log",
+                            env=dict(os.environ, OMP_NUM_THREADS="1")) as srv:
+            assert ipi.wait(timeout=180) == 0, (short_tmp / "ipi.log").read_text()
+            with Client(srv.address) as c:
+                stats = c.stats()
+            one_call_per_step(stats)
+            assert stats["requests"]["ipi"] == NBEADS * (STEPS + 1)
+            assert srv.stop() == 0
+    finally:
+        ipi_log.close()
+    check_forces_against_direct(short_tmp, atoms)
+
+
+def test_pimd_batched_connection_and_ipi_restart(processes, short_tmp):
+    atoms = write_argon(short_tmp)
+    ipi, ipi_log, address = start_ipi(processes, short_tmp, name="batch", batch_size=NBEADS)
+    args = ["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar", "--ipi", address]
+    try:
+        with running_server(args, log=short_tmp / "serve.log",
+                            env=dict(os.environ, OMP_NUM_THREADS="1")) as srv:
+            assert ipi.wait(timeout=180) == 0, (short_tmp / "ipi.log").read_text()
+            ipi_log.close()
+            with Client(srv.address) as c:
+                one_call_per_step(c.stats(), batched=True)
+            check_forces_against_direct(short_tmp, atoms)
+            # i-PI restarts on the same address: the link reconnects by itself
+            for f in short_tmp.glob("sim.*"):
+                f.unlink()
+            ipi, ipi_log, _ = start_ipi(processes, short_tmp, name="batch", batch_size=NBEADS)
+            assert ipi.wait(timeout=180) == 0, (short_tmp / "ipi.log").read_text()
+            with Client(srv.address) as c:
+                stats = c.stats()
+            one_call_per_step(stats, runs=2, batched=True)
+            assert stats["requests"]["ipi"] == 2 * (STEPS + 1)
+            assert srv.stop() == 0
+    finally:
+        ipi_log.close()
+    check_forces_against_direct(short_tmp, atoms)
