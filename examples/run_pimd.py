@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--beads", type=int, default=4)
     p.add_argument("--temperature", type=float, default=300.0, help="K")
-    p.add_argument("--out", type=Path, default=Path("pimd_si_out"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "output",
+                   help="output directory (default: examples/output)")
     p.add_argument("--timeout", type=float, default=1800.0, help="s, for the whole run")
     args = p.parse_args(argv)
 
