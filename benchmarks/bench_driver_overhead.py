@@ -9,6 +9,9 @@ three clients, one after the other at each size:
                 encode) with no neighbour inside the cutoff: the fair
                 "no physics" comparison
     mlipd-lj    ``mlipd drive --model lj:...,cutoff=6``: real LJ physics
+    base-zero, base-lj   the same two with another mlipd source tree
+                (``--baseline-src DIR``, e.g. ``git archive HEAD mlipd | tar -x -C DIR``),
+                for before/after figures from one run
 
 ms/step is measured by watching i-PI's properties file (flushed every step):
 time from step ``warmup`` to the last step, divided by the steps in between.
@@ -76,13 +79,13 @@ def client_argv(kind: str, sockdir: Path) -> list[str]:
     if kind == "ipi-dummy":
         return ["i-pi-py_driver", "-u", "-a", "b", "-S", f"{sockdir}/ipi_", "-m", "dummy"]
     # 3 Å < the 3.8 Å spacing: no neighbours (a tiny cutoff would make vesin's cell grid huge)
-    cutoff = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}[kind]
+    cutoff = {"zero": 3.0, "lj": 6.0}[kind.split("-")[1]]
     return [sys.executable, "-m", "mlipd", "drive", "--address", f"unix:{sockdir}/ipi_b",
             "--species", "Ar", "--model", f"lj:epsilon=0.0104,sigma=3.4,cutoff={cutoff}",
             "--dtype", "float64"]
 
 
-def run_one(kind: str, n: int, steps: int, workdir: Path) -> float:
+def run_one(kind: str, n: int, steps: int, workdir: Path, baseline: str | None = None) -> float:
     """ms per MD step, steps WARMUP..steps."""
     sockdir = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,8 @@ def run_one(kind: str, n: int, steps: int, workdir: Path) -> float:
     out = workdir / "sim.out"
     out.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if kind.startswith("base-"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
     procs = []
     try:
         with (workdir / "ipi.log").open("w") as log, (workdir / "client.log").open("w") as clog:
@@ -180,10 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 1000, 65536])
     p.add_argument("--steps-scale", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=2, help="best of R runs per case")
+    p.add_argument("--baseline-src", default=None,
+                   help="directory holding another mlipd/ package: adds base-zero, base-lj")
     args = p.parse_args(argv)
     # a TERM (e.g. from `timeout`) unwinds through the finally blocks that kill i-PI
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = ["ipi-dummy", "mlipd-zero", "mlipd-lj"]
+    if args.baseline_src:
+        kinds += ["base-zero", "base-lj"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlipd-bench-") as tmp:
         for n in args.sizes:
@@ -191,7 +200,8 @@ def main(argv=None) -> int:
             ms = {k: [] for k in kinds}
             for r in range(args.repeats):  # interleaved: load drifts hit every client alike
                 for k in kinds:
-                    ms[k].append(run_one(k, n, steps, Path(tmp) / f"{n}-{k}-{r}"))
+                    ms[k].append(run_one(k, n, steps, Path(tmp) / f"{n}-{k}-{r}",
+                                         args.baseline_src))
                     print(f"N={n:6d} {k:10s} run {r}: {ms[k][-1]:9.3f} ms/step", flush=True)
             best = {k: min(v) for k, v in ms.items()}
             best["wire"], best["engine"] = in_process_split(n, args.repeats)
@@ -214,10 +224,27 @@ def main(argv=None) -> int:
         lines.append(f"| {n} | {steps} | {b['ipi-dummy']:.3f} | {b['mlipd-zero']:.3f} | "
                      f"{b['mlipd-lj']:.3f} | {b['mlipd-zero'] / b['ipi-dummy']:.2f} | "
                      f"{b['mlipd-lj'] / b['ipi-dummy']:.2f} |")
+    if args.baseline_src:
+        lines += [
+            "",
+            f"Before/after in the same run: base-* is the mlipd tree in `{args.baseline_src}` "
+            "(same commands, PYTHONPATH pointing there).",
+            "",
+            "| atoms | base-zero ms | mlipd-zero ms | base-zero/dummy | mlipd-zero/dummy | "
+            "base-lj ms | mlipd-lj ms | lj speed-up |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, _steps, b in rows:
+            d = b["ipi-dummy"]
+            lines.append(f"| {n} | {b['base-zero']:.3f} | {b['mlipd-zero']:.3f} | "
+                         f"{b['base-zero'] / d:.2f} | {b['mlipd-zero'] / d:.2f} | "
+                         f"{b['base-lj']:.3f} | {b['mlipd-lj']:.3f} | "
+                         f"{b['base-lj'] / b['mlipd-lj']:.2f} |")
     lines += [
         "",
         "Where mlipd-zero's extra time goes, measured in-process (one torch thread): the driver's",
-        "protocol path (decode POSDATA + Structures + encode FORCEREADY) vs the engine call.",
+        "protocol path (decode POSDATA + Structures + encode FORCEREADY) vs the engine call",
+        "(same structure every call, so the engine reuses its neighbour list as in MD).",
         "",
         "| atoms | protocol path ms | engine call (no neighbours) ms | protocol / ipi-dummy step |",
         "|---:|---:|---:|---:|",

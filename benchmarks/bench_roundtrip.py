@@ -42,6 +42,7 @@ from mlipd.types import Structure
 MODEL = "lj:cutoff=4.5"  # first neighbour shell only: the engine stays small next to I/O
 REPEATS = {8: 300, 1000: 60, 65536: 6}
 RESULTS = Path(__file__).parent / "results"
+MALLOC_NOTE = ""
 
 
 def argon(n_atoms: int):
@@ -127,7 +128,18 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 1000, 65536])
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     p.add_argument("--no-ipi", action="store_true", help="skip the real i-PI column")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave this process's malloc alone (the server tunes its own)")
     args = p.parse_args(argv)
+    if not args.no_malloc_tuning:
+        # this process is the client of zmq-* and the ASE server of ase-socket: both
+        # paths get the tuning that `mlipd serve` and `mlipd drive` apply to themselves
+        from mlipd.malloc import keep_freed_memory
+
+        keep_freed_memory()
+    global MALLOC_NOTE
+    MALLOC_NOTE = ("untuned" if args.no_malloc_tuning
+                   else "tuned with mlipd.malloc.keep_freed_memory()")
     RESULTS.mkdir(exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlipd-bench-", dir="/tmp") as tmp:
@@ -180,7 +192,8 @@ def format_row(r: dict) -> str:
 def write_table(rows: list[dict]) -> None:
     lines = ["# Round-trip overhead per structure (LJ, one `mlipd serve`, median ms)", "",
              f"Model `{MODEL}`; overhead = round trip - engine time of the same call. "
-             "i-PI column: NVE step wall time minus engine time (includes i-PI's integrator).",
+             "i-PI column: NVE step wall time minus engine time (includes i-PI's integrator). "
+             f"Benchmark process (zmq client, ASE's socket server) malloc: {MALLOC_NOTE}.",
              "", "| atoms | engine | zmq-client | zmq-ase | ase-socket | ipi | "
              "zmq-ase / ase-socket | zmq-client / ase-socket |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]

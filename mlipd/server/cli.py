@@ -59,7 +59,10 @@ def _check_loopback(addresses: list[str], allow_remote: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlipd.engine import make_engine
+    from mlipd.malloc import keep_freed_memory
     from mlipd.server.app import Server
+
+    keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
 
     if not args.zmq and not args.ipi:
         raise SetupError("nothing to serve: give --zmq ADDRESS and/or --ipi ADDRESS")

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import zmq
 
 from mlipd.errors import Busy, MlipdError, ProtocolError, UnknownSpecies
@@ -145,7 +144,7 @@ class ZmqEndpoint:
     def _compute(self, envelope: list[bytes], req: zmq_msgs.Request) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
-                unknown = set(np.unique(s.numbers).tolist()) - self.species
+                unknown = s.species() - self.species
                 if unknown:
                     self._error(envelope, req.id, UnknownSpecies(
                         f"structure {k}: model does not know atomic numbers {sorted(unknown)}"))
