@@ -73,3 +73,15 @@ def processes():
         yield procs
     finally:
         procs.kill_all()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: two threads per process on this 2-core
+    machine, beside gloo ranks or other work, measured 6x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -85,14 +85,10 @@ def _on_rank(rank: int, world: int, systems: dict) -> tuple[dict, dict]:
     return out, records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads fight over the 2 shared cores (6x slower here): use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    """Intra-op threads fight over the 2 shared cores: this module runs on one."""
 
 @pytest.fixture(scope="module")
 def systems():

@@ -20,14 +20,10 @@ def molecule(positions, numbers=None) -> Structure:
                      pbc=np.zeros(3, bool))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads fight over the 2 shared cores (6x slower here): use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    """Intra-op threads fight over the 2 shared cores: this module runs on one."""
 
 @pytest.fixture(scope="module")
 def engine():

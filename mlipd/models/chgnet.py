@@ -4,7 +4,7 @@ The package's own modules and pretrained weights do all the maths; this adapter
 only builds the graphs (``chgnet_graph``) and calls the modules block by block,
 with the halo exchanges a partitioned graph needs between them
 (``CHGNet._compute``, chgnet/model/model.py:389-541, re-expressed as a loop; see
-/work/shared/porting/PORTING_MAP.md §1). At one rank every exchange is the identity.
+../shared/porting/PORTING_MAP.md §1). At one rank every exchange is the identity.
 
 Energies: CHGNet is trained on energy per atom, e = (Σ_i mlp_i + Σ_i w[Z_i]) / N, with
 w the AtomRef composition model. The site energy of atom i here is mlp_i + w[Z_i] (eV),

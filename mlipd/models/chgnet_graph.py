@@ -13,7 +13,7 @@ engine's device. Conventions, from the package:
   two rows. A bond to a periodic self-image has both of its directed edges at the
   same centre, so it makes an angle with itself reversed, as in the package.
 
-Ownership (mlipd's scheme "A", see /work/shared/porting/PORTING_MAP.md §1.3): a
+Ownership (mlipd's scheme "A", see ../shared/porting/PORTING_MAP.md §1.3): a
 directed edge and an angle live with their centre atom, which is owned, so a rank
 builds exactly the angles whose vertex it owns. A rank holds every bond that
 touches an owned atom; a *cut* bond (other end on another rank) is held by both of
