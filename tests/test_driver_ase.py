@@ -6,7 +6,6 @@ A triclinic, strained cell makes any transposition of cell or virial visible.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import uuid
 
@@ -92,7 +91,6 @@ def test_ase_tcp(processes):
     check_lj(steps, atoms)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("chgnet") is None, reason="chgnet not installed")
 def test_ase_chgnet_matches_chgnet_calculator(processes, short_tmp):
     """CHGNet float32 through the socket vs the chgnet package's float32 calculator."""
     from chgnet.model import CHGNet

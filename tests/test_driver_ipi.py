@@ -8,8 +8,6 @@ decimals, so i-PI's files match a direct evaluation to rtol 1e-6 (+ 2e-8 eV/Å).
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -160,11 +158,6 @@ def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
     check_against_engine(run, lj_engine, atoms, nbeads=4, steps=10)
 
 
-needs_chgnet = pytest.mark.skipif(
-    importlib.util.find_spec("chgnet") is None, reason="chgnet package not installed")
-
-
-@needs_chgnet
 def test_chgnet_nvt_matches_chgnet_calculator(processes, short_tmp):
     """Acceptance: i-PI + mlipd drive (CHGNet, float32) on silicon, step 0 equals
     the chgnet package's own float32 CHGNetCalculator within float32 round-off."""

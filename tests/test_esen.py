@@ -12,9 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("fairchem.core", reason="fairchem-core is not installed")
-
 from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
 from fairchem.core.graph.compute import generate_graph
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint

@@ -12,12 +12,10 @@ import subprocess
 import sys
 import warnings
 
+import mace  # noqa: F401  (plain imports sort first: mace before e3nn, see the adapter)
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("mace", reason="mace-torch not installed")  # mace before e3nn (see adapter)
-
 from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator

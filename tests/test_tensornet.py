@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import warnings
 
+import matgl
 import numpy as np
 import pytest
 import torch
-
-matgl = pytest.importorskip("matgl", reason="matgl not installed")
-
-from matgl.apps.pes import Potential  # noqa: E402
-from matgl.ext.ase import PESCalculator  # noqa: E402
-from matgl.models import TensorNet  # noqa: E402
-from model_cases import (  # noqa: E402
+from matgl.apps.pes import Potential
+from matgl.ext.ase import PESCalculator
+from matgl.models import TensorNet
+from model_cases import (
     bulk_box,
     check_distributed,
     compare_to_ase,
@@ -26,11 +24,11 @@ from model_cases import (  # noqa: E402
     small_triclinic,
 )
 
-from mlipd.engine.local import LocalEngine  # noqa: E402
-from mlipd.errors import SetupError  # noqa: E402
-from mlipd.models.registry import load_model  # noqa: E402
-from mlipd.models.tensornet import TensorNetModel  # noqa: E402
-from mlipd.types import Structure  # noqa: E402
+from mlipd.engine.local import LocalEngine
+from mlipd.errors import SetupError
+from mlipd.models.registry import load_model
+from mlipd.models.tensornet import TensorNetModel
+from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -42,6 +42,13 @@ class ModelSpec:
     per_atom_extras: tuple[str, ...] = ()
 
 
+def species_index(atomic_numbers: list[int]) -> torch.Tensor:
+    """(119,) int64 lookup: atomic number -> position in ``atomic_numbers``, -1 if absent."""
+    index = torch.full((119,), -1, dtype=torch.long)
+    index[atomic_numbers] = torch.arange(len(atomic_numbers))
+    return index
+
+
 @dataclass
 class ModelOutput:
     """Per owned atom: ``site_energy`` (n_owned,) eV and ``extras`` {name: (n_owned, ...)}."""

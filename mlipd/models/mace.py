@@ -44,7 +44,7 @@ else:
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = _PRIOR
 
 from mlipd.engine.graph import LocalGraph  # noqa: E402
-from mlipd.models.base import ModelOutput, ModelSpec  # noqa: E402
+from mlipd.models.base import ModelOutput, ModelSpec, species_index  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class MaceModel(torch.nn.Module):
         self.mace = model
         self.head = default_head(list(getattr(model, "heads", ["Default"])), head)
         zs = [int(z) for z in model.atomic_numbers.tolist()]
-        index = torch.full((119,), -1, dtype=torch.long)
-        index[zs] = torch.arange(len(zs))
-        self.register_buffer("z_index", index, persistent=False)
+        self.register_buffer("z_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="mace", cutoff=float(model.r_max), species=frozenset(zs),
                               n_layers=len(model.interactions))
 

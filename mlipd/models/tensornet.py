@@ -30,7 +30,7 @@ from matgl.models import TensorNet
 from matgl.utils.maths import decompose_tensor, tensor_norm
 
 from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.models.base import ModelOutput, ModelSpec, species_index
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ class TensorNetModel(torch.nn.Module):
             raise ValueError("tensornet: state-dependent element references are not supported")
         self.potential = potential
         zs = [atomic_numbers[s] for s in net.element_types]
-        index = torch.full((119,), -1, dtype=torch.long)
-        index[zs] = torch.arange(len(zs))
-        self.register_buffer("type_index", index, persistent=False)
+        self.register_buffer("type_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="tensornet", cutoff=float(net.cutoff), species=frozenset(zs),
                               n_layers=int(net.num_layers))
 
