@@ -142,24 +142,50 @@ def test_registry_and_bad_path(tmp_path):
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
 def test_float32_equals_package_calculator(engines, package32, name):
-    """CHGNet's own float32 round-off is ~1e-6 eV/atom and ~1e-4 eV/Å here: the
-    package's float32 calculator and ours each deviate from float64 by that much (a
-    per-atom energy of 5 eV has a float32 ulp of 5e-7). So the two float32 runs agree
-    to 3e-6 eV/atom and 2e-4 eV/Å, and ours must be as accurate as the package's,
-    both measured against float64."""
+    """The issue's tolerance: 1e-6 eV/atom and 1e-4 eV/Å against the package's float32
+    calculator. Most of that difference is the package's own float32 round-off (its
+    per-atom energy is a float32 number, ulp 5e-7 eV); ours is smaller because the
+    geometry and its basis expansions run in float64 (see CHGNetModel.forward), so
+    ours is also held against float64 to a tighter bound."""
     atoms = SYSTEMS[name]()
     (r,) = engines[torch.float32].compute([Structure.from_atoms(atoms)])
     (exact,) = engines[torch.float64].compute([Structure.from_atoms(atoms)])
     ref = package_float32(package32, atoms)
     n = len(atoms)
-    assert abs(r.energy - ref["energy"]) / n < 3e-6
-    ours, theirs = abs(r.energy - exact.energy) / n, abs(ref["energy"] - exact.energy) / n
-    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
-    np.testing.assert_allclose(r.forces, ref["forces"], atol=2e-4)
-    ours, theirs = np.abs(r.forces - exact.forces).max(), np.abs(ref["forces"] - exact.forces).max()
-    assert ours <= 2 * theirs + 2e-5, (ours, theirs)
-    np.testing.assert_allclose(r.stress(atoms.cell.array), ref["stress"], atol=2e-6)  # 0.3 MPa
+    assert abs(r.energy - ref["energy"]) / n < 1e-6
+    np.testing.assert_allclose(r.forces, ref["forces"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(r.stress(atoms.cell.array), ref["stress"], atol=1e-6)  # 0.16 MPa
     np.testing.assert_allclose(r.extras["magmoms"], ref["magmoms"], atol=1e-5)
+    # measured: <= 2e-7 eV/atom and <= 6e-6 eV/Å here; the package's: 1e-6 and 1e-4
+    assert abs(r.energy - exact.energy) / n < 5e-7
+    np.testing.assert_allclose(r.forces, exact.forces, rtol=0, atol=2e-5)
+
+
+def test_recompute_equals_stored(engines):
+    """``recompute=1`` (activation checkpointing) gives the same numbers."""
+    atoms = oxide(seed=5)
+    (ref,) = engines[torch.float64].compute([Structure.from_atoms(atoms)])
+    engine = LocalEngine(CHGNetModel("0.3.0,recompute=1"), dtype=torch.float64)
+    (r,) = engine.compute([Structure.from_atoms(atoms)])
+    assert r.energy == pytest.approx(ref.energy, rel=1e-13)
+    np.testing.assert_allclose(r.forces, ref.forces, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(r.virial, ref.virial, rtol=0, atol=1e-10)
+    assert engine.model.counters["recomputed"] == 1
+    with pytest.raises(ValueError, match="unknown option"):
+        CHGNetModel("0.3.0,recompute=yes")
+
+
+def test_recompute_auto_follows_free_memory(engines, monkeypatch):
+    """``auto`` stores activations while they fit in half the free memory."""
+    import mlipd.models.chgnet as chgnet_module
+
+    engine = LocalEngine(CHGNetModel(), dtype=torch.float64, skin=0)
+    s = Structure.from_atoms(oxide(seed=6))
+    engine.compute([s])
+    assert engine.model.counters["recomputed"] == 0  # a 64-atom cell on this machine
+    monkeypatch.setattr(chgnet_module, "available_bytes", lambda device: 10**6)
+    engine.compute([s])
+    assert engine.model.counters["recomputed"] == 1
 
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
@@ -276,5 +302,4 @@ def test_bond_graph_reproduces_package_rows(package64, name):
     # the 3-column rows agree with the directed edges they came from
     assert torch.equal(bg.angles[:, 1], bg.edge_bond[bg.angle_d1])
     assert torch.equal(bg.angles[:, 2], bg.edge_bond[bg.angle_d2])
-    assert int(bg.bond_canonical.sum()) == bg.n_bonds
-    assert bg.cut.numel() == 0
+    assert bg.n_owned_bonds == bg.n_bonds  # one rank owns every bond

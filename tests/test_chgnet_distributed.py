@@ -15,7 +15,7 @@ from test_chgnet import slab, triclinic
 
 from mlipd.engine import make_engine
 from mlipd.engine.comm import Comm
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.local import LocalEngine, for_inference
 from mlipd.engine.partition import Geometry, partition_batch
 from mlipd.engine.step import Frame, RankStep
 from mlipd.models.chgnet import CHGNetModel
@@ -48,7 +48,7 @@ def _frame(structure: Structure, world_size: int) -> Frame:
 
 def _rank_fn(rank, world_size, structures):
     """On every rank: each structure partitioned over all ranks, one step each."""
-    model = CHGNetModel().to(torch.float64).eval()  # what the engine's build_model does
+    model = for_inference(CHGNetModel(), torch.device("cpu"), torch.float64)  # as build_model
     step = RankStep(model, Comm(), device=torch.device("cpu"), dtype=torch.float64, skin=0.0)
     out = []
     for s in structures:
@@ -98,31 +98,30 @@ def test_ranks_equal_single_process(structures, reference, world_size):
         np.testing.assert_allclose(rows[:, 3], ref.extras["magmoms"], rtol=0,
                                    atol=1e-10 * max(ref.extras["magmoms"]), err_msg=name)
 
-        # zero redundancy: every atom, directed edge and angle on exactly one rank; a
-        # bond row is replicated only where the bond is cut (its two atoms on two ranks)
+        # zero redundancy: every atom, directed edge, bond and angle on exactly one rank
         counts = {key: sum(r[k]["counters"][key] for r in per_rank) for key in ref_counts}
-        for key in ("atoms", "directed_edges", "angles", "canonical_bonds"):
+        for key in ("atoms", "directed_edges", "bonds", "angles"):
             assert counts[key] == ref_counts[key], (name, key)
-        assert ref_counts["canonical_bonds"] == ref_counts["bonds"]
-        # exchanges: 3 atom-halo and 3 cut-bond exchanges per rank, of exactly the halo
-        # atoms and short cut bonds
+        # exchanges per rank: 3 atom halos; bond embeddings spread once, then per block
+        # replicas' partial sums home and new bond features back; exactly those rows
         blocks = ref_counts["atom_exchanges"]
         assert blocks == 3
         assert counts["atom_rows_received"] == blocks * counts["halo_atoms"]
+        assert counts["bond_exchanges"] == (1 + 2 * blocks) * world_size
+        assert counts["bond_rows_received"] == (
+            (1 + blocks) * counts["bond_replicas"] + blocks * counts["short_replicas"])
         if world_size == 1:
-            assert counts["halo_atoms"] == counts["cut_bonds"] == 0
-            assert counts["bonds"] == ref_counts["bonds"]
+            assert counts["halo_atoms"] == counts["bond_replicas"] == 0
         else:
             assert counts["halo_atoms"] > 0, name
-            assert counts["bond_exchanges"] == blocks * world_size
-            assert counts["bond_rows_received"] == blocks * counts["cut_bonds"]
-            assert counts["bonds"] > ref_counts["bonds"]  # cut bonds are held twice
+            assert counts["short_replicas"] > 0, name
 
-
-def test_make_engine_two_ranks(structures, reference):
-    """The product path: ``make_engine("chgnet", ranks=2)`` on a batch."""
+@pytest.mark.parametrize("model", ["chgnet", "chgnet:0.3.0,recompute=1"])
+def test_make_engine_two_ranks(structures, reference, model):
+    """The product path: ``make_engine("chgnet", ranks=2)`` on a batch; with
+    recomputation in backward, the forces are the same."""
     names = ["triclinic", "slab"]
-    with make_engine("chgnet", ranks=2, dtype="float64") as engine:
+    with make_engine(model, ranks=2, dtype="float64") as engine:
         results = engine.compute([structures[n] for n in names])
     for name, r in zip(names, results, strict=True):
         ref = reference[name][0]

@@ -102,3 +102,18 @@ def test_registry():
     assert {"lj", "chgnet", "mace"} <= set(names())
     with pytest.raises(UnknownModel, match="unknown model 'nope'"):
         load_model("nope")
+
+
+def test_float32_keeps_geometry_in_float64():
+    """A float32 model far from the origin: positions near 2,000 Å have a float32 ulp of
+    1.2e-4 Å, which would cost ~1e-3 relative in LJ forces; the engine subtracts in
+    float64 and rounds only the edge vectors, so float32 stays at float32 round-off."""
+    atoms = systems()["bulk"]
+    e, f, s = ase_reference(atoms)
+    far = atoms.copy()
+    far.positions += [1500.0, -2000.0, 900.0]  # a periodic box: the same physics
+    engine32 = make_engine(f"lj:epsilon={EPS},sigma={SIGMA},cutoff={RC}", dtype="float32")
+    (r,) = engine32.compute([Structure.from_atoms(far)])
+    assert r.energy == pytest.approx(e, rel=1e-6)
+    np.testing.assert_allclose(r.forces, f, rtol=0, atol=1e-5 * np.abs(f).max())
+    np.testing.assert_allclose(r.stress(atoms.cell.array), s, rtol=0, atol=1e-5 * np.abs(s).max())

@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 from mlipd.engine.comm import Comm
+from mlipd.engine.local import for_inference
 from mlipd.engine.step import Frame, RankOutput, RankStep
+from mlipd.malloc import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def load_local_model(config: RankConfig, device: torch.device):
     from mlipd.models.registry import load_model
 
     model = load_model(config.model) if isinstance(config.model, str) else config.model()
-    return model.to(device=device, dtype=config.dtype).eval()
+    return for_inference(model, device, config.dtype)
 
 
 def sync_weights(model) -> None:
@@ -166,6 +168,7 @@ def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float,
                   host: str | None = None, port: int | None = None,
                   threads: int | None = None, errors=None, local_rank: int | None = None) -> int:
     """A non-zero rank from start to stop; returns its exit code."""
+    keep_freed_memory()  # as rank 0's mlipd serve/drive process (see mlipd.malloc)
     if threads:
         torch.set_num_threads(threads)
     if backend == "nccl":

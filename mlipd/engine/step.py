@@ -15,7 +15,7 @@ import torch
 from mlipd.engine.comm import Comm
 from mlipd.engine.graph import LocalGraph
 from mlipd.engine.halo import HaloPlan, scatter_home_rows
-from mlipd.engine.local import strained
+from mlipd.engine.local import GEOMETRY_DTYPE, strained
 from mlipd.engine.local_graph_builder import Topology, build_topology
 
 
@@ -80,7 +80,7 @@ class RankStep:
         self.topology = topo
 
     def run(self, frame: Frame, *, virial: bool) -> RankOutput:
-        topo, plan, dev, dt = self.topology, self.plan, self.device, self.dtype
+        topo, plan, dev, dt = self.topology, self.plan, self.device, GEOMETRY_DTYPE
         if topo is None or plan is None:
             raise RuntimeError("RankStep.run before rebuild")
         n_owned, nb = topo.n_owned, frame.n_structures
@@ -106,12 +106,12 @@ class RankStep:
             n_atoms=as_t(np.diff(frame.offsets), torch.long),
             exchange=self.comm.atom_exchange(plan), comm=self.comm,
             rank=self.comm.rank, world_size=self.comm.world_size,
-            owner=as_t(topo.local_owner, torch.long),
+            owner=as_t(topo.local_owner, torch.long), dtype=self.dtype,
         )
         self.last_graph = graph
         out = self.model(graph)
-        energies = torch.zeros(nb, dtype=out.site_energy.dtype, device=dev)
-        energies = energies.index_add(0, batch[:n_owned], out.site_energy)
+        energies = torch.zeros(nb, dtype=dt, device=dev)
+        energies = energies.index_add(0, batch[:n_owned], out.site_energy.to(dt))
         inputs = [positions, strain] if virial else [positions]
         if energies.requires_grad:
             grads = torch.autograd.grad(energies.sum(), inputs, allow_unused=True)

@@ -15,9 +15,12 @@ per-atom extra. An atom with no neighbour within the cutoff keeps its embedding 
 gets the value the package gives with ``on_isolated_atoms="ignore"`` (its default in
 ``CHGNetCalculator`` is to warn and compute that same value).
 
-Per block, every rank calls, in order: AtomConv, BondConv up to its aggregate, a
-pair-sum of that aggregate over *cut* bonds (``chgnet_comm``), the rest of BondConv,
-AngleUpdate, then refreshes the halo atoms' features (``graph.exchange``).
+Every atom, bond, directed edge and angle is computed on one rank only: bonds by
+their owner (``chgnet_graph``, ``chgnet_comm``). Per block, every rank calls, in order:
+AtomConv, BondConv up to its aggregate, sends replica bonds' partial sums home, the
+rest of BondConv on owned bonds, sends the new bond features to the replicas,
+AngleUpdate, then refreshes the halo atoms' features (``graph.exchange``). The bond
+embedding and weights are made by the owner and spread once before block 0.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from chgnet.model import CHGNet
 from chgnet.model.functions import aggregate
 
 from mlipd.engine.graph import LocalGraph
+from mlipd.engine.memory import available_bytes
 from mlipd.errors import SetupError
 from mlipd.models.base import ModelOutput, ModelSpec
-from mlipd.models.chgnet_comm import CutBondSum
+from mlipd.models.chgnet_comm import BondExchange
 from mlipd.models.chgnet_graph import BondGraph, build_bond_graph
 
 log = logging.getLogger(__name__)
@@ -54,12 +58,43 @@ def load_chgnet(path: str | None = None) -> CHGNet:
         return CHGNet.from_file(path)
 
 
-class CHGNetModel(torch.nn.Module):
-    """CHGNet as an mlipd model. ``path``: a chgnet checkpoint file, or a bundled
-    version name (``"0.3.0"`` default, ``"0.2.0"``, ``"r2scan"``)."""
+RECOMPUTE = ("auto", "0", "1")
+# autograd's stored activations per angle row and per directed edge, float32, measured
+# on CPU with frozen weights (benchmarks/results/chgnet_cpu.md): recompute=auto's estimate
+BYTES_PER_ANGLE = 12_000
+BYTES_PER_EDGE = 17_000
 
-    def __init__(self, path: str | None = None) -> None:
+
+def parse_options(arg: str | None) -> tuple[str | None, str]:
+    """``"[VERSION|PATH][,recompute=auto|0|1]"`` -> (VERSION or PATH or None, recompute)."""
+    path, *rest = (arg or "").split(",")
+    recompute = "auto"
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key != "recompute" or value not in RECOMPUTE:
+            raise ValueError(f"chgnet: unknown option {item!r}; use chgnet[:VERSION|PATH]"
+                             "[,recompute=auto|0|1]")
+        recompute = value
+    return path or None, recompute
+
+
+def stored_activation_bytes(n_angles: int, n_edges: int, dtype: torch.dtype) -> int:
+    """Estimated memory autograd keeps for a forward without recomputation."""
+    scale = torch.finfo(dtype).bits // 32
+    return scale * (BYTES_PER_ANGLE * n_angles + BYTES_PER_EDGE * n_edges)
+
+
+class CHGNetModel(torch.nn.Module):
+    """CHGNet as an mlipd model. ``arg``: a chgnet checkpoint file, or a bundled
+    version name (``"0.3.0"`` default, ``"0.2.0"``, ``"r2scan"``), optionally followed
+    by ``,recompute=1|0|auto``. With 1, autograd keeps only each layer's inputs and
+    the backward pass recomputes the layer (activation checkpointing): ~4x less memory
+    per atom for ~1.5x the time. ``auto`` (default) recomputes when the estimated
+    stored activations exceed half of the device's free memory."""
+
+    def __init__(self, arg: str | None = None) -> None:
         super().__init__()
+        path, self.recompute = parse_options(arg)
         net = load_chgnet(path)
         if not net.mlp_first:
             raise SetupError("chgnet: only mlp_first models have site energies (pooling first "
@@ -82,44 +117,67 @@ class CHGNetModel(torch.nn.Module):
         )
         self.counters: dict[str, int] = {}  # sizes of the last forward, for tests and metrics
 
+    def _should_recompute(self, bg: BondGraph, graph: LocalGraph) -> bool:
+        if self.recompute != "auto":
+            return self.recompute == "1"
+        device = graph.receivers.device
+        free = available_bytes(device)
+        if free is None:
+            return False
+        if device.type == "cpu":  # ranks on one host share its memory
+            free //= int(os.environ.get("LOCAL_WORLD_SIZE", graph.world_size))
+        need = stored_activation_bytes(bg.n_angles, int(graph.receivers.shape[0]), graph.dtype)
+        return need > free // 2
+
+    @staticmethod
+    def _checkpointed(fn, *args):
+        """``fn(*args)`` keeping only its inputs for backward, where it runs again.
+        Each piece is local to the rank: the exchanges stay outside, so a recompute
+        never communicates."""
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
     def forward(self, graph: LocalGraph) -> ModelOutput:
         """Site energies (n_owned,) eV and ``magmoms`` (n_owned,) μB of the owned atoms."""
         m, n_own = self.net, graph.n_owned
         bg = build_bond_graph(graph, bond_cutoff=self.bond_cutoff)
-        cut_sum = CutBondSum(graph, bg)  # collective at P > 1: every rank builds it
+        bonds = BondExchange(graph, bg)  # collective at P > 1: every rank builds it
         atom_graph = torch.stack([graph.receivers, graph.senders], dim=1)
         d2u = bg.edge_bond
 
-        # geometry: the package's encoders on engine-made shifts (image @ lattice already
-        # applied, so the lattice argument is the identity); unit vectors point to the centre
-        eye = torch.eye(3, dtype=graph.positions.dtype, device=graph.positions.device)
+        # geometry in float64, cast after the basis expansions (float32 runs: 10-50x
+        # smaller force error than float32 geometry, for the same speed): the package's
+        # encoder on the engine's edge vectors, as centre - neighbour with a zero
+        # neighbour and image. Unit vectors point to the centre, per directed edge;
+        # bases of owned bonds only.
+        to_centre = -graph.edge_vectors(torch.float64)
+        zero = to_centre.new_zeros(1, 3)
         b_ag, b_bg, unit = m.bond_basis_expansion(
-            center=graph.positions[graph.receivers], neighbor=graph.positions[graph.senders],
-            undirected2directed=bg.bond_edge, image=graph.shifts, lattice=eye)
+            center=to_centre, neighbor=zero, undirected2directed=bonds.owned(bg.bond_edge),
+            image=zero, lattice=to_centre.new_zeros(3, 3))
         angle_bases = m.angle_basis_expansion(unit[bg.angle_d1], unit[bg.angle_d2])
+        b_ag, b_bg, angle_bases = (t.to(graph.dtype) for t in (b_ag, b_bg, angle_bases))
 
         atom = m.atom_embedding(graph.numbers - 1)  # halo rows too: no exchange before block 0
-        bond = m.bond_embedding(b_ag)
-        w_ag = m.bond_weights_ag(b_ag)
-        w_bg = m.bond_weights_bg(b_bg)
+        bond, w_ag, w_bg = _spread_all(
+            bonds, m.bond_embedding(b_ag), m.bond_weights_ag(b_ag), m.bond_weights_bg(b_bg))
         angle = m.angle_embedding(angle_bases)
+        recompute = torch.is_grad_enabled() and self._should_recompute(bg, graph)
+        run = self._checkpointed if recompute else _call
         magmom = None
         for i in range(m.n_conv - 1):
             if i > 0:
                 atom = graph.exchange(atom[:n_own])
-            atom = m.atom_conv_layers[i](atom_feas=atom, bond_feas=bond, bond_weights=w_ag,
-                                         atom_graph=atom_graph, directed2undirected=d2u)
+            atom = run(m.atom_conv_layers[i], atom, bond, w_ag, atom_graph, d2u)
             layer = m.bond_conv_layers[i]
-            partial = _bond_conv_partial(layer, atom, bond, w_bg, angle, bg)
-            bond = _bond_conv_finish(layer, bond, cut_sum(partial))
+            partial = run(_bond_conv_partial, layer, atom, bond, w_bg, angle, bg)
+            owned = run(_bond_conv_finish, layer, bonds.owned(bond), bonds.sum_home(partial))
+            bond = bonds.spread(owned)
             if i < m.n_conv - 2:  # the last AngleUpdate's output is never read
-                angle = m.angle_layers[i](atom_feas=atom, bond_feas=bond, angle_feas=angle,
-                                          bond_graph=bg.angles)
+                angle = run(m.angle_layers[i], atom, bond, angle, bg.angles)
             else:
                 magmom = torch.abs(m.site_wise(atom[:n_own])).view(-1)
         atom = graph.exchange(atom[:n_own])
-        atom = m.atom_conv_layers[-1](atom_feas=atom, bond_feas=bond, bond_weights=w_ag,
-                                      atom_graph=atom_graph, directed2undirected=d2u)
+        atom = run(m.atom_conv_layers[-1], atom, bond, w_ag, atom_graph, d2u)
         atom = atom[:n_own]
         if m.readout_norm is not None:
             atom = m.readout_norm(atom)
@@ -131,14 +189,15 @@ class CHGNetModel(torch.nn.Module):
             "atoms": n_own,
             "halo_atoms": graph.n_local - n_own,
             "directed_edges": int(graph.receivers.shape[0]),
-            "bonds": bg.n_bonds,
-            "canonical_bonds": int(bg.bond_canonical.sum()),
+            "bonds": bg.n_owned_bonds,
+            "bond_replicas": bg.n_bonds - bg.n_owned_bonds,
+            "short_replicas": int(bg.bond_short[bg.replicas].sum()),
             "angles": bg.n_angles,
-            "cut_bonds": int(bg.cut.shape[0]),
             "atom_exchanges": m.n_conv - 1,
             "atom_rows_received": (m.n_conv - 1) * (graph.n_local - n_own),
-            "bond_exchanges": cut_sum.calls,
-            "bond_rows_received": cut_sum.calls * int(bg.cut.shape[0]),
+            "bond_exchanges": bonds.calls,
+            "bond_rows_received": bonds.rows_received,
+            "recomputed": int(recompute),
         }
         return ModelOutput(site_energy=site, extras={"magmoms": magmom})
 
@@ -160,3 +219,15 @@ def _bond_conv_finish(layer, bond: torch.Tensor, summed: torch.Tensor) -> torch.
     if layer.bond_norm is not None:
         new = layer.bond_norm(new)
     return new
+
+
+def _spread_all(bonds: BondExchange, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``bonds.spread`` of several (n_owned_bonds, F_k) tensors in one exchange."""
+    if bonds.comm is None:
+        return owned
+    widths = [t.shape[1] for t in owned]
+    return bonds.spread(torch.cat(owned, dim=1)).split(widths, dim=1)
+
+
+def _call(fn, *args):
+    return fn(*args)

@@ -1,11 +1,13 @@
-"""CHGNet's one exchange besides the atom halo: the pair-sum over cut bonds.
+"""CHGNet's bond traffic besides the atom halo: bonds are computed by their owner.
 
-A bond whose two atoms are owned by different ranks is held by both ranks (each sees
-the directed edge centred at its own atom). Its BondConv aggregate is a sum over the
-angles at both atoms, so each rank holds one part. ``CutBondSum`` gives both the full
-sum with one all_to_all: each rank sends its part of every short cut bond to the
-partner rank and adds what it receives (long bonds are in no angle: nothing to sum).
-Its backward is the same pair-sum of the gradients (``comm.exchange``'s adjoint).
+A bond whose two atoms are owned by different ranks (a *cut* bond) is owned by one
+of them and replicated on the other, which holds the directed edge centred at its own
+atom (``chgnet_graph``). Each BondConv sums messages over the angles at both atoms, so
+the replica sends its part of the sum home (``sum_home``), the owner alone computes
+the new bond features, and sends them back to the replicas (``spread``), where the
+next AngleUpdate and AtomConv read them. Both are one all_to_all of only the rows
+that need it: short replica bonds (the only ones in angles) home, all replicas back.
+Backward is the adjoint pair (``comm.scatter_home`` and ``comm.exchange``).
 """
 
 from __future__ import annotations
@@ -16,38 +18,55 @@ from mlipd.engine.graph import LocalGraph
 from mlipd.models.chgnet_graph import BondGraph
 
 
-class CutBondSum:
-    """``partial (U, F) -> partial + the partner rank's rows, on cut bonds``.
+class BondExchange:
+    """Owner-computes traffic of one rank's bond rows ``[owned | replicas]``.
 
-    Built once per forward. At one rank (``graph.comm is None``) it is the identity
-    and never communicates. At P > 1 building it and every call are collective: all
+    Built once per forward. At one rank (``graph.comm is None``) every bond is owned
+    and nothing communicates. At P > 1 building it and every call are collective: all
     ranks do both, the same number of times. ``calls`` counts the exchanges made and
-    ``rows`` the bond rows each one sends.
+    ``rows_received`` the bond rows that arrived here.
     """
 
     def __init__(self, graph: LocalGraph, bg: BondGraph) -> None:
         self.calls = 0
+        self.rows_received = 0
+        self.n_owned = bg.n_owned_bonds
         self.comm = graph.comm
-        self.cut = bg.cut
-        self.rows = int(bg.cut.shape[0])
-        self.plan = None
         if self.comm is None:
             return
-        wanted = bg.bond_keys[bg.cut]
-        partner = local_owners(graph)[graph.senders[bg.bond_edge[bg.cut]]]
-        # each holder "owns" its own partial of a cut bond and wants its partner's. The
-        # table offers every cut bond, short or not, so that a bond whose two ranks
-        # disagree at round-off on "<= 3 Å" is still found (its partial is ~0 there:
-        # the bond-graph weights vanish smoothly at the bond cutoff)
-        self.held = bg.held_cut
-        self.plan = self.comm.plan_from_keys(bg.bond_keys[bg.held_cut], wanted, partner)
+        rep = torch.arange(bg.n_owned_bonds, bg.n_bonds, device=bg.bond_keys.device)
+        partner = local_owners(graph)[graph.senders[bg.bond_edge[rep]]]
+        short = bg.bond_short[rep]
+        owned_keys = bg.bond_keys[: bg.n_owned_bonds]
+        # the owner offers all its bonds: a bond whose two ranks disagree at round-off
+        # on "<= 3 Å" is still found (its message is ~0: the weights vanish smoothly)
+        self.all_plan = self.comm.plan_from_keys(owned_keys, bg.bond_keys[rep], partner)
+        self.short = rep[short]
+        self.short_plan = self.comm.plan_from_keys(owned_keys, bg.bond_keys[self.short],
+                                                   partner[short])
 
-    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
-        if self.plan is None:
+    def owned(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U, ...) -> the owned rows (n_owned_bonds, ...)."""
+        return rows if self.comm is None else rows[: self.n_owned]
+
+    def sum_home(self, partial: torch.Tensor) -> torch.Tensor:
+        """(U, F) partial sums -> (n_owned_bonds, F): each owned bond's part plus what
+        its replica holds."""
+        if self.comm is None:
             return partial
         self.calls += 1
-        received = self.comm.exchange(self.plan, partial[self.held])
-        return partial.index_add(0, self.cut, received)
+        self.rows_received += sum(self.short_plan.send_counts)  # what peers asked, they send
+        return partial[: self.n_owned] + self.comm.scatter_home(self.short_plan,
+                                                                partial[self.short])
+
+    def spread(self, owned: torch.Tensor) -> torch.Tensor:
+        """(n_owned_bonds, F) -> (U, F): replica rows copied from their owners."""
+        if self.comm is None:
+            return owned
+        self.calls += 1
+        received = self.comm.exchange(self.all_plan, owned)
+        self.rows_received += int(received.shape[0])
+        return torch.cat([owned, received])
 
 
 def local_owners(graph: LocalGraph) -> torch.Tensor:

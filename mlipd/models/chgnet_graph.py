@@ -13,11 +13,13 @@ engine's device. Conventions, from the package:
   two rows. A bond to a periodic self-image has both of its directed edges at the
   same centre, so it makes an angle with itself reversed, as in the package.
 
-Ownership (mlipd's scheme "A", see ../shared/porting/PORTING_MAP.md §1.3): a
-directed edge and an angle live with their centre atom, which is owned, so a rank
-builds exactly the angles whose vertex it owns. A rank holds every bond that
-touches an owned atom; a *cut* bond (other end on another rank) is held by both of
-its endpoint ranks, each of which sees one of its two directed edges.
+Ownership (see ../shared/porting/PORTING_MAP.md §1.3): a directed edge and an angle
+live with their centre atom, which is owned, so a rank builds exactly the angles whose
+vertex it owns. A bond is owned by the rank that holds its *canonical* directed edge
+(from its lower global id). A rank also holds a *replica* of every other bond that
+touches one of its atoms (a cut bond, whose canonical edge is on another rank): the
+owner computes the bond's features and sends them to the replica (``chgnet_comm``).
+Local bond rows are ordered [owned | replicas], like atoms.
 """
 
 from __future__ import annotations
@@ -35,30 +37,24 @@ class BondGraph:
 
     edge_bond:   (E,) int64, bond of each directed edge of the local graph
     bond_edge:   (U,) int64, one local directed edge of each bond (its length and
-                 direction define the bond's geometry)
+                 direction define the bond's geometry); the canonical one on owned rows
     bond_keys:   (U, 5) int64 ``[gid_lo, gid_hi, S0, S1, S2]``: the bond's global
                  identity (global atom ids, lattice image from lo to hi)
     bond_short:  (U,) bool, bond length <= bond cutoff (the bond-graph vertices)
-    bond_canonical: (U,) bool, the bond's canonical directed edge (from its lower global
-                 id) is local: true on exactly one rank for every bond
+    n_owned_bonds: the first rows, the bonds this rank owns; the rest are replicas
     angles:      (A, 3) int64 ``[centre atom, u1, u2]``, CHGNet's 3-column bond graph
     angle_d1:    (A,) int64, directed edge of u1 at the centre
     angle_d2:    (A,) int64, directed edge of u2 at the centre
-    cut:         (C,) int64 bond rows that are short and whose other end is a halo
-                 atom: their BondConv aggregate is split between two ranks
-    held_cut:    (H,) int64 every bond row whose other end is a halo atom (short or not)
     """
 
     edge_bond: torch.Tensor
     bond_edge: torch.Tensor
     bond_keys: torch.Tensor
     bond_short: torch.Tensor
-    bond_canonical: torch.Tensor
+    n_owned_bonds: int
     angles: torch.Tensor
     angle_d1: torch.Tensor
     angle_d2: torch.Tensor
-    cut: torch.Tensor
-    held_cut: torch.Tensor
 
     @property
     def n_bonds(self) -> int:
@@ -67,6 +63,10 @@ class BondGraph:
     @property
     def n_angles(self) -> int:
         return int(self.angles.shape[0])
+
+    @property
+    def replicas(self) -> slice:
+        return slice(self.n_owned_bonds, self.n_bonds)
 
 
 def undirected_keys(graph: LocalGraph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +126,22 @@ def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float) -> BondGraph:
     keys, canonical = undirected_keys(graph)
     bond_keys, edge_bond = _unique_rows(keys)
     n_bonds = int(bond_keys.shape[0])
-    bond_canonical = torch.zeros(n_bonds, dtype=torch.bool, device=dev)
-    bond_canonical[edge_bond[canonical]] = True
+    owned = torch.zeros(n_bonds, dtype=torch.bool, device=dev)
+    owned[edge_bond[canonical]] = True
+    n_owned_bonds = int(owned.sum())
+    if n_owned_bonds < n_bonds:  # renumber bonds: owned rows first
+        order = torch.argsort((~owned).to(torch.int8), stable=True)
+        new_row = torch.empty_like(order)
+        new_row[order] = torch.arange(n_bonds, device=dev)
+        bond_keys, edge_bond = bond_keys[order], new_row[edge_bond]
     ar = torch.arange(n_edges, device=dev)
-    bond_edge = torch.full((n_bonds,), n_edges, dtype=torch.long, device=dev)
-    bond_edge = bond_edge.scatter_reduce(0, edge_bond, ar, reduce="amin")
+    # each bond's geometry from one local directed edge: the canonical one where local
+    pick = torch.where(canonical, ar, ar + n_edges)
+    bond_edge = torch.full((n_bonds,), 2 * n_edges, dtype=torch.long, device=dev)
+    bond_edge = bond_edge.scatter_reduce(0, edge_bond, pick, reduce="amin") % max(n_edges, 1)
 
-    with torch.no_grad():
-        length = graph.edge_vectors().detach().norm(dim=1)
+    with torch.no_grad():  # float64, as the package's neighbour lists
+        length = graph.edge_vectors(torch.float64).norm(dim=1)
     le = length <= bond_cutoff  # d1 (and u1): "<=" as graph.py:288
     lt = length < bond_cutoff  # d2: "<" as graph.py:318
     bond_short = le[bond_edge] if n_bonds else torch.zeros(0, dtype=torch.bool, device=dev)
@@ -153,10 +161,6 @@ def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float) -> BondGraph:
     keep = (d1 != d2) & lt[d2]
     d1, d2 = d1[keep], d2[keep]
     angles = torch.stack([graph.receivers[d1], edge_bond[d1], edge_bond[d2]], dim=1)
-
-    remote = graph.senders[bond_edge] >= graph.n_owned
-    cut = torch.nonzero(bond_short & remote).squeeze(1)
-    held_cut = torch.nonzero(remote).squeeze(1)
     return BondGraph(edge_bond=edge_bond, bond_edge=bond_edge, bond_keys=bond_keys,
-                     bond_short=bond_short, bond_canonical=bond_canonical, angles=angles,
-                     angle_d1=d1, angle_d2=d2, cut=cut, held_cut=held_cut)
+                     bond_short=bond_short, n_owned_bonds=n_owned_bonds, angles=angles,
+                     angle_d1=d1, angle_d2=d2)

@@ -138,7 +138,6 @@ class ESENModel(torch.nn.Module):
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         b, n = self.backbone, graph.n_owned
-        pos = graph.positions
         if n == 0:
             return self._empty_rank(graph)
         keep = max_neighbors_mask(graph.receivers, graph.edge_vectors(), n_owned=n,
@@ -146,11 +145,12 @@ class ESENModel(torch.nn.Module):
                                   strict=b.enforce_max_neighbors_strictly)
         senders, receivers = graph.senders[keep], graph.receivers[keep]
         vec = graph.edge_vectors()[keep]
+        dev = vec.device
         if receivers.numel() == 0 and n > 0:
             # fairchem's fix-up for edgeless systems: one self-loop beyond the cutoff,
             # which the envelope zeroes (escn_md.add_n_empty_edges)
-            senders = receivers = torch.zeros(1, dtype=torch.long, device=pos.device)
-            vec = pos.new_ones(1, 3) + b.cutoff
+            senders = receivers = torch.zeros(1, dtype=torch.long, device=dev)
+            vec = vec.new_ones(1, 3) + b.cutoff
         dist = torch.linalg.norm(vec, dim=-1)
         edge_index = torch.stack([senders, receivers])
 
@@ -158,9 +158,9 @@ class ESENModel(torch.nn.Module):
         coefficient_index = b.coefficient_index if b.mmax != b.lmax else None
         wigner, wigner_inv = b.backend.prepare_wigner(wigner, wigner_inv, b.mappingReduced,
                                                       coefficient_index)
-        csd = self._system_embedding(graph.n_structures, pos)
+        csd = self._system_embedding(graph.n_structures, vec)
         own_batch = graph.batch[:n]
-        x = pos.new_zeros((n, b.sph_feature_size, b.sphere_channels))
+        x = vec.new_zeros((n, b.sph_feature_size, b.sphere_channels))
         sys_node = csd[own_batch]
         x[:, 0, :] = b.sphere_embedding(graph.numbers[:n]) + sys_node
 
@@ -181,7 +181,7 @@ class ESENModel(torch.nn.Module):
 
         scalar = x[:, 0, :]
         site = self.head.energy_block(scalar).view(-1)
-        n_atoms = graph.n_atoms.to(pos.dtype)[own_batch]
+        n_atoms = graph.n_atoms.to(graph.dtype)[own_batch]
         if self.head.reduce == "mean":
             site = site / n_atoms
         if self.task is not None:
@@ -191,7 +191,7 @@ class ESENModel(torch.nn.Module):
     def _empty_rank(self, graph: LocalGraph) -> ModelOutput:
         """A rank that owns no atoms still joins every exchange, and keeps them in the
         autograd graph: their backward is collective too."""
-        b, pos = self.backbone, graph.positions
+        b, pos = self.backbone, graph.positions.to(graph.dtype)
         x = pos.new_zeros((0, b.sph_feature_size, b.sphere_channels)) + 0.0 * pos.sum()
         for _ in b.blocks:
             x = graph.exchange(x)

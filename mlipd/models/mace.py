@@ -112,7 +112,7 @@ class MaceModel(torch.nn.Module):
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         m, n = self.mace, graph.n_owned
-        dtype = graph.positions.dtype
+        dtype = graph.dtype
         attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers],
                                             len(self.spec.species)).to(dtype)
         own_attrs = attrs[:n]
