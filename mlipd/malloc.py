@@ -6,8 +6,7 @@ tensors of up to gigabytes. glibc serves blocks above its mmap threshold with fr
 mmap()s and hands them back on free(), so each such buffer pays its page faults
 again: measured here, a 65k-atom ZeroMQ round trip spent 3.7 of its 7.6 ms of
 overhead in them, and a 4,096-atom CHGNet step on CPU took 23.4 s instead of 11.6 s.
-Raising the mmap threshold and the trim threshold keeps those pages in the heap, at
-the price of holding the process's high-water mark.
+Raising the mmap threshold and the trim threshold keeps those pages in the heap.
 
 The price is memory: freed blocks stay in the heap, where fragmentation raises the
 peak. The same 4,096-atom CHGNet step peaked at 9.6 GB instead of 7.1 GB (5.1 instead
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -69,6 +69,7 @@ def heap_free_bytes() -> int:
     return int(fn().fordblks)
 
 
+@functools.cache  # find_library runs ldconfig: once per process, not per call
 def _glibc():
     name = ctypes.util.find_library("c")
     if name is None:

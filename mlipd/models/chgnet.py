@@ -31,6 +31,7 @@ import logging
 import os
 
 import torch
+import torch.utils.checkpoint
 from chgnet.model import CHGNet
 from chgnet.model.functions import aggregate
 
@@ -59,8 +60,9 @@ def load_chgnet(path: str | None = None) -> CHGNet:
 
 
 RECOMPUTE = ("auto", "0", "1")
-# autograd's stored activations per angle row and per directed edge, float32, measured
-# on CPU with frozen weights (benchmarks/results/chgnet_cpu.md): recompute=auto's estimate
+# autograd's stored activations per angle row and per directed edge, float32: fitted to
+# the peak RSS of 1,000-atom (Li,Mn,Ni)O and (Mn,Ni)O steps on CPU (frozen weights,
+# activations stored); recompute=auto's estimate, ~15% above the 8,000-atom benchmark
 BYTES_PER_ANGLE = 12_000
 BYTES_PER_EDGE = 17_000
 
