@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.calculators.counterions import AtomicCounterIon
 from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones
-from ase.calculators.socketio import SocketIOCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
-from conftest import MLIPD
+from helpers_ase import evaluate_through_ase_socket
 
 from mlipd.engine import make_engine
 from mlipd.errors import CalculationFailed, SetupError
@@ -116,17 +112,8 @@ def test_behind_the_driver_front_end(processes, short_tmp):
     """``mlipd drive --model ase:...`` serves ASE's real SocketIOCalculator: the generic
     adapter sits behind the same front ends as graph models."""
     atoms = rattled_cu(3)
-    atoms.write(short_tmp / "cu.xyz", format="extxyz")
-    name = f"mlipd-{uuid.uuid4().hex[:8]}"
-    with SocketIOCalculator(unixsocket=name, timeout=60) as calc:
-        driver = processes.start([*MLIPD, "drive", "--address", f"unix:{name}", "--structure",
-                                  short_tmp / "cu.xyz", "--model", "ase:ase.calculators.emt:EMT"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        got = atoms.copy()
-        got.calc = calc
-        energy, forces, stress = got.get_potential_energy(), got.get_forces(), got.get_stress()
-    out, _ = driver.communicate(timeout=60)
-    assert driver.returncode == 0, out
+    energy, forces, stress = evaluate_through_ase_socket(
+        processes, atoms, short_tmp, ["ase:ase.calculators.emt:EMT"])
     e, f, s = direct(atoms, EMT())
     assert energy == pytest.approx(e, rel=1e-12)
     np.testing.assert_allclose(forces, f, rtol=1e-10, atol=1e-12)
