@@ -115,11 +115,13 @@ def _unique_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys[first], inverse
 
 
-def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float) -> BondGraph:
+def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float,
+                     lengths: torch.Tensor | None = None) -> BondGraph:
     """Bonds, angle rows and cut bonds of ``graph`` for a bond-graph cutoff (Å).
 
     Integer structure only: nothing here is differentiable, the geometry is computed
-    by the model from ``graph.edge_vectors()``.
+    by the model from ``graph.edge_vectors()``. ``lengths``: (E,) float64 edge lengths
+    if the caller has them (else computed here).
     """
     dev = graph.receivers.device
     n_edges = int(graph.receivers.shape[0])
@@ -140,8 +142,10 @@ def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float) -> BondGraph:
     bond_edge = torch.full((n_bonds,), 2 * n_edges, dtype=torch.long, device=dev)
     bond_edge = bond_edge.scatter_reduce(0, edge_bond, pick, reduce="amin") % max(n_edges, 1)
 
-    with torch.no_grad():  # float64, as the package's neighbour lists
-        length = graph.edge_vectors(torch.float64).norm(dim=1)
+    if lengths is None:  # float64, as the package's neighbour lists
+        with torch.no_grad():
+            lengths = graph.edge_vectors(torch.float64).norm(dim=1)
+    length = lengths.detach()
     le = length <= bond_cutoff  # d1 (and u1): "<=" as graph.py:288
     lt = length < bond_cutoff  # d2: "<" as graph.py:318
     bond_short = le[bond_edge] if n_bonds else torch.zeros(0, dtype=torch.bool, device=dev)

@@ -140,11 +140,12 @@ class ESENModel(torch.nn.Module):
         b, n = self.backbone, graph.n_owned
         if n == 0:
             return self._empty_rank(graph)
-        keep = max_neighbors_mask(graph.receivers, graph.edge_vectors(), n_owned=n,
+        vec = graph.edge_vectors()
+        keep = max_neighbors_mask(graph.receivers, vec, n_owned=n,
                                   max_neighbors=b.max_neighbors,
                                   strict=b.enforce_max_neighbors_strictly)
         senders, receivers = graph.senders[keep], graph.receivers[keep]
-        vec = graph.edge_vectors()[keep]
+        vec = vec[keep]
         dev = vec.device
         if receivers.numel() == 0 and n > 0:
             # fairchem's fix-up for edgeless systems: one self-loop beyond the cutoff,
