@@ -1,5 +1,5 @@
 import sys
 
-from mlipd.cli import main
+from mlipd.launch import main
 
 sys.exit(main())

@@ -18,11 +18,22 @@ log = logging.getLogger("mlipd")
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="chgnet",
                    help="model name, or NAME:ARG (e.g. mace:model.pt); see `mlipd models`")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="default: float32 on GPU, float64 on CPU")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--devices", type=lambda s: [d for d in s.split(",") if d],
+                   metavar="DEV,DEV,...",
+                   help="the devices of the ranks, rank r on the r-th (in turn when fewer), "
+                        "e.g. cuda:0,cuda:1")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="how ranks talk: nccl needs one GPU per rank; gloo lets ranks share "
+                        "a GPU (rows staged through host memory); auto picks")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="the model's features (geometry, sums, forces and virials are "
+                        "float64 either way); float64 for reference runs")
     p.add_argument("--ranks", type=int, default=1,
                    help="number of local ranks the structure is partitioned across")
+    p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
+                   help="give up on a collective (a rank that stopped answering) after S s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,24 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(serve)
 
     sub.add_parser("models", help="list the registered models")
+
+    from mlipd.bench.cli import add_arguments as add_bench
+
+    add_bench(sub.add_parser("bench", help="run benchmark suites and write their tables"))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def run(args: argparse.Namespace, *, world=None) -> int:
+    """Run a parsed command; ``world``: this process is rank 0 of a torchrun/srun job
+    (``mlipd.launch``)."""
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args.world = world
     try:
         if args.command == "models":
             from mlipd.models.registry import names
 
             sys.stdout.write("\n".join(names()) + "\n")
             return 0
-        if args.command == "drive":
-            from mlipd.driver.cli import run
+        if args.command == "bench":
+            from mlipd.bench.cli import run as run_command
+        elif args.command == "drive":
+            from mlipd.driver.cli import run as run_command
         else:
-            from mlipd.server.cli import run
-        return run(args)
+            from mlipd.server.cli import run as run_command
+        return run_command(args)
     except SetupError as e:
         log.error("%s", e)
         return 2
@@ -71,6 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def engine_from_args(args: argparse.Namespace):
+    """The engine the engine options ask for (``add_engine_options``)."""
+    from mlipd.engine import make_engine
+
+    return make_engine(args.model, device=args.device, devices=args.devices,
+                       backend=args.backend, dtype=args.dtype, ranks=args.ranks,
+                       world=getattr(args, "world", None), timeout_s=args.collective_timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run, in this process alone (``mlipd.launch.main`` is the ``mlipd``
+    command, which also joins torchrun/srun jobs)."""
+    return run(parse(argv))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from helpers_ase import evaluate_through_ase_socket
 
 from mlipd.engine import make_engine
+from mlipd.engine.whole import WholeEngine
 from mlipd.errors import CalculationFailed, SetupError
-from mlipd.models.ase_generic import ASECalculatorModel, ASEEngine, parse_target
+from mlipd.models.ase_generic import ASECalculatorModel, parse_target
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +35,7 @@ def direct(atoms, calc):
 
 def test_emt_through_make_engine_equals_emt():
     engine = make_engine("ase:ase.calculators.emt:EMT")
-    assert isinstance(engine, ASEEngine)
+    assert isinstance(engine, WholeEngine)
     assert engine.world_size == 1
     assert engine.spec.name == "ase:ase.calculators.emt:EMT"
     cases = [rattled_cu(), molecule("CH3CH2OH")]
@@ -75,7 +76,7 @@ def test_calculator_without_stress_gives_no_virial():
     atoms = bulk("Na", "sc", a=4.0).repeat((2, 2, 2))
     atoms.positions += np.random.default_rng(2).normal(scale=0.1, size=atoms.positions.shape)
     calc = AtomicCounterIon(1.0, 0.0115, 2.35, rc=3.9)
-    engine = ASECalculatorModel(calculator=calc).engine()
+    engine = WholeEngine(ASECalculatorModel(calculator=calc))
     (r,) = engine.compute([Structure.from_atoms(atoms)])
     assert r.virial is None
     a = atoms.copy()

@@ -17,10 +17,10 @@ from chgnet.model.dynamics import CHGNetCalculator
 from chgnet.model.model import BatchedGraph
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from mlipd.engine.graph import LocalGraph
 from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
 from mlipd.errors import SetupError, UnknownSpecies
+from mlipd.model_api import LocalGraph
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
 from mlipd.models.chgnet_graph import build_bond_graph
 from mlipd.models.registry import load_model
@@ -171,8 +171,10 @@ def test_recompute_equals_stored(engines):
     np.testing.assert_allclose(r.forces, ref.forces, rtol=0, atol=1e-11)
     np.testing.assert_allclose(r.virial, ref.virial, rtol=0, atol=1e-10)
     assert engine.model.counters["recomputed"] == 1
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="bad value 'yes' for recompute"):
         CHGNetModel("0.3.0,recompute=yes")
+    with pytest.raises(ValueError, match="unknown option 'recompte'"):
+        CHGNetModel("0.3.0,recompte=1")
 
 
 def test_recompute_auto_follows_free_memory(engines, monkeypatch):

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("srv") / "serve.log"
-    with running_server(["--model", "lj", "--zmq", "tcp://127.0.0.1:0"], log=log) as srv:
+    with running_server(["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0"],
+                        log=log) as srv:
         yield srv
 
 
@@ -35,7 +36,7 @@ def test_calculator_drives_ase_md_like_the_direct_model(server):
     atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat(2)
     atoms.rattle(0.05, seed=1)
     atoms.set_momenta(np.random.default_rng(0).normal(0, 0.05, (len(atoms), 3)))
-    engine = make_engine("lj")
+    engine = make_engine("lj", dtype="float64")
     energies, refs = [], []
 
     def record():
@@ -63,7 +64,7 @@ def test_molecule_without_cell_has_no_stress(server):
     atoms.positions *= 2.5  # keep LJ away from its wall
     with MlipdCalculator(server.address) as calc:
         atoms.calc = calc
-        (ref,) = make_engine("lj").compute([Structure.from_atoms(atoms)])
+        (ref,) = make_engine("lj", dtype="float64").compute([Structure.from_atoms(atoms)])
         assert atoms.get_potential_energy() == pytest.approx(ref.energy, rel=1e-12)
         with pytest.raises(CalculatorSetupError, match="periodic"):
             atoms.get_stress()

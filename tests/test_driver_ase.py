@@ -35,7 +35,7 @@ def triclinic_argon():
 
 def start_driver(processes, address, *extra, model=LJ):
     return processes.start([*MLIPD, "drive", "--address", address, "--species", "Ar",
-                            "--model", model, *extra],
+                            "--model", model, "--dtype", "float64", *extra],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

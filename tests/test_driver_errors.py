@@ -152,7 +152,7 @@ def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp
     try:
         proc = processes.start([*MLIPD, "drive", "--address", f"unix:{good.path}",
                                 "--address", f"unix:{bad.path}", "--species", "Ar",
-                                "--model", LJ],
+                                "--model", LJ, "--dtype", "float64"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         good.accept(proc)
         bad.accept(proc)
@@ -181,7 +181,8 @@ def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp
 def test_address_that_never_appears(processes, short_tmp):
     t0 = time.monotonic()
     proc = processes.start([*MLIPD, "drive", "--address", f"unix:{short_tmp}/nobody",
-                            "--species", "Ar", "--model", LJ, "--connect-timeout", "1"],
+                            "--species", "Ar", "--model", LJ, "--dtype", "float64",
+                            "--connect-timeout", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 1, out
@@ -197,7 +198,8 @@ def test_template_mismatch_closes_connection(processes, short_tmp):
     srv = FakeServer(short_tmp / "srv")
     try:
         proc = processes.start([*MLIPD, "drive", "--address", f"unix:{srv.path}",
-                                "--structure", short_tmp / "four.xyz", "--model", LJ],
+                                "--structure", short_tmp / "four.xyz", "--model", LJ,
+                                "--dtype", "float64"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         srv.accept(proc)
         srv.conn.sendall(ipi.encode_posdata(posdata_from_structures([argon()])))
@@ -211,7 +213,7 @@ def test_template_mismatch_closes_connection(processes, short_tmp):
 
 def test_setup_errors_exit_2(processes, short_tmp):
     proc = processes.start([*MLIPD, "drive", "--address", "localhost:notaport",
-                            "--species", "Ar", "--model", LJ],
+                            "--species", "Ar", "--model", LJ, "--dtype", "float64"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2

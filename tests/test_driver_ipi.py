@@ -57,7 +57,8 @@ def test_nvt_unix_socket_path(processes, short_tmp, lj_engine):
         processes, short_tmp,
         xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("nvt"),
                                       sockets_prefix=prefix, steps=20),
-        driver_args=["--address", f"unix:{prefix}nvt", "--species", "Ar", "--model", LJ])
+        driver_args=["--address", f"unix:{prefix}nvt", "--species", "Ar", "--model", LJ,
+                     "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert run.ipi_rc == 0, run.ipi_log
     assert "EXIT after 21 steps" in run.driver_log
@@ -81,7 +82,7 @@ def pimd_tcp(tmp_path_factory):
             xml_for=lambda port: ipi_xml(init_file="init.xyz", socket_xml=inet_socket_xml(port),
                                          nbeads=4, steps=20),
             driver_args=["--address", "127.0.0.1:{port}", "--structure", "init.xyz",
-                         "--model", LJ])
+                         "--model", LJ, "--dtype", "float64"])
     finally:
         procs.kill_all()
     return run, atoms
@@ -107,7 +108,7 @@ def test_batched_mode_same_trajectory(processes, short_tmp, pimd_tcp):
             init_file="init.xyz", socket_xml=unix_socket_xml("b4", batch_size=4),
             sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
         driver_args=["--address", "unix:b4", "--sockets-prefix", f"{short_tmp}/ipi_",
-                     "--species", "Ar", "--model", LJ])
+                     "--species", "Ar", "--model", LJ, "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert "batch size 4" in run.driver_log
     # 21 POSDATA of 4 structures; at step 0 the 4 beads are identical copies of
@@ -131,7 +132,7 @@ def test_shm_mode_same_trajectory(processes, short_tmp, pimd_tcp, batch_size):
             socket_xml=unix_socket_xml("shm", batch_size=batch_size, mode="shm"),
             sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
         driver_args=["--address", f"unix:{short_tmp}/ipi_shm", "--mode", "shm",
-                     "--species", "Ar", "--model", LJ])
+                     "--species", "Ar", "--model", LJ, "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert run.ipi_rc == 0, run.ipi_log
     assert f"batch size {batch_size}" in run.driver_log
@@ -147,7 +148,7 @@ def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
         xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("two"),
                                       sockets_prefix=prefix, nbeads=4, steps=10),
         driver_args=["--address", f"unix:{prefix}two", "--address", f"unix:{prefix}two",
-                     "--species", "Ar", "--model", LJ])
+                     "--species", "Ar", "--model", LJ, "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert run.driver_log.count("connected") == 2
     counts = [int(line.split(": ")[-1].split()[0]) for line in run.driver_log.splitlines()

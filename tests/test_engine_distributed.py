@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from mlipd.engine.comm import Comm
-from mlipd.engine.distributed import Frontend
+from mlipd.engine.coordinator import Coordinator
 from mlipd.engine.local import LocalEngine
-from mlipd.engine.ranks import RankLoop
-from mlipd.engine.step import RankStep
+from mlipd.engine.rank_loop import RankLoop
+from mlipd.engine.step import Step
 from mlipd.models.lj import LennardJones
 from mlipd.models.reference import ReferenceMP
 from mlipd.testing import run_on_ranks
@@ -27,23 +27,25 @@ MODELS = {"reference": lambda: ReferenceMP("layers=3,features=16,cutoff=5"),
           "lj": lambda: LennardJones("epsilon=0.4,sigma=2.3,cutoff=5")}
 
 
-def _edge_keys(step: RankStep) -> np.ndarray:
+def _edge_keys(step: Step) -> np.ndarray:
     g = step.last_graph
     gid = g.global_ids
     return torch.cat([gid[g.receivers, None], gid[g.senders, None], g.images], 1).numpy()
 
 
-class RecordingStep(RankStep):
+class RecordingStep(Step):
     """Keeps, per step, what this rank computed: owned ids, edge keys, layer counts."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.records = []
 
-    def run(self, frame, *, virial):
-        out = super().run(frame, virial=virial)
+    def run(self, positions, cells, *, virial):
+        out = super().run(positions, cells, virial=virial)
         counts = list(getattr(self.model, "last_counts", []))
-        self.records.append((out.owned_ids.copy(), _edge_keys(self), counts))
+        g = self.last_graph
+        self.records.append((g.global_ids[: g.n_owned].numpy().copy(), _edge_keys(self),
+                             counts))
         return out
 
 
@@ -69,13 +71,13 @@ def _on_rank(rank: int, world: int, systems: dict) -> tuple[dict, dict]:
         for model_name, method, as_batch in _configs(p):
             step = RecordingStep(MODELS[model_name](), comm, device=torch.device("cpu"),
                                  dtype=torch.float64, skin=0.5)
-            loop = RankLoop(comm, step)
+            loop = RankLoop(step)
             if (model_name, method) == ("reference", "rcb"):
                 records[p] = step.records
             if rank != 0:
                 loop.follow()
                 continue
-            front = Frontend(loop, skin=0.5, partition=method)
+            front = Coordinator(loop, skin=0.5, partition=method)
             for name, s in systems.items():
                 (out[(p, model_name, method, name)],) = front.compute([s], virial=True)
             if as_batch:
@@ -221,14 +223,16 @@ def _md(compute, s, steps, dt=2.0):
     return np.array(traj)
 
 
-def test_md_with_partition_reuse_equals_rebuild_every_step(engine, local):
+def test_md_with_partition_reuse_equals_rebuild_every_step(engine):
     from mlipd.testing.systems import bulk_box
 
     s = bulk_box(repeat=3)
     before = engine.rebuilds
     reuse = _md(lambda st: engine.compute([st])[0], s, 50)
     rebuilt = engine.rebuilds - before
-    fresh = _md(lambda st: local.compute([st])[0], s, 50)
+    fresh_engine = LocalEngine(ReferenceMP(), skin=0.0)  # a new list at every call
+    fresh = _md(lambda st: fresh_engine.compute([st])[0], s, 50)
+    assert fresh_engine.rebuilds == 51
     assert 2 <= rebuilt <= 25  # reused most steps, and rebuilt when atoms moved skin/2
     np.testing.assert_allclose(reuse, fresh, rtol=0, atol=1e-9)
 
@@ -268,15 +272,18 @@ def test_serve_with_ranks_from_the_cli(tmp_path, local, systems):
     from mlipd.server.testing import running_server
 
     s = systems["triclinic"]
-    args = ["--model", "reference", "--ranks", "2", "--zmq", "tcp://127.0.0.1:0"]
+    args = ["--model", "reference", "--dtype", "float64", "--ranks", "2", "--zmq", "tcp://127.0.0.1:0"]
     with running_server(args, log=tmp_path / "serve.log") as srv, Client(srv.address) as c:
         got = c.compute(s)
+        info = c.info()
     _close(got, local.compute([s])[0], "serve --ranks 2")
+    assert (info["ranks"], info["device"], info["devices"], info["dtype"]) == (
+        2, "cpu", ["cpu", "cpu"], "float64")
 
 
 @pytest.mark.timeout(300)
 def test_torchrun_launch(tmp_path, local, systems):
-    """``torchrun ... -m mlipd.engine.ranks serve ...``: rank 0 serves, rank 1 follows."""
+    """``torchrun ... -m mlipd.launch serve ...``: rank 0 serves, rank 1 follows."""
     import socket
     import subprocess
     import sys
@@ -289,8 +296,8 @@ def test_torchrun_launch(tmp_path, local, systems):
         port = probe.getsockname()[1]
     log = tmp_path / "torchrun.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "mlipd.engine.ranks",
-           "serve", "--model", "reference", "--zmq", "tcp://127.0.0.1:0"]
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "mlipd.launch",
+           "serve", "--model", "reference", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0"]
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     try:
@@ -306,6 +313,39 @@ def test_torchrun_launch(tmp_path, local, systems):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(300)
+def test_slurm_launch(tmp_path, local, systems, processes):
+    """Two ``mlipd serve`` processes with srun's variables (loopback rendezvous) form
+    one engine: rank 0 serves, rank 1 follows, and the result equals P = 1."""
+    import socket
+    import subprocess
+    import sys
+
+    from mlipd.client import Client
+    from mlipd.server.testing import _read_ready
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlipd", "serve", "--model", "reference", "--dtype", "float64",
+           "--zmq", "tcp://127.0.0.1:0"]
+    env = dict(SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_JOB_ID="7",
+               SLURM_STEP_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    for r in range(2):
+        with open(logs[r], "wb") as err:
+            procs.append(processes.start(cmd, stdout=subprocess.PIPE, stderr=err,
+                                         env={**env, "SLURM_PROCID": str(r),
+                                              "SLURM_LOCALID": str(r)}))
+    (address,) = _read_ready(procs[0], timeout_s=120, log=logs[0])
+    s = systems["slab"]
+    with Client(address) as c:
+        got = c.compute(s)
+        assert c.info()["ranks"] == 2
+    _close(got, local.compute([s])[0], "srun")
 
 
 # --- the generic communicator API (used by models with bond graphs) ----------------

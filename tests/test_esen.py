@@ -138,7 +138,7 @@ def test_cap_matches_fairchem_graph(max_neighbors):
     assert (counts >= np.minimum(candidates, max_neighbors + 1)).all()
 
 
-@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_distributed_equals_p1(ckpt, ranks):
     path = ckpt[1]  # the capped model: the cap is applied per receiver on each rank
     model = load_model(f"esen:{path}").to(torch.float64)

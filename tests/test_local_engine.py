@@ -37,7 +37,7 @@ def systems():
 
 @pytest.fixture(scope="module")
 def engine():
-    return make_engine(f"lj:epsilon={EPS},sigma={SIGMA},cutoff={RC}")
+    return make_engine(f"lj:epsilon={EPS},sigma={SIGMA},cutoff={RC}", dtype="float64")
 
 
 @pytest.mark.parametrize("name", list(systems()))

@@ -214,8 +214,9 @@ def test_unknown_species_is_a_clear_error():
 # By default one case runs (spawning ranks that import mace costs ~10 s each on 2 cores);
 # the full 4 x 3 matrix of (class, ZBL) x P is marked slow. Each structure is also sent
 # alone, so it is split over all P ranks.
-DIST_DEFAULT = [(4, True, True)]  # 4 ranks: the 3-atom cell leaves a rank without atoms
-DIST_ALL = [(p, ss, z) for p in (2, 3, 4) for ss in (True, False) for z in (True, False)]
+# 4 ranks: the 3-atom cell leaves a rank without atoms; 1: the same step, no halo
+DIST_DEFAULT = [(1, True, True), (4, True, True)]
+DIST_ALL = [(p, ss, z) for p in (1, 2, 3, 4) for ss in (True, False) for z in (True, False)]
 
 
 def _dist_params():
@@ -250,7 +251,8 @@ def test_mace_file_drives_real_ipi(processes, short_tmp):
                                       sockets_prefix=prefix, steps=20, temperature_k=100,
                                       timestep_fs=0.5),
         driver_args=["--address", "unix:mace", "--sockets-prefix", prefix,
-                     "--structure", "init.xyz", "--model", f"mace:{short_tmp / 'tiny.model'}"],
+                     "--structure", "init.xyz", "--model", f"mace:{short_tmp / 'tiny.model'}",
+                     "--dtype", "float64"],
         timeout=170)
     assert run.driver_rc == 0, run.driver_log
     assert run.ipi_rc == 0, run.ipi_log

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from mlipd.engine.memory import available_bytes
+from mlipd.memory import available_bytes
 
 CHILD = """
 import numpy as np

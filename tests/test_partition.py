@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mlipd.engine.bins import BinGrid
-from mlipd.engine.local_graph_builder import build_topology
 from mlipd.engine.neighbors import neighbor_list
 from mlipd.engine.partition import Geometry, partition_batch, partition_structure
+from mlipd.engine.topology import build_topology
 from mlipd.engine.verlet import RebuildPolicy
 from mlipd.errors import SetupError
 from mlipd.testing.systems import bulk_box, cases

@@ -62,7 +62,7 @@ def test_loads_and_computes_at_one_rank(on_path):
     model = load_model("density:cutoff=4.5")
     assert type(model).__module__ == "mlipd_example_plugin.density"
     assert model.spec.cutoff == 4.5
-    engine = make_engine("density:cutoff=4.5")
+    engine = make_engine("density:cutoff=4.5", dtype="float64")
     atoms = molecule([1, 6, 8], n=8)
     s = Structure.from_atoms(atoms)
     (r,) = engine.compute([s])
@@ -78,6 +78,7 @@ def test_loads_and_computes_at_one_rank(on_path):
     assert np.abs(r.forces).max() > 1e-3
 
 
-def test_runs_on_two_ranks(on_path):
-    check_distributed("density:cutoff=4.5", load_model("density:cutoff=4.5"), 2,
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_runs_on_ranks(on_path, ranks):
+    check_distributed("density:cutoff=4.5", load_model("density:cutoff=4.5"), ranks,
                       four_cases([1, 6, 8, 14]))

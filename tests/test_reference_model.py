@@ -89,7 +89,7 @@ def test_deterministic_and_parsed():
     for x, y in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(x, y)
     assert not torch.equal(ReferenceMP("seed=4").embedding, a.embedding)
-    with pytest.raises(ValueError, match="unknown parameter"):
+    with pytest.raises(ValueError, match="unknown option 'depth'"):
         ReferenceMP("depth=3")
     with pytest.raises(ValueError, match="must be > 0"):
         ReferenceMP("layers=0")

@@ -158,7 +158,7 @@ def test_flatten_and_split_restore_the_order():
 
 
 def test_worker_batches_and_isolates_a_failing_structure():
-    engine = make_engine("lj")
+    engine = make_engine("lj", dtype="float64")
     worker = EngineWorker(engine, scheduler=Scheduler(max_atoms=10_000, max_wait_s=0.5))
     worker.start()
     try:
@@ -175,7 +175,7 @@ def test_worker_batches_and_isolates_a_failing_structure():
             futs[1].result(timeout=30)
         for fut, s in zip([futs[0], futs[2], futs[3]], good, strict=True):
             (got,) = fut.result(timeout=30)
-            (ref,) = make_engine("lj").compute([s])
+            (ref,) = make_engine("lj", dtype="float64").compute([s])
             assert got.energy == pytest.approx(ref.energy, rel=1e-12)
             np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
         snap = worker.metrics.snapshot()
@@ -192,14 +192,14 @@ def test_worker_batches_and_isolates_a_failing_structure():
 @pytest.fixture(scope="module")
 def lj_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("srv") / "serve.log"
-    with running_server(["--model", "lj", "--zmq", "tcp://127.0.0.1:0",
+    with running_server(["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0",
                          "--max-request-atoms", "5000"], log=log) as srv:
         yield srv
 
 
 def test_sixteen_concurrent_clients_get_their_own_results(lj_server):
     structures = [argon(1 + k % 2, seed=k, a=5.2 + 0.01 * k) for k in range(16)]
-    refs = make_engine("lj").compute(structures)
+    refs = make_engine("lj", dtype="float64").compute(structures)
     got: dict[int, list[Result]] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(16)
@@ -240,7 +240,7 @@ def test_batch_op_and_info(lj_server):
         assert info["ranks"] == 1
         assert c.ping()["pong"] is True
         got = c.batch(structures, virial=False)
-    refs = make_engine("lj").compute(structures)
+    refs = make_engine("lj", dtype="float64").compute(structures)
     assert [r.energy for r in got] == pytest.approx([r.energy for r in refs], rel=1e-12)
     assert all(r.virial is None for r in got)
 
@@ -306,7 +306,8 @@ def test_client_that_disconnects_mid_request_does_not_hurt_others(lj_server):
 
 def test_busy_when_the_queue_is_full(tmp_path):
     # a queue of one request: six large requests at once cannot all wait
-    with running_server(["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--max-queue", "1"],
+    with running_server(["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0",
+                         "--max-queue", "1"],
                         log=tmp_path / "s.log") as srv:
         ctx = zmq.Context()
         socks = []
@@ -371,7 +372,8 @@ def test_req_socket_clients_work_too(lj_server):
 
 
 def test_sigterm_answers_in_flight_requests_then_exits_zero(tmp_path):
-    with running_server(["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--stats-every", "0.2"],
+    with running_server(["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0",
+                         "--stats-every", "0.2"],
                         log=tmp_path / "s.log") as srv:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)

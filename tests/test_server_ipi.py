@@ -57,7 +57,7 @@ def start_ipi(processes, workdir, *, name: str, batch_size: int):
 
 def check_forces_against_direct(workdir, atoms) -> None:
     """Every bead's forces at every step equal an unbatched evaluation (i-PI's units: 1e-7)."""
-    engine = make_engine("lj")
+    engine = make_engine("lj", dtype="float64")
     for b in range(NBEADS):
         pos = ase.io.read(workdir / f"sim.pos_{b}.extxyz", index=":")
         frc = ase.io.read(workdir / f"sim.for_{b}.extxyz", index=":")
@@ -83,7 +83,7 @@ def test_pimd_8_beads_over_8_connections(processes, short_tmp):
     atoms = write_argon(short_tmp)
     ipi, ipi_log, address = start_ipi(processes, short_tmp, name="beads", batch_size=1)
     # a generous bound for a loaded CI machine: batches go as soon as all 8 beads are in
-    args = ["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar",
+    args = ["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar",
             "--max-wait-ms", "500"]
     for _ in range(NBEADS):
         args += ["--ipi", address]
@@ -104,7 +104,8 @@ def test_pimd_8_beads_over_8_connections(processes, short_tmp):
 def test_pimd_batched_connection_and_ipi_restart(processes, short_tmp):
     atoms = write_argon(short_tmp)
     ipi, ipi_log, address = start_ipi(processes, short_tmp, name="batch", batch_size=NBEADS)
-    args = ["--model", "lj", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar", "--ipi", address]
+    args = ["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar",
+            "--ipi", address]
     try:
         with running_server(args, log=short_tmp / "serve.log",
                             env=dict(os.environ, OMP_NUM_THREADS="1")) as srv:

@@ -110,7 +110,7 @@ def test_unsupported_models_are_refused(tmp_path):
                                            calc_repuls=True))
 
 
-@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow),
+@pytest.mark.parametrize("ranks", [1, 2, pytest.param(3, marks=pytest.mark.slow),
                                    pytest.param(4, marks=pytest.mark.slow)])
 def test_distributed_equals_single(tmp_path, ranks):
     pot = build_potential()

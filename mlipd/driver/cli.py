@@ -42,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlipd.cli import engine_from_args
     from mlipd.driver.session import drive_all, socket_transports
     from mlipd.driver.socket_io import parse_address
     from mlipd.driver.template import Template
-    from mlipd.engine import make_engine
     from mlipd.errors import SetupError
     from mlipd.malloc import keep_freed_memory
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         make_transport = shm_transports(template, max_atoms=args.max_atoms)
     else:
         make_transport = socket_transports(template, max_atoms=args.max_atoms)
-    engine = make_engine(args.model, device=args.device, dtype=args.dtype, ranks=args.ranks)
+    engine = engine_from_args(args)
     try:
         outcomes = drive_all(addresses, lambda s: engine.compute(s, virial=True),
                              make_transport=make_transport,

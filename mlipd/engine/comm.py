@@ -21,6 +21,10 @@ API (all collective: every rank of the group calls them in the same order):
 
 At one rank use ``None`` for ``comm``: models call ``graph.exchange`` for atom
 features, which is the identity there.
+
+Tensors live on the rank's compute ``device``; collectives run on ``wire``: the same
+device under NCCL, the host under gloo (several ranks sharing a GPU, or CPU ranks),
+where rows are staged through host memory.
 """
 
 from __future__ import annotations
@@ -31,27 +35,38 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlipd.engine.halo import AllReduceSum, Exchange, HaloPlan, ScatterHome, all_to_all_rows
+from mlipd.engine.halo import (
+    AllReduceSum,
+    Exchange,
+    HaloPlan,
+    ScatterHome,
+    all_to_all_rows,
+)
 from mlipd.errors import CalculationFailed
 
 
 class Comm:
-    """A process group seen from one rank (``rank``/``world_size`` are group ranks)."""
+    """A process group seen from one rank (``rank``/``world_size`` are group ranks).
 
-    def __init__(self, *, group=None, device: torch.device | str = "cpu") -> None:
+    device: where this rank computes; wire: where its collectives run (default: device)
+    """
+
+    def __init__(self, *, group=None, device: torch.device | str = "cpu",
+                 wire: torch.device | str | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = torch.device(device)
+        self.wire = self.device if wire is None else torch.device(wire)
         self._root = dist.get_global_rank(group, 0) if group is not None else 0
 
     # --- halo plans and exchanges -------------------------------------------------
     def plan_from_keys(self, owned_keys: torch.Tensor, wanted_keys: torch.Tensor,
                        wanted_owner: torch.Tensor) -> HaloPlan:
-        p, dev = self.world_size, self.device
-        owned_keys = _as_2d(owned_keys).to(dev)
-        wanted_keys = _as_2d(wanted_keys).to(dev)
-        wanted_owner = wanted_owner.to(dev, torch.long)
+        p, dev, wire = self.world_size, self.device, self.wire
+        owned_keys = _as_2d(owned_keys).to(wire)
+        wanted_keys = _as_2d(wanted_keys).to(wire)
+        wanted_owner = wanted_owner.to(wire, torch.long)
         if wanted_keys.shape[1] != owned_keys.shape[1] and wanted_keys.shape[0]:
             raise ValueError("owned_keys and wanted_keys need the same number of columns")
         if bool((wanted_owner == self.rank).any()):
@@ -67,10 +82,11 @@ class Comm:
             raise CalculationFailed(f"rank {self.rank}: peers asked for keys it does not own, "
                                     f"e.g. {missing}")
         recv_order = torch.empty_like(order)
-        recv_order[order] = torch.arange(order.numel(), device=dev)
+        recv_order[order] = torch.arange(order.numel(), device=wire)
         return HaloPlan(n_owned=int(owned_keys.shape[0]), n_wanted=int(wanted_keys.shape[0]),
-                        send_rows=send_rows, send_counts=send_counts, recv_counts=recv_counts,
-                        recv_order=recv_order, group=self.group)
+                        send_rows=send_rows.to(dev), send_counts=send_counts,
+                        recv_counts=recv_counts, recv_order=recv_order.to(dev),
+                        group=self.group, wire=None if wire == dev else wire)
 
     def exchange(self, plan: HaloPlan, owned_rows: torch.Tensor) -> torch.Tensor:
         return Exchange.apply(owned_rows, plan)
@@ -84,7 +100,8 @@ class Comm:
         return total, self.exchange(plan, total)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return AllReduceSum.apply(tensor, self.group)
+        return AllReduceSum.apply(tensor, self.group, None if self.wire == self.device
+                                  else self.wire)
 
     # --- front-end traffic (not differentiable) -------------------------------------
     def broadcast_object(self, obj: Any = None) -> Any:
@@ -93,22 +110,28 @@ class Comm:
         dist.broadcast_object_list(box, src=self._root, group=self.group)
         return box[0]
 
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Group rank 0's ``tensor`` on every rank (others pass one of the same shape and
+        dtype to receive into); returned on ``tensor``'s device."""
+        t = tensor.to(self.wire).contiguous()
+        dist.broadcast(t, src=self._root, group=self.group)
+        return t.to(tensor.device)
+
     def broadcast_array(self, array: np.ndarray | None, *, shape: tuple[int, ...],
-                        dtype: torch.dtype) -> torch.Tensor:
-        """Rank 0's ``array`` (given ``shape``/``dtype``) on every rank, as a CPU tensor."""
+                        dtype: torch.dtype) -> np.ndarray:
+        """Rank 0's ``array`` (given ``shape``/``dtype``) on every rank, as numpy."""
         if self.rank == 0:
             t = torch.as_tensor(np.ascontiguousarray(array)).to(dtype).reshape(shape)
         else:
             t = torch.empty(shape, dtype=dtype)
-        t = t.to(self.device)
-        dist.broadcast(t, src=self._root, group=self.group)
-        return t.cpu()
+        return self.broadcast_tensor(t).numpy()
 
     def gather_rows(self, rows: torch.Tensor, *, n_max: int) -> list[torch.Tensor] | None:
-        """Rows (r, c) of every rank padded to ``n_max`` rows; the list on rank 0 only."""
+        """Rows (r, c) of every rank padded to ``n_max`` rows; the list (on the host) on
+        rank 0 only."""
         buf = rows.new_zeros((n_max, rows.shape[1]))
         buf[: rows.shape[0]] = rows
-        buf = buf.to(self.device)
+        buf = buf.to(self.wire)
         out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(buf, out, dst=self._root, group=self.group)
         return None if out is None else [t.cpu() for t in out]

@@ -12,6 +12,10 @@ Two adjoint operations, each one ``all_to_all_single``:
 - ``ScatterHome``: wanted rows (n, ...) -> owned rows (m, ...), each owner receives the
   sum of the values its holders sent. Backward: ``Exchange``.
 Every rank must call them in the same order (they are collectives, also in backward).
+
+Rows live on the rank's compute device; the collectives run on the plan's ``wire``
+device: the same device under NCCL, the host under gloo when ranks share a GPU (the
+rows are staged through host memory there).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class HaloPlan:
     recv_counts: per peer, rows received (len world_size; sums to n)
     recv_order:  (n,) int64, wanted row k arrives at position recv_order[k] of the
                  peer-grouped receive buffer
+    group:       the process group
+    wire:        the device the collectives run on (None: the rows' own)
     """
 
     n_owned: int
@@ -43,6 +49,7 @@ class HaloPlan:
     recv_counts: list[int]
     recv_order: torch.Tensor
     group: object = None
+    wire: torch.device | None = None
 
     @property
     def n_sent(self) -> int:
@@ -50,20 +57,24 @@ class HaloPlan:
 
 
 def all_to_all_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                    group=None) -> torch.Tensor:
-    """Rows (sum send_counts, ...) grouped by destination -> (sum recv_counts, ...) by source."""
+                    group=None, wire: torch.device | None = None) -> torch.Tensor:
+    """Rows (sum send_counts, ...) grouped by destination -> (sum recv_counts, ...) by
+    source, on the rows' device (staged through ``wire`` when that differs)."""
     tail = rows.shape[1:]
     flat = rows.reshape(rows.shape[0], math.prod(tail)).contiguous()
+    home = flat.device
+    if wire is not None and wire != home:
+        flat = flat.to(wire)
     out = flat.new_empty((sum(recv_counts), flat.shape[1]))
     dist.all_to_all_single(out, flat, output_split_sizes=recv_counts,
                            input_split_sizes=send_counts, group=group)
-    return out.reshape((out.shape[0], *tail))
+    return out.to(home).reshape((out.shape[0], *tail))
 
 
 def exchange_rows(plan: HaloPlan, owned: torch.Tensor) -> torch.Tensor:
     """Non-differentiable forward of ``Exchange``: (m, ...) -> (n, ...)."""
     received = all_to_all_rows(owned[plan.send_rows], plan.send_counts, plan.recv_counts,
-                               plan.group)
+                               plan.group, plan.wire)
     return received[plan.recv_order]
 
 
@@ -71,7 +82,7 @@ def scatter_home_rows(plan: HaloPlan, wanted: torch.Tensor) -> torch.Tensor:
     """Non-differentiable forward of ``ScatterHome``: (n, ...) -> (m, ...) sums at owners."""
     grouped = wanted.new_empty(wanted.shape)
     grouped[plan.recv_order] = wanted
-    back = all_to_all_rows(grouped, plan.recv_counts, plan.send_counts, plan.group)
+    back = all_to_all_rows(grouped, plan.recv_counts, plan.send_counts, plan.group, plan.wire)
     out = wanted.new_zeros((plan.n_owned, *wanted.shape[1:]))
     return out.index_add_(0, plan.send_rows, back)
 
@@ -102,14 +113,17 @@ class AllReduceSum(torch.autograd.Function):
     """Sum over ranks; its gradient is again the sum of every rank's gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        out = x.detach().clone().contiguous()
-        dist.all_reduce(out, group=group)
-        return out
+    def forward(ctx, x: torch.Tensor, group, wire) -> torch.Tensor:
+        ctx.group, ctx.wire = group, wire
+        return all_reduce(x, group, wire)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out = grad.detach().clone().contiguous()
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
+        return all_reduce(grad, ctx.group, ctx.wire), None, None
+
+
+def all_reduce(x: torch.Tensor, group, wire: torch.device | None) -> torch.Tensor:
+    """A summed copy of ``x`` over ranks, on ``x``'s device (staged through ``wire``)."""
+    out = x.detach().to(wire if wire is not None else x.device, copy=True).contiguous()
+    dist.all_reduce(out, group=group)
+    return out.to(x.device)

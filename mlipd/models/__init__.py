@@ -1,6 +1,6 @@
 """Model adapters and the plug-in interface (see ``base``)."""
 
-from mlipd.models.base import Model, ModelOutput, ModelSpec
+from mlipd.model_api import Model, ModelOutput, ModelSpec
 from mlipd.models.registry import load_model, names
 
 __all__ = ["Model", "ModelOutput", "ModelSpec", "load_model", "names"]

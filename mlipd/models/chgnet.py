@@ -35,12 +35,12 @@ import torch.utils.checkpoint
 from chgnet.model import CHGNet
 from chgnet.model.functions import aggregate
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.engine.memory import available_bytes
 from mlipd.errors import SetupError
-from mlipd.models.base import ModelOutput, ModelSpec
-from mlipd.models.chgnet_comm import BondExchange
-from mlipd.models.chgnet_graph import BondGraph, build_bond_graph
+from mlipd.memory import available_bytes
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.models.chgnet_comm import BondExchange, BondPlans
+from mlipd.models.chgnet_graph import BondGraph, SkinGraph, build_skin_graph, select
+from mlipd.models.options import choice, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,14 @@ BYTES_PER_ANGLE = 12_000
 BYTES_PER_EDGE = 17_000
 
 
-def parse_options(arg: str | None) -> tuple[str | None, str]:
+SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1]"
+
+
+def chgnet_options(arg: str | None) -> tuple[str | None, str]:
     """``"[VERSION|PATH][,recompute=auto|0|1]"`` -> (VERSION or PATH or None, recompute)."""
-    path, *rest = (arg or "").split(",")
-    recompute = "auto"
-    for item in rest:
-        key, _, value = item.partition("=")
-        if key != "recompute" or value not in RECOMPUTE:
-            raise ValueError(f"chgnet: unknown option {item!r}; use chgnet[:VERSION|PATH]"
-                             "[,recompute=auto|0|1]")
-        recompute = value
-    return path or None, recompute
+    path, opts = parse_options(arg, model="chgnet", syntax=SYNTAX, positional=True,
+                               keys={"recompute": choice(*RECOMPUTE)})
+    return path, opts.get("recompute", "auto")
 
 
 def stored_activation_bytes(n_angles: int, n_edges: int, dtype: torch.dtype) -> int:
@@ -96,7 +93,7 @@ class CHGNetModel(torch.nn.Module):
 
     def __init__(self, arg: str | None = None) -> None:
         super().__init__()
-        path, self.recompute = parse_options(arg)
+        path, self.recompute = chgnet_options(arg)
         net = load_chgnet(path)
         if not net.mlp_first:
             raise SetupError("chgnet: only mlp_first models have site energies (pooling first "
@@ -138,6 +135,39 @@ class CHGNetModel(torch.nn.Module):
         never communicates."""
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
+    def _bond_topology(self, graph: LocalGraph, lengths: torch.Tensor
+                       ) -> tuple[SkinGraph, BondPlans | None]:
+        """The skin bond graph and bond plans of ``graph``'s topology: built on its
+        first step (collective at P > 1: every rank is at that step) and kept in
+        ``graph.cache`` until the engine rebuilds the topology."""
+        cached = graph.cache.get("chgnet")
+        if cached is not None:
+            self._built = False
+            return cached
+        self._built = True
+        cand = graph.candidates
+        if cand is None:  # the graph's edges are all there is
+            receivers, senders, images, reach = (graph.receivers, graph.senders,
+                                                 graph.images, self.bond_cutoff)
+            build_lengths = lengths
+        else:
+            receivers, senders, images = cand.receivers, cand.senders, cand.images
+            reach = self.bond_cutoff + cand.skin
+            with torch.no_grad():
+                x = graph.positions.detach()
+                build_lengths = torch.linalg.vector_norm(
+                    x[senders] - x[receivers] + cand.shifts, dim=1)
+        skin = build_skin_graph(receivers, senders, images, build_lengths,
+                                global_ids=graph.global_ids, n_owned=graph.n_owned,
+                                reach=reach)
+        plans = None
+        if graph.comm is not None:
+            near = torch.zeros(skin.n_bonds, dtype=torch.bool, device=lengths.device)
+            near[skin.edge_bond[build_lengths <= reach]] = True
+            plans = BondPlans(graph, skin, senders, near)
+        graph.cache["chgnet"] = skin, plans
+        return skin, plans
+
     def forward(self, graph: LocalGraph) -> ModelOutput:
         """Site energies (n_owned,) eV and ``magmoms`` (n_owned,) μB of the owned atoms."""
         m, n_own = self.net, graph.n_owned
@@ -147,9 +177,10 @@ class CHGNetModel(torch.nn.Module):
         # neighbour and image. Unit vectors point to the centre, per directed edge;
         # bases of owned bonds only.
         to_centre = -graph.edge_vectors(torch.float64)
-        bg = build_bond_graph(graph, bond_cutoff=self.bond_cutoff,
-                              lengths=torch.linalg.vector_norm(to_centre.detach(), dim=1))
-        bonds = BondExchange(graph, bg)  # collective at P > 1: every rank builds it
+        lengths = torch.linalg.vector_norm(to_centre.detach(), dim=1)
+        skin, plans = self._bond_topology(graph, lengths)
+        bg, kept = select(skin, graph, lengths, bond_cutoff=self.bond_cutoff)
+        bonds = BondExchange(plans, bg, kept, graph.comm)
         atom_graph = torch.stack([graph.receivers, graph.senders], dim=1)
         d2u = bg.edge_bond
         zero = to_centre.new_zeros(1, 3)
@@ -200,6 +231,7 @@ class CHGNetModel(torch.nn.Module):
             "bond_exchanges": bonds.calls,
             "bond_rows_received": bonds.rows_received,
             "recomputed": int(recompute),
+            "bond_graph_built": int(self._built),
         }
         return ModelOutput(site_energy=site, extras={"magmoms": magmom})
 
@@ -225,7 +257,7 @@ def _bond_conv_finish(layer, bond: torch.Tensor, summed: torch.Tensor) -> torch.
 
 def _spread_all(bonds: BondExchange, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``bonds.spread`` of several (n_owned_bonds, F_k) tensors in one exchange."""
-    if bonds.comm is None:
+    if bonds.plans is None:
         return owned
     widths = [t.shape[1] for t in owned]
     return bonds.spread(torch.cat(owned, dim=1)).split(widths, dim=1)

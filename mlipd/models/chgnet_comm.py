@@ -5,68 +5,97 @@ of them and replicated on the other, which holds the directed edge centred at it
 atom (``chgnet_graph``). Each BondConv sums messages over the angles at both atoms, so
 the replica sends its part of the sum home (``sum_home``), the owner alone computes
 the new bond features, and sends them back to the replicas (``spread``), where the
-next AngleUpdate and AtomConv read them. Both are one all_to_all of only the rows
-that need it: short replica bonds (the only ones in angles) home, all replicas back.
-Backward is the adjoint pair (``comm.scatter_home`` and ``comm.exchange``).
+next AngleUpdate and AtomConv read them. Backward is the adjoint pair
+(``comm.scatter_home`` and ``comm.exchange``).
+
+The plans are made once per topology on the skin graph (``BondPlans``, collective):
+every replica bond for ``spread``, the replicas that may be short (within bond cutoff
++ skin) for ``sum_home``. A step's bonds are a subset of the skin graph's; rows of
+bonds absent this step travel as zeros and are ignored (a bond that is not short has
+no angle, so its partial sum is exactly zero).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.chgnet_graph import BondGraph
+from mlipd.model_api import LocalGraph
+from mlipd.models.chgnet_graph import BondGraph, SkinGraph
+
+
+class BondPlans:
+    """One rank's bond plans for a topology (collective: every rank builds them).
+
+    near: (U_c,) bool, skin bonds within bond cutoff + skin (the only ones ever short)
+    """
+
+    def __init__(self, graph: LocalGraph, skin: SkinGraph, senders: torch.Tensor,
+                 near: torch.Tensor) -> None:
+        comm = graph.comm
+        n_own = skin.n_owned_bonds
+        rep = torch.arange(n_own, skin.n_bonds, device=skin.bond_keys.device)
+        partner = local_owners(graph)[senders[skin.bond_edge[rep]]]
+        owned_keys = skin.bond_keys[:n_own]
+        # the owner offers all its bonds: a bond whose two ranks disagree at round-off
+        # on "<= 3 Å" is still found (its message is ~0: the weights vanish smoothly)
+        self.all_plan = comm.plan_from_keys(owned_keys, skin.bond_keys[rep], partner)
+        short = near[rep]
+        self.short = torch.nonzero(short).squeeze(1)  # among the replica rows
+        self.short_plan = comm.plan_from_keys(owned_keys, skin.bond_keys[rep[short]],
+                                              partner[short])
+        self.n_owned = n_own
+        self.n_replicas = int(rep.shape[0])
 
 
 class BondExchange:
-    """Owner-computes traffic of one rank's bond rows ``[owned | replicas]``.
+    """Owner-computes traffic of one step's bond rows ``[owned | replicas]``.
 
-    Built once per forward. At one rank (``graph.comm is None``) every bond is owned
-    and nothing communicates. At P > 1 building it and every call are collective: all
-    ranks do both, the same number of times. ``calls`` counts the exchanges made and
-    ``rows_received`` the bond rows that arrived here.
+    At one rank (``plans is None``) every bond is owned and nothing communicates. At
+    P > 1 every call is collective: all ranks make it the same number of times.
+    ``calls`` counts the exchanges made and ``rows_received`` the bond rows that
+    arrived here. kept: (U_c,) bool, the skin bonds that are this step's bonds.
     """
 
-    def __init__(self, graph: LocalGraph, bg: BondGraph) -> None:
+    def __init__(self, plans: BondPlans | None, bg: BondGraph, kept: torch.Tensor,
+                 comm=None) -> None:
         self.calls = 0
         self.rows_received = 0
         self.n_owned = bg.n_owned_bonds
-        self.comm = graph.comm
-        if self.comm is None:
+        self.plans = plans
+        self.comm = comm
+        if plans is None:
             return
-        rep = torch.arange(bg.n_owned_bonds, bg.n_bonds, device=bg.bond_keys.device)
-        partner = local_owners(graph)[graph.senders[bg.bond_edge[rep]]]
-        short = bg.bond_short[rep]
-        owned_keys = bg.bond_keys[: bg.n_owned_bonds]
-        # the owner offers all its bonds: a bond whose two ranks disagree at round-off
-        # on "<= 3 Å" is still found (its message is ~0: the weights vanish smoothly)
-        self.all_plan = self.comm.plan_from_keys(owned_keys, bg.bond_keys[rep], partner)
-        self.short = rep[short]
-        self.short_plan = self.comm.plan_from_keys(owned_keys, bg.bond_keys[self.short],
-                                                   partner[short])
+        self.owned_rows = torch.nonzero(kept[: plans.n_owned]).squeeze(1)
+        self.replica_rows = torch.nonzero(kept[plans.n_owned:]).squeeze(1)
 
     def owned(self, rows: torch.Tensor) -> torch.Tensor:
         """(U, ...) -> the owned rows (n_owned_bonds, ...)."""
-        return rows if self.comm is None else rows[: self.n_owned]
+        return rows if self.plans is None else rows[: self.n_owned]
 
     def sum_home(self, partial: torch.Tensor) -> torch.Tensor:
         """(U, F) partial sums -> (n_owned_bonds, F): each owned bond's part plus what
         its replica holds."""
-        if self.comm is None:
+        if self.plans is None:
             return partial
+        p = self.plans
         self.calls += 1
-        self.rows_received += sum(self.short_plan.send_counts)  # what peers asked, they send
-        return partial[: self.n_owned] + self.comm.scatter_home(self.short_plan,
-                                                                partial[self.short])
+        replicas = partial.new_zeros((p.n_replicas, partial.shape[1])).index_copy(
+            0, self.replica_rows, partial[self.n_owned:])
+        home = self.comm.scatter_home(p.short_plan, replicas[p.short])
+        self.rows_received += sum(p.short_plan.send_counts)  # what peers asked, they send
+        return partial[: self.n_owned] + home[self.owned_rows]
 
     def spread(self, owned: torch.Tensor) -> torch.Tensor:
         """(n_owned_bonds, F) -> (U, F): replica rows copied from their owners."""
-        if self.comm is None:
+        if self.plans is None:
             return owned
+        p = self.plans
         self.calls += 1
-        received = self.comm.exchange(self.all_plan, owned)
+        full = owned.new_zeros((p.n_owned, owned.shape[1])).index_copy(0, self.owned_rows,
+                                                                        owned)
+        received = self.comm.exchange(p.all_plan, full)
         self.rows_received += int(received.shape[0])
-        return torch.cat([owned, received])
+        return torch.cat([owned, received[self.replica_rows]])
 
 
 def local_owners(graph: LocalGraph) -> torch.Tensor:

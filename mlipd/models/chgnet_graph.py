@@ -20,15 +20,21 @@ vertex it owns. A bond is owned by the rank that holds its *canonical* directed 
 touches one of its atoms (a cut bond, whose canonical edge is on another rank): the
 owner computes the bond's features and sends them to the replica (``chgnet_comm``).
 Local bond rows are ordered [owned | replicas], like atoms.
+
+Built once per topology: the engine keeps candidate edges (pairs within cutoff + skin)
+between neighbour-list rebuilds, so ``build_skin_graph`` enumerates bonds and angle
+candidates on them once (angles of edges within bond cutoff + skin), and every step
+``select`` keeps the bonds of the step's edges and the angles whose edges are now
+within the bond cutoff: index work only, no sorting or enumeration per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from mlipd.engine.graph import LocalGraph
+from mlipd.model_api import LocalGraph
 
 
 @dataclass
@@ -69,15 +75,15 @@ class BondGraph:
         return slice(self.n_owned_bonds, self.n_bonds)
 
 
-def undirected_keys(graph: LocalGraph) -> tuple[torch.Tensor, torch.Tensor]:
+def undirected_keys(receivers: torch.Tensor, senders: torch.Tensor, images: torch.Tensor,
+                    global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, 5) canonical bond key of each directed edge, and (E,) bool "is canonical".
 
     The canonical direction goes from the lower to the higher global id; between an
     atom and its own image, towards the lexicographically positive image.
     """
-    gid = graph.global_ids
-    a, b = gid[graph.receivers], gid[graph.senders]
-    img = graph.images
+    a, b = global_ids[receivers], global_ids[senders]
+    img = images
     # sign of the first non-zero image component, -1/0/+1
     first = torch.where(img[:, 1] != 0, img[:, 1], img[:, 2])
     first = torch.where(img[:, 0] != 0, img[:, 0], first)
@@ -115,17 +121,40 @@ def _unique_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys[first], inverse
 
 
-def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float,
-                     lengths: torch.Tensor | None = None) -> BondGraph:
-    """Bonds, angle rows and cut bonds of ``graph`` for a bond-graph cutoff (Å).
+@dataclass
+class SkinGraph:
+    """Bonds and angle candidates of one rank on its candidate edges (fixed until the
+    next rebuild). Indices of edges are into the candidates; bonds are [owned | replicas].
 
-    Integer structure only: nothing here is differentiable, the geometry is computed
-    by the model from ``graph.edge_vectors()``. ``lengths``: (E,) float64 edge lengths
-    if the caller has them (else computed here).
+    edge_bond:   (E_c,) int64 bond of each candidate edge
+    bond_edge:   (U_c,) int64 one local candidate edge of each bond (canonical if local)
+    bond_keys:   (U_c, 5) int64 global identity of each bond (see ``BondGraph``)
+    n_owned_bonds: the owned bonds (first rows)
+    angle_d1, angle_d2: (A_c,) int64 ordered pairs of distinct candidate edges at the
+                 same centre, both within bond cutoff + skin when built
     """
-    dev = graph.receivers.device
-    n_edges = int(graph.receivers.shape[0])
-    keys, canonical = undirected_keys(graph)
+
+    edge_bond: torch.Tensor
+    bond_edge: torch.Tensor
+    bond_keys: torch.Tensor
+    n_owned_bonds: int
+    angle_d1: torch.Tensor
+    angle_d2: torch.Tensor
+
+    @property
+    def n_bonds(self) -> int:
+        return int(self.bond_edge.shape[0])
+
+
+def build_skin_graph(receivers: torch.Tensor, senders: torch.Tensor, images: torch.Tensor,
+                     lengths: torch.Tensor, *, global_ids: torch.Tensor, n_owned: int,
+                     reach: float) -> SkinGraph:
+    """The ``SkinGraph`` of candidate edges (receivers, senders (E_c,) local rows,
+    images (E_c, 3), lengths (E_c,) Å now); angle candidates of edges within ``reach``
+    (bond cutoff + skin) Å."""
+    dev = receivers.device
+    n_edges = int(receivers.shape[0])
+    keys, canonical = undirected_keys(receivers, senders, images, global_ids)
     bond_keys, edge_bond = _unique_rows(keys)
     n_bonds = int(bond_keys.shape[0])
     owned = torch.zeros(n_bonds, dtype=torch.bool, device=dev)
@@ -141,30 +170,73 @@ def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float,
     pick = torch.where(canonical, ar, ar + n_edges)
     bond_edge = torch.full((n_bonds,), 2 * n_edges, dtype=torch.long, device=dev)
     bond_edge = bond_edge.scatter_reduce(0, edge_bond, pick, reduce="amin") % max(n_edges, 1)
+    d1, d2 = _pairs_at_centres(torch.nonzero(lengths <= reach).squeeze(1), receivers, n_owned)
+    return SkinGraph(edge_bond=edge_bond, bond_edge=bond_edge, bond_keys=bond_keys,
+                     n_owned_bonds=n_owned_bonds, angle_d1=d1, angle_d2=d2)
 
-    if lengths is None:  # float64, as the package's neighbour lists
-        with torch.no_grad():
-            lengths = graph.edge_vectors(torch.float64).norm(dim=1)
-    length = lengths.detach()
-    le = length <= bond_cutoff  # d1 (and u1): "<=" as graph.py:288
-    lt = length < bond_cutoff  # d2: "<" as graph.py:318
-    bond_short = le[bond_edge] if n_bonds else torch.zeros(0, dtype=torch.bool, device=dev)
 
-    # every ordered pair (d1, d2) of distinct short edges around the same centre
-    cand = torch.nonzero(le).squeeze(1)
-    centre = graph.receivers[cand]
+def _pairs_at_centres(cand: torch.Tensor, receivers: torch.Tensor,
+                      n_owned: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair (d1, d2) of distinct edges of ``cand`` with the same receiver."""
+    dev = cand.device
+    centre = receivers[cand]
     order = torch.argsort(centre, stable=True)
     cand, centre = cand[order], centre[order]
-    counts = torch.bincount(centre, minlength=graph.n_owned)
+    counts = torch.bincount(centre, minlength=n_owned)
     starts = torch.cumsum(counts, 0) - counts
     k = counts[centre]
     first = torch.repeat_interleave(torch.arange(cand.shape[0], device=dev), k)
     pos = torch.arange(first.shape[0], device=dev) - (torch.cumsum(k, 0) - k)[first]
     d1 = cand[first]
     d2 = cand[starts[centre[first]] + pos]
-    keep = (d1 != d2) & lt[d2]
-    d1, d2 = d1[keep], d2[keep]
+    keep = d1 != d2
+    return d1[keep], d2[keep]
+
+
+def select(skin: SkinGraph, graph: LocalGraph, lengths: torch.Tensor, *,
+           bond_cutoff: float) -> tuple[BondGraph, torch.Tensor]:
+    """This step's ``BondGraph`` from ``skin`` and the graph's edges (``graph.edge_ids``
+    into the candidates; lengths (E,) Å of the graph's edges), and (U_c,) bool: which
+    skin bonds are this step's bonds."""
+    dev = lengths.device
+    n_edges = int(lengths.shape[0])
+    ids = graph.edge_ids
+    n_cand = int(skin.edge_bond.shape[0])
+    if ids is None:
+        ids = torch.arange(n_cand, device=dev)
+    position = torch.full((n_cand,), -1, dtype=torch.long, device=dev)
+    position[ids] = torch.arange(n_edges, device=dev)  # candidate -> this step's edge
+    edge_bond_c = skin.edge_bond[ids]
+    kept = torch.zeros(skin.n_bonds, dtype=torch.bool, device=dev)
+    kept[edge_bond_c] = True
+    new_row = torch.cumsum(kept, 0) - 1
+    bonds = torch.nonzero(kept).squeeze(1)
+    # a bond is kept with its edges: both directions of a pair have the same length
+    bond_edge = position[skin.bond_edge[bonds]]
+    length = lengths.detach()
+    le = length <= bond_cutoff  # d1 (and u1): "<=" as graph.py:288
+    lt = length < bond_cutoff  # d2: "<" as graph.py:318
+    d1, d2 = position[skin.angle_d1], position[skin.angle_d2]
+    present = (d1 >= 0) & (d2 >= 0)
+    d1, d2 = d1[present], d2[present]
+    use = le[d1] & lt[d2]
+    d1, d2 = d1[use], d2[use]
+    edge_bond = new_row[edge_bond_c]
     angles = torch.stack([graph.receivers[d1], edge_bond[d1], edge_bond[d2]], dim=1)
-    return BondGraph(edge_bond=edge_bond, bond_edge=bond_edge, bond_keys=bond_keys,
-                     bond_short=bond_short, n_owned_bonds=n_owned_bonds, angles=angles,
-                     angle_d1=d1, angle_d2=d2)
+    bg = BondGraph(edge_bond=edge_bond, bond_edge=bond_edge, bond_keys=skin.bond_keys[bonds],
+                   bond_short=le[bond_edge], n_owned_bonds=int(kept[: skin.n_owned_bonds].sum()),
+                   angles=angles, angle_d1=d1, angle_d2=d2)
+    return bg, kept
+
+
+def build_bond_graph(graph: LocalGraph, *, bond_cutoff: float,
+                     lengths: torch.Tensor | None = None) -> BondGraph:
+    """Bonds, angle rows and cut bonds of ``graph``'s own edges, built from scratch
+    (no topology cache): the skin graph of those edges, all selected."""
+    if lengths is None:  # float64, as the package's neighbour lists
+        with torch.no_grad():
+            lengths = graph.edge_vectors(torch.float64).norm(dim=1)
+    skin = build_skin_graph(graph.receivers, graph.senders, graph.images, lengths.detach(),
+                            global_ids=graph.global_ids, n_owned=graph.n_owned,
+                            reach=bond_cutoff)
+    return select(skin, replace(graph, edge_ids=None), lengths, bond_cutoff=bond_cutoff)[0]

@@ -34,25 +34,15 @@ with torch.serialization.safe_globals([slice]):
 
 from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
 from mlipd.models.esen_graph import max_neighbors_mask
 from mlipd.models.esen_tasks import EnergyTask, energy_task
+from mlipd.models.options import parse_options
 
 log = logging.getLogger(__name__)
 
 
-def parse_options(arg: str) -> tuple[str, dict[str, str]]:
-    """``"PATH,key=value,..."`` -> (PATH, {key: value}); keys: task, charge, spin."""
-    path, *rest = arg.split(",")
-    opts: dict[str, str] = {}
-    for item in rest:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("task", "charge", "spin"):
-            raise ValueError(f"esen: unknown option {item!r}; use esen:PATH[,task=NAME]"
-                             "[,charge=Q][,spin=S]")
-        opts[key] = value
-    return path, opts
+SYNTAX = "esen:PATH[,task=NAME][,charge=Q][,spin=S]"
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object]:
@@ -87,10 +77,13 @@ class ESENModel(torch.nn.Module):
         super().__init__()
         checkpoint = None
         if path is not None:
-            path, opts = parse_options(path)
+            path, opts = parse_options(path, model="esen", syntax=SYNTAX, positional=True,
+                                       keys={"task": str, "charge": int, "spin": int})
             task = opts.get("task", task)
-            charge = int(opts.get("charge", charge))
-            spin = int(opts.get("spin", spin))
+            charge = opts.get("charge", charge)
+            spin = opts.get("spin", spin)
+            if path is None:
+                raise ValueError(f"esen needs a fairchem checkpoint: --model {SYNTAX}")
             model, checkpoint = load_checkpoint(path)
         if model is None:
             raise ValueError("esen needs a fairchem checkpoint: --model esen:PATH")

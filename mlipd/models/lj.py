@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.models.options import parse_options
 
 
 class LennardJones(torch.nn.Module):
@@ -19,11 +19,8 @@ class LennardJones(torch.nn.Module):
                  cutoff: float | None = None) -> None:
         super().__init__()
         params = {"epsilon": epsilon, "sigma": sigma, "cutoff": cutoff}
-        for item in filter(None, args.split(",")):
-            key, _, value = item.partition("=")
-            if key not in params:
-                raise ValueError(f"lj: unknown parameter {key!r}; known: {', '.join(params)}")
-            params[key] = float(value)
+        params.update(parse_options(args, model="lj", syntax="lj[:epsilon=eV,sigma=Å,cutoff=Å]",
+                                    keys=dict.fromkeys(params, float))[1])
         self.epsilon = float(params["epsilon"])
         self.sigma = float(params["sigma"])
         rc = params["cutoff"] if params["cutoff"] is not None else 2.5 * self.sigma

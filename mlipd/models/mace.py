@@ -43,10 +43,12 @@ if _PRIOR is None:
 else:
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = _PRIOR
 
-from mlipd.engine.graph import LocalGraph  # noqa: E402
-from mlipd.models.base import ModelOutput, ModelSpec, species_index  # noqa: E402
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index  # noqa: E402
+from mlipd.models.options import parse_options  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+SYNTAX = "mace:PATH[,head=NAME]"
 
 
 def load_mace_file(path: str | Path) -> torch.nn.Module:
@@ -92,8 +94,11 @@ class MaceModel(torch.nn.Module):
                  head: str | None = None) -> None:
         super().__init__()
         if path is not None:
-            path, sep, opt = path.partition(",head=")
-            head = opt if sep else head
+            path, opts = parse_options(path, model="mace", syntax=SYNTAX, positional=True,
+                                       keys={"head": str})
+            head = opts.get("head", head)
+            if path is None:
+                raise ValueError(f"mace needs a model file: --model {SYNTAX}")
             model = load_mace_file(path)
         if model is None:
             raise ValueError("mace needs a model file: --model mace:PATH")

@@ -28,20 +28,16 @@ import math
 
 import torch
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.models.options import parse_options
 
 _DEFAULTS = {"layers": 3, "features": 16, "cutoff": 5.0, "basis": 8, "seed": 0}
 
 
 def _parse(args: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in filter(None, args.split(",")):
-        key, _, value = item.partition("=")
-        if key not in _DEFAULTS:
-            raise ValueError(f"reference: unknown parameter {key!r}; known: {', '.join(_DEFAULTS)}")
-        out[key] = float(value)
-    return out
+    return parse_options(args, model="reference",
+                         syntax="reference[:layers=,features=,cutoff=,basis=,seed=]",
+                         keys=dict.fromkeys(_DEFAULTS, float))[1]
 
 
 class ReferenceMP(torch.nn.Module):

@@ -29,8 +29,8 @@ from matgl.apps.pes import Potential
 from matgl.models import TensorNet
 from matgl.utils.maths import decompose_tensor, tensor_norm
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec, species_index
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index
+from mlipd.models.options import parse_options
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class TensorNetModel(torch.nn.Module):
     def __init__(self, path: str | None = None, *, potential: torch.nn.Module | None = None):
         super().__init__()
         if path is not None:
-            potential = load_matgl_dir(path)
+            path, _ = parse_options(path, model="tensornet", syntax="tensornet:DIR",
+                                    positional=True)
+            potential = load_matgl_dir(path or "")
         if potential is None:
             raise ValueError("tensornet needs a model directory: --model tensornet:DIR")
         if not isinstance(potential, Potential):

@@ -38,8 +38,9 @@ def engine_info(engine, *, max_request_atoms: int) -> dict[str, Any]:
         "units": {"length": "angstrom", "energy": "eV", "forces": "eV/angstrom",
                   "virial": "eV (-dE/dstrain)"},
         "ranks": int(engine.world_size),
-        "device": str(getattr(engine, "device", "cpu")),
-        "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
+        "device": str(engine.device),
+        "devices": list(getattr(engine, "devices", (str(engine.device),))),
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "max_request_atoms": max_request_atoms,
     }
 

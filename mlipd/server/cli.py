@@ -58,7 +58,7 @@ def _check_loopback(addresses: list[str], allow_remote: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlipd.engine import make_engine
+    from mlipd.cli import engine_from_args
     from mlipd.malloc import keep_freed_memory
     from mlipd.server.app import Server
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    engine = make_engine(args.model, device=args.device, dtype=args.dtype, ranks=args.ranks)
+    engine = engine_from_args(args)
     server = Server(engine, zmq=args.zmq, ipi=args.ipi, max_batch_atoms=args.max_batch_atoms,
                     max_wait_s=args.max_wait_ms / 1e3, max_pending=args.max_queue,
                     max_request_atoms=args.max_request_atoms, ipi_template=template)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mlipd.engine.graph import LocalGraph
-from mlipd.models.base import ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.models.options import parse_options
 
 
 class DensityModel(torch.nn.Module):
@@ -22,11 +22,9 @@ class DensityModel(torch.nn.Module):
 
     def __init__(self, args: str = "", *, cutoff: float = 4.0) -> None:
         super().__init__()
-        for item in filter(None, args.split(",")):
-            key, _, value = item.partition("=")
-            if key != "cutoff":
-                raise ValueError(f"density: unknown option {key!r}; known: cutoff")
-            cutoff = float(value)
+        _, opts = parse_options(args, model="density", syntax="density[:cutoff=Å]",
+                                keys={"cutoff": float})
+        cutoff = opts.get("cutoff", cutoff)
         self.spec = ModelSpec(name="density", cutoff=cutoff, species=None, n_layers=2)
         weights = 1.0 + 0.01 * torch.arange(119, dtype=torch.float64)  # w(Z), any element
         self.register_buffer("weights", weights)

@@ -1,10 +1,17 @@
-"""One rank's share of the atom graph, built without the whole edge list.
+"""One rank's share of the atom graph, built without the whole edge list, and kept on
+the device until the next rebuild.
 
 At a rebuild, each rank takes the atoms it owns, finds (with ``BinGrid``) every atom
 that may lie within ``radius = cutoff + skin`` of them, and runs vesin on that subset
 only: the pairs it returns are exactly the pairs of the full list that touch the
 subset, with the same integer image shifts. Edges are kept when their receiver is
-owned, so across ranks every edge exists exactly once.
+owned, so across ranks every edge exists exactly once. At one rank every atom is owned
+by rank 0 and vesin sees whole structures (no bins).
+
+``DeviceTopology`` is that topology uploaded once per rebuild: index tensors, images,
+per-structure data and the halo plan stay on the device, with a ``cache`` where models
+keep what they derive from the candidate edges; per step only positions and cells
+travel.
 
 A halo atom is a distinct global atom: several periodic images of one atom are one
 halo row, and the edges that reach it carry their own integer image shifts.
@@ -15,12 +22,17 @@ at ``r >= cutoff``, so results equal a fresh neighbour list exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 from vesin import NeighborList
 
 from mlipd.engine.bins import BinGrid
+
+GEOMETRY_DTYPE = torch.float64  # positions, cells, shifts, energy sums, forces, virials
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,10 @@ def _structure_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
 
     owned: (N,) bool. Returns structure-local indices and the number of vesin inputs.
     """
-    subset = np.flatnonzero(BinGrid(positions, cell, pbc, radius=radius).candidates(owned))
+    if owned.all():  # one rank: the whole structure
+        subset = np.arange(positions.shape[0])
+    else:
+        subset = np.flatnonzero(BinGrid(positions, cell, pbc, radius=radius).candidates(owned))
     nl = NeighborList(cutoff=float(radius), full_list=False)
     i, j, s = nl.compute(positions[subset], cell, [bool(p) for p in pbc], quantities="ijS")
     i, j = subset[i.astype(np.int64)], subset[j.astype(np.int64)]
@@ -120,3 +135,90 @@ def build_topology(*, positions: np.ndarray, cells: np.ndarray, pbc: np.ndarray,
         edge_batch=edge_batch,
         n_candidates=n_candidates,
     )
+
+
+class HostToDevice:
+    """Every host-to-device copy of a rank's step goes through here and is counted
+    (``bytes``, all copies; ``step_bytes``, since the last ``new_step``), so a test can
+    hold the warm step to positions and cells."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+        self.step_bytes = 0
+
+    def new_step(self) -> None:
+        self.step_bytes = 0
+
+    def __call__(self, data: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(data, torch.Tensor):
+            if data.device == self.device:
+                return data.to(dtype)
+            t = data.to(self.device, dtype)
+        elif data.flags.writeable:
+            t = torch.as_tensor(data, dtype=dtype, device=self.device)
+        else:
+            # server frames are read-only views of message buffers: autograd never writes
+            # into a leaf, so torch's warning about them does not apply (zero-copy on CPU)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                t = torch.as_tensor(data, dtype=dtype, device=self.device)
+        n = t.numel() * t.element_size()
+        self.bytes += n
+        self.step_bytes += n
+        return t
+
+
+@dataclass
+class DeviceTopology:
+    """A rank's topology on its device, from one rebuild to the next.
+
+    n_owned, n_local, n_structures: sizes
+    local_ids:  (n_local,) int64 batch-global id of each local atom; None at one rank,
+                where local rows are the batch's atoms in order
+    numbers, batch, global_ids: (n_local,) int64; n_atoms: (B,) int64
+    owner:      (n_local,) int64 owner rank, None at one rank
+    receivers, senders, edge_batch: (E,) int64 candidate edges (r < cutoff + skin at
+                the rebuild); images: (E, 3) int64 and images_f the same as float64
+    plan:       the atom halo plan (``mlipd.engine.halo.HaloPlan``), None at one rank
+    cache:      models' per-topology structures (``LocalGraph.cache``)
+    """
+
+    n_owned: int
+    n_local: int
+    n_structures: int
+    local_ids: torch.Tensor | None
+    numbers: torch.Tensor
+    batch: torch.Tensor
+    global_ids: torch.Tensor
+    n_atoms: torch.Tensor
+    owner: torch.Tensor | None
+    receivers: torch.Tensor
+    senders: torch.Tensor
+    edge_batch: torch.Tensor
+    images: torch.Tensor
+    images_f: torch.Tensor
+    plan: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.receivers.shape[0])
+
+
+def upload(topo: Topology, *, numbers: np.ndarray, offsets: np.ndarray, one_rank: bool,
+           h2d: HostToDevice, plan: Any = None) -> DeviceTopology:
+    """``topo`` on ``h2d.device``; numbers: (N,) of the whole batch."""
+    long = torch.long
+    images = h2d(topo.images, long)
+    return DeviceTopology(
+        n_owned=topo.n_owned, n_local=topo.n_local, n_structures=int(offsets.shape[0] - 1),
+        local_ids=None if one_rank else h2d(topo.local_ids, long),
+        numbers=h2d(numbers if one_rank else numbers[topo.local_ids], long),
+        batch=h2d(topo.batch, long),
+        global_ids=h2d(topo.local_ids, long),
+        n_atoms=h2d(np.diff(offsets), long),
+        owner=None if one_rank else h2d(topo.local_owner, long),
+        receivers=h2d(topo.receivers, long), senders=h2d(topo.senders, long),
+        edge_batch=h2d(topo.edge_batch, long), images=images,
+        images_f=images.to(GEOMETRY_DTYPE), plan=plan)

@@ -1,0 +1,118 @@
+"""The engine interface every front end uses, and the one way to get an engine.
+
+``make_engine`` returns a ``LocalEngine`` (one rank, no process group), a
+``DistributedEngine`` (several ranks, spawned or launched by torchrun/srun) or a
+``WholeEngine`` (a whole-structure model such as an ASE calculator); all satisfy
+``Engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from mlipd.errors import SetupError
+from mlipd.model_api import ModelSpec
+from mlipd.types import Result, Structure
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_DTYPE = "float32"  # model features; geometry and sums are float64 whatever this is
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One step of physics for a batch of structures.
+
+    spec:       the model's ModelSpec
+    device:     where rank 0 computes
+    dtype:      the model's floating dtype
+    world_size: ranks the structures are partitioned across
+    calls:      engine calls so far (batching counters)
+    """
+
+    calls: int
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def compute(self, structures: Sequence[Structure], *,
+                virial: bool = True) -> list[Result]:
+        """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (fully periodic cells, when
+        asked) per structure; raises ``MlipdError`` subclasses."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
+                ranks: int = 1, devices: Sequence[str] | None = None,
+                backend: str = "auto", world=None, skin: float | None = None,
+                timeout_s: float = 120.0) -> Engine:
+    """Load ``model`` (``name`` or ``name:arg``) and return an engine on ``ranks`` ranks.
+
+    device:  auto (CUDA when available), cpu, cuda or cuda:N; devices: an explicit list
+             (rank r on the r-th); backend: auto, nccl or gloo (``mlipd.engine.devices``)
+    dtype:   float32 (default) or float64, the model's features
+    world:   a ``mlipd.engine.ranks.World`` when torchrun or srun started this process
+             as rank 0 of a job (``ranks`` is then the job's size)
+    """
+    from mlipd.engine.devices import node_devices, resolve_device
+    from mlipd.engine.local import DEFAULT_SKIN
+
+    dtype = dtype or DEFAULT_DTYPE
+    if dtype not in DTYPES:
+        raise SetupError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if ranks < 1:
+        raise SetupError(f"--ranks must be >= 1, got {ranks}")
+    skin = DEFAULT_SKIN if skin is None else skin
+    local_devices = node_devices(device, devices)  # every name checked, one-line errors
+    if world is not None and world.size > 1:
+        from mlipd.engine.distributed import DistributedEngine
+
+        return DistributedEngine(model, device=device, devices=devices, backend=backend,
+                                 dtype=DTYPES[dtype], skin=skin, timeout_s=timeout_s,
+                                 world=world)
+    if ranks == 1:
+        from mlipd.engine.local import LocalEngine
+        from mlipd.models.registry import load_model
+
+        loaded = load_model(model)
+        if getattr(loaded, "whole_structure", False):
+            from mlipd.engine.whole import WholeEngine
+
+            return WholeEngine(loaded, device=device, dtype=DTYPES[dtype])
+        return LocalEngine(loaded, device=resolve_device(local_devices[0]),
+                           dtype=DTYPES[dtype], skin=skin)
+    if _whole_structure(model):
+        raise SetupError(
+            f"{model!r} is a single-device (whole-structure) model and cannot run on "
+            f"{ranks} ranks: distributing it needs an mlipd adapter (see docs/models.md)")
+    from mlipd.engine.distributed import DistributedEngine
+
+    return DistributedEngine(model, device=device, devices=devices, backend=backend,
+                             dtype=DTYPES[dtype], ranks=ranks, skin=skin, timeout_s=timeout_s)
+
+
+def _whole_structure(model: str) -> bool:
+    """Whether the entry point behind ``model`` declares ``whole_structure`` (no import of
+    the model's own package beyond its adapter module)."""
+    from importlib.metadata import entry_points
+
+    name = model.partition(":")[0]
+    for ep in entry_points(group="mlipd.models", name=name):
+        try:
+            return bool(getattr(ep.load(), "whole_structure", False))
+        except ImportError:
+            return False  # the distributed engine reports the missing package
+    return False

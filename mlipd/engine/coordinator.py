@@ -1,0 +1,124 @@
+"""Rank 0's side of a step at any number of ranks: whether to rebuild, the partition,
+the step on every rank (``RankLoop``), and the Results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlipd.engine.partition import Geometry, partition_batch
+from mlipd.engine.rank_loop import STEP, Positions, RankLoop, StepHeader
+from mlipd.engine.results import assemble
+from mlipd.engine.step import Frame
+from mlipd.engine.verlet import RebuildPolicy
+from mlipd.errors import UnknownSpecies
+from mlipd.model_api import ModelSpec
+from mlipd.types import Result, Structure
+
+
+def check_species(spec: ModelSpec, structures: Sequence[Structure]) -> None:
+    known = spec.species
+    if known is None:
+        return
+    for s in structures:
+        unknown = s.species() - known
+        if unknown:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(unknown))
+            raise UnknownSpecies(f"model {spec.name!r} does not know {names}")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch ready for the ranks (``Coordinator.prepare``)."""
+
+    structures: tuple[Structure, ...]
+    header: StepHeader
+    coords: Positions
+    frame: Frame | None
+
+
+class Coordinator:
+    """Drives ``loop`` (rank 0's) one batch at a time.
+
+    skin:      Å, the Verlet skin of the reused lists (``RebuildPolicy``)
+    partition: "rcb", "slab" or "metis" (``mlipd.engine.partition``); unused at one rank
+    """
+
+    def __init__(self, loop: RankLoop, *, skin: float, partition: str = "rcb",
+                 imbalance_limit: float = 1.5) -> None:
+        self.loop = loop
+        self.partition = partition
+        self.policy = RebuildPolicy(skin=skin, imbalance_limit=imbalance_limit)
+        self.last_stats: np.ndarray | None = None  # (P, 3): owned atoms, edges, halo atoms
+        self._owned: list[np.ndarray | None] = [None]
+
+    @property
+    def world_size(self) -> int:
+        return self.loop.step.world_size
+
+    def compute(self, structures: Sequence[Structure], *, virial: bool) -> list[Result]:
+        prepared = self.prepare(structures, virial=virial)
+        return self.finish(prepared, self.execute(prepared))
+
+    def prepare(self, structures: Sequence[Structure], *, virial: bool) -> Prepared:
+        """Rank 0 alone, no communication: the rebuild decision, and on a rebuild the
+        species check and the partition. Raising here leaves every rank untouched."""
+        rebuild = self.policy.decide(structures)
+        try:
+            frame = self._frame(structures) if rebuild else None
+        except BaseException:
+            self.policy.invalidate()  # decide() recorded this batch as the reference
+            raise
+        header = StepHeader(cmd=STEP, counts=tuple(s.n_atoms for s in structures),
+                            pbc=tuple(tuple(bool(x) for x in s.pbc) for s in structures),
+                            virial=virial, rebuild=rebuild)
+        coords = Positions(
+            positions=(structures[0].positions if len(structures) == 1
+                       else np.concatenate([s.positions for s in structures])),
+            cells=np.stack([s.cell for s in structures]))
+        return Prepared(tuple(structures), header, coords, frame)
+
+    def execute(self, p: Prepared) -> list[np.ndarray]:
+        """The step on every rank (collective at P > 1); every rank's packed output."""
+        try:
+            return self.loop.execute(p.header, p.coords, p.frame)
+        except BaseException:
+            self.policy.invalidate()  # the topology may be half built: rebuild next time
+            raise
+
+    def finish(self, p: Prepared, parts: list[np.ndarray]) -> list[Result]:
+        """Rank 0 alone: Results from the packed outputs (``CalculationFailed`` for
+        non-finite output, with every rank consistent)."""
+        results, stats = assemble(p.structures, parts, self._owned, self.loop.step.layout,
+                                  virial=p.header.virial)
+        self.last_stats = stats
+        self.policy.report_load(stats[:, 1])
+        return results
+
+    def _frame(self, structures: Sequence[Structure]) -> Frame:
+        """The rebuild's frame, partitioned; refuses unknown species before any rank
+        starts the step."""
+        step = self.loop.step
+        check_species(step.model.spec, structures)
+        n = sum(s.n_atoms for s in structures)
+        if self.world_size == 1:
+            owner = np.zeros(n, dtype=np.int64)
+            self._owned = [None]
+        else:
+            owner = partition_batch([Geometry(s.positions, s.cell, s.pbc) for s in structures],
+                                    self.world_size, radius=step.radius, method=self.partition)
+            self._owned = [np.flatnonzero(owner == q) for q in range(self.world_size)]
+        return Frame(numbers=np.concatenate([s.numbers for s in structures]),
+                     positions=np.concatenate([s.positions for s in structures]),
+                     cells=np.stack([s.cell for s in structures]),
+                     pbc=np.stack([s.pbc for s in structures]),
+                     offsets=np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])]
+                                            ).astype(np.int64),
+                     owner=owner)
+
+    def stop(self) -> None:
+        self.loop.stop()
