@@ -18,6 +18,7 @@ API (all collective: every rank of the group calls them in the same order):
         sums live on both sides): every holder gets the sum of all partials;
         differentiable
     comm.all_reduce_sum(tensor) -> tensor summed over ranks; differentiable
+    comm.traffic: rows sent and received by every exchange so far (``Traffic``)
 
 At one rank use ``None`` for ``comm``: models call ``graph.exchange`` for atom
 features, which is the identity there.
@@ -40,6 +41,7 @@ from mlipd.engine.halo import (
     Exchange,
     HaloPlan,
     ScatterHome,
+    Traffic,
     all_to_all_rows,
 )
 from mlipd.errors import CalculationFailed
@@ -58,6 +60,7 @@ class Comm:
         self.world_size = dist.get_world_size(group)
         self.device = torch.device(device)
         self.wire = self.device if wire is None else torch.device(wire)
+        self.traffic = Traffic()  # rows moved by every exchange on this rank's plans
         self._root = dist.get_global_rank(group, 0) if group is not None else 0
 
     # --- halo plans and exchanges -------------------------------------------------
@@ -86,7 +89,8 @@ class Comm:
         return HaloPlan(n_owned=int(owned_keys.shape[0]), n_wanted=int(wanted_keys.shape[0]),
                         send_rows=send_rows.to(dev), send_counts=send_counts,
                         recv_counts=recv_counts, recv_order=recv_order.to(dev),
-                        group=self.group, wire=None if wire == dev else wire)
+                        group=self.group, wire=None if wire == dev else wire,
+                        traffic=self.traffic)
 
     def exchange(self, plan: HaloPlan, owned_rows: torch.Tensor) -> torch.Tensor:
         return Exchange.apply(owned_rows, plan)

@@ -27,6 +27,25 @@ import torch
 import torch.distributed as dist
 
 
+@dataclass
+class Traffic:
+    """Rows a rank's exchanges moved (every plan of one communicator, forward and
+    backward alike): counted where the all_to_all happens, for the zero-redundancy
+    checks and metrics."""
+
+    rows_sent: int = 0
+    rows_received: int = 0
+    exchanges: int = 0
+
+    def add(self, sent: int, received: int) -> None:
+        self.rows_sent += sent
+        self.rows_received += received
+        self.exchanges += 1
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.rows_sent, self.rows_received, self.exchanges
+
+
 @dataclass(frozen=True)
 class HaloPlan:
     """One rank's side of an all_to_all pattern.
@@ -40,6 +59,7 @@ class HaloPlan:
                  peer-grouped receive buffer
     group:       the process group
     wire:        the device the collectives run on (None: the rows' own)
+    traffic:     where the exchanges on this plan are counted (None: not counted)
     """
 
     n_owned: int
@@ -50,6 +70,7 @@ class HaloPlan:
     recv_order: torch.Tensor
     group: object = None
     wire: torch.device | None = None
+    traffic: Traffic | None = None
 
     @property
     def n_sent(self) -> int:
@@ -75,6 +96,8 @@ def exchange_rows(plan: HaloPlan, owned: torch.Tensor) -> torch.Tensor:
     """Non-differentiable forward of ``Exchange``: (m, ...) -> (n, ...)."""
     received = all_to_all_rows(owned[plan.send_rows], plan.send_counts, plan.recv_counts,
                                plan.group, plan.wire)
+    if plan.traffic is not None:
+        plan.traffic.add(plan.n_sent, plan.n_wanted)
     return received[plan.recv_order]
 
 
@@ -83,6 +106,8 @@ def scatter_home_rows(plan: HaloPlan, wanted: torch.Tensor) -> torch.Tensor:
     grouped = wanted.new_empty(wanted.shape)
     grouped[plan.recv_order] = wanted
     back = all_to_all_rows(grouped, plan.recv_counts, plan.send_counts, plan.group, plan.wire)
+    if plan.traffic is not None:
+        plan.traffic.add(plan.n_wanted, plan.n_sent)
     out = wanted.new_zeros((plan.n_owned, *wanted.shape[1:]))
     return out.index_add_(0, plan.send_rows, back)
 
