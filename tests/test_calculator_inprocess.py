@@ -17,7 +17,7 @@ from mlipd.client import Client
 from mlipd.models.chgnet import load_chgnet
 from mlipd.server.testing import running_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 REFERENCE = "reference:layers=2"  # cheap, any species, several layers: halo exchanges at P = 2
 
