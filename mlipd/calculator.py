@@ -1,14 +1,21 @@
-"""``MlipdCalculator``: an ASE Calculator whose energies and forces come from ``mlipd serve``.
+"""``MlipdCalculator``: an ASE Calculator over mlipd's engine, run in this process or
+behind a running ``mlipd serve``.
 
-    atoms.calc = MlipdCalculator("tcp://127.0.0.1:5555")
+    atoms.calc = MlipdCalculator(model="chgnet")            # the engine in this process
+    atoms.calc = MlipdCalculator(model="chgnet", ranks=4)   # ... partitioned over 4 ranks
+    atoms.calc = MlipdCalculator("tcp://127.0.0.1:5555")    # a server (mlipd.client.Client)
 
-Only adapter code lives here: the network is ``mlipd.client.Client``, and any
-object with ``compute(structure, *, virial) -> Result`` can stand in for it
-(``backend=``). Atoms are checked before any network call.
+Only adapter code lives here: the engine is ``mlipd.engine.make_engine``, the network
+``mlipd.client.Client``, and any object with ``compute(structure, *, virial) -> Result``
+and ``close()`` can stand in for either (``backend=``). Atoms are checked before any
+engine or network call. Several ranks are spawned processes (``multiprocessing``'s
+spawn), so a script that asks for ``ranks > 1`` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -17,47 +24,107 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlipd.types import Result, Structure
 
+log = logging.getLogger(__name__)
+
 
 class Backend(Protocol):
     def compute(self, structure: Structure, *, virial: bool = True) -> Result: ...
 
+    def close(self) -> None: ...
+
+
+class EngineBackend:
+    """An engine in this process (``mlipd.engine.make_engine``) as a Backend; ``close``
+    closes the engine (and stops its ranks)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def compute(self, structure: Structure, *, virial: bool = True) -> Result:
+        (result,) = self.engine.compute([structure], virial=virial)
+        return result
+
+    def close(self) -> None:
+        self.engine.close()
+
 
 class MlipdCalculator(Calculator):
-    """energy, free_energy (eV), forces (N, 3) eV/Å, stress (6,) eV/Å³ (periodic cells only).
+    """energy, free_energy (eV), forces (N, 3) eV/Å, stress (6,) eV/Å³ (cells periodic in
+    3D) and the model's per-atom extras (e.g. CHGNet's ``magmoms`` (N,) μB) in ``results``.
 
-    endpoint: the server's ZeroMQ address; or pass ``backend`` instead
-    timeout_s, retries: passed to ``mlipd.client.Client``
+    One engine call per structure, whichever property ASE asks for first: forces and
+    the virial come from the same backward pass, so the virial is always computed for
+    3D-periodic cells and a later ``get_stress`` costs nothing.
+
+    Give one of:
+    endpoint: a server's ZeroMQ address; other keyword options (``timeout_s``,
+              ``retries``, ...) go to ``mlipd.client.Client``
+    model:    run the engine in this process: ``model`` (as ``--model``), ``device``
+              (auto, cpu, cuda, cuda:N), ``dtype`` (float32 default, float64), ``ranks``
+              (spawned processes the structure is partitioned across), ``threads``
+              (intra-op threads per rank), ``devices`` (rank r on the r-th)
+    backend:  any object with ``compute(structure, *, virial)`` and ``close()``
+    label, atoms, directory: ASE's own Calculator options
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress",
+                                                   "magmoms"]
 
-    def __init__(self, endpoint: str | None = None, *, backend: Backend | None = None,
-                 timeout_s: float = 60.0, retries: int = 3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if (endpoint is None) == (backend is None):
-            raise CalculatorSetupError("give either an endpoint or a backend")
+    def __init__(self, endpoint: str | None = None, *, model: str | None = None,
+                 device: str | None = None, dtype: str | None = None, ranks: int | None = None,
+                 threads: int | None = None, devices: list[str] | None = None,
+                 backend: Backend | None = None, label: str | None = None, atoms: Any = None,
+                 directory: str = ".", **client_options: Any) -> None:
+        super().__init__(label=label, atoms=atoms, directory=directory)
+        if sum(x is not None for x in (endpoint, model, backend)) != 1:
+            raise CalculatorSetupError("give either an endpoint, model=NAME or backend= "
+                                       "(exactly one)")
+        engine_options = {"device": device, "dtype": dtype, "ranks": ranks,
+                          "threads": threads, "devices": devices}
+        given = sorted(k for k, v in engine_options.items() if v is not None)
+        if model is None and given:
+            raise CalculatorSetupError(f"{', '.join(given)}: engine options, for model= only")
+        if model is not None and client_options:
+            raise CalculatorSetupError(f"{', '.join(sorted(client_options))}: options of a "
+                                       "server's client, not of model=")
+        if backend is not None and client_options:
+            raise CalculatorSetupError(f"{', '.join(sorted(client_options))}: unknown options")
         self._owned = backend is None
-        if backend is None:
+        if endpoint is not None:
             from mlipd.client import Client
 
-            backend = Client(endpoint, timeout_s=timeout_s, retries=retries)
+            backend = Client(endpoint, **client_options)
+        elif model is not None:
+            from mlipd.engine.api import describe, make_engine
+
+            engine = make_engine(model, device=device or "auto", dtype=dtype,
+                                 ranks=ranks or 1, threads=threads, devices=devices)
+            log.info("engine in this process: %s", describe(engine))
+            backend = EngineBackend(engine)
         self.backend = backend
+
+    @property
+    def engine(self):
+        """The engine this calculator runs in this process (``model=``), else None."""
+        return self.backend.engine if isinstance(self.backend, EngineBackend) else None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = check_atoms(self.atoms)
-        want_stress = "stress" in properties
-        if want_stress and not self.atoms.pbc.all():
+        periodic = bool(self.atoms.pbc.all())
+        if "stress" in properties and not periodic:
             raise CalculatorSetupError("stress needs a cell periodic in all three directions")
-        result = self.backend.compute(structure, virial=want_stress)
+        result = self.backend.compute(structure, virial=periodic)
         self.results = {"energy": result.energy, "free_energy": result.energy,
                         "forces": np.array(result.forces)}
-        if result.virial is not None and self.atoms.pbc.all():
+        if result.virial is not None and periodic:
             volume = self.atoms.get_volume()
             self.results["stress"] = full_3x3_to_voigt_6_stress(-result.virial / volume)
+        for name, value in result.extras.items():  # e.g. magmoms, per atom
+            self.results[name] = np.asarray(value)
 
     def close(self) -> None:
-        """Close the client this calculator made (not a backend passed in)."""
+        """Close the client or engine this calculator made (not a backend passed in)."""
         if self._owned:
             self.backend.close()
 
@@ -69,7 +136,7 @@ class MlipdCalculator(Calculator):
 
 
 def check_atoms(atoms: Any) -> Structure:
-    """Refuse what no server can compute, before any network call."""
+    """Refuse what no engine can compute, before any engine or network call."""
     if atoms is None or len(atoms) == 0:
         raise CalculatorSetupError("no atoms to compute")
     pbc = np.asarray(atoms.pbc, dtype=bool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from mlipd.errors import MlipdError, SetupError
@@ -32,34 +33,48 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "float64 either way); float64 for reference runs")
     p.add_argument("--ranks", type=int, default=1,
                    help="number of local ranks the structure is partitioned across")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op (torch) threads of each rank (default: one rank keeps "
+                        "torch's default; several share the host's cores, cores / ranks)")
     p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
                    help="give up on a collective (a rank that stopped answering) after S s")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlipd import __version__
+
     parser = argparse.ArgumentParser(prog="mlipd", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--version", action="version", version=f"mlipd {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v: debug); also after the command")
+    # -v after the command too (``mlipd drive -v``): its own dest, added to the one before
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
+                       help="more log output (-v: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from mlipd.driver.cli import add_arguments as add_drive
 
     drive = sub.add_parser(
-        "drive", help="connect to i-PI or ASE socket servers as their force client"
+        "drive", parents=[after],
+        help="connect to i-PI or ASE socket servers as their force client"
     )
     add_engine_options(drive)
     add_drive(drive)
 
     from mlipd.server.cli import add_arguments as add_serve
 
-    serve = sub.add_parser("serve", help="long-running server: ZeroMQ and i-PI front ends")
+    serve = sub.add_parser("serve", parents=[after],
+                           help="long-running server: ZeroMQ and i-PI front ends")
     add_engine_options(serve)
     add_serve(serve)
 
-    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("models", parents=[after], help="list the registered models")
 
     from mlipd.bench.cli import add_arguments as add_bench
 
-    add_bench(sub.add_parser("bench", help="run benchmark suites and write their tables"))
+    add_bench(sub.add_parser("bench", parents=[after],
+                             help="run benchmark suites and write their tables"))
     return parser
 
 
@@ -70,7 +85,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, *, world=None) -> int:
     """Run a parsed command; ``world``: this process is rank 0 of a torchrun/srun job
     (``mlipd.launch``)."""
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args.world = world
     try:
@@ -97,12 +113,18 @@ def run(args: argparse.Namespace, *, world=None) -> int:
 
 
 def engine_from_args(args: argparse.Namespace):
-    """The engine the engine options ask for (``add_engine_options``)."""
+    """The engine the engine options ask for (``add_engine_options``); logs one line
+    with what is in use (model, cutoff, device, dtype, ranks, threads, memory)."""
     from mlipd.engine import make_engine
+    from mlipd.engine.api import describe
 
-    return make_engine(args.model, device=args.device, devices=args.devices,
-                       backend=args.backend, dtype=args.dtype, ranks=args.ranks,
-                       world=getattr(args, "world", None), timeout_s=args.collective_timeout)
+    t0 = time.perf_counter()
+    engine = make_engine(args.model, device=args.device, devices=args.devices,
+                         backend=args.backend, dtype=args.dtype, ranks=args.ranks,
+                         world=getattr(args, "world", None),
+                         timeout_s=args.collective_timeout, threads=args.threads)
+    log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, describe(engine))
+    return engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:

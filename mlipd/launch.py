@@ -20,8 +20,10 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from mlipd.engine.ranks import World
+if TYPE_CHECKING:  # torch loads only for commands that run an engine (not --version)
+    from mlipd.engine.ranks import World
 
 ENGINE_COMMANDS = ("drive", "serve")  # commands that run an engine on every rank
 SLURM_PORT_BASE = 20000  # MASTER_PORT default under Slurm: base + job id mod 20000
@@ -29,6 +31,8 @@ SLURM_PORT_BASE = 20000  # MASTER_PORT default under Slurm: base + job id mod 20
 
 def detect_world(env: Mapping[str, str] = os.environ) -> World | None:
     """This process's place in a torchrun or srun job of several ranks, else None."""
+    from mlipd.engine.ranks import World
+
     if "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
         size = int(env["WORLD_SIZE"])
         return World(rank=int(env["RANK"]), size=size,
@@ -62,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlipd import cli
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    world = detect_world()
     args = cli.parse(argv)
-    if world is None or args.command not in ENGINE_COMMANDS:
+    world = detect_world() if args.command in ENGINE_COMMANDS else None
+    if world is None:
         return cli.run(args)
     if world.rank == 0:
         return cli.run(args, world=world)
@@ -76,6 +80,7 @@ def _follow(args, world: World) -> int:
 
     from mlipd.engine.devices import node_devices, pick_backend
     from mlipd.engine.ranks import follower_main
+    from mlipd.engine.threads import threads_per_rank
     from mlipd.errors import SetupError
 
     logging.basicConfig(level=logging.WARNING,
@@ -84,12 +89,13 @@ def _follow(args, world: World) -> int:
     try:
         backend = pick_backend(args.backend, node_devices(args.device, args.devices),
                                world.local_size)
+        threads = threads_per_rank(args.threads, world.local_size)
     except SetupError as e:
         logging.getLogger("mlipd").error("%s", e)
         return 2
     return follower_main(world.rank, world.size, backend=backend,
                          timeout_s=args.collective_timeout, host=world.host, port=world.port,
-                         local_rank=world.local_rank)
+                         local_rank=world.local_rank, threads=threads)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ class Structure:
         )
 
 
+def species_names(numbers) -> str:
+    """Atomic numbers as ``"Og (Z=118), Xx (Z=...)"``, sorted, for messages."""
+    from ase.data import chemical_symbols
+
+    return ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(int(z) for z in numbers))
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """What a model returns for one structure.

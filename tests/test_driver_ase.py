@@ -71,7 +71,7 @@ def test_ase_unix_socket(processes):
         steps = drive_steps(calc, atoms)
     out, _ = driver.communicate(timeout=60)
     assert driver.returncode == 0, out  # ASE closes without EXIT: a clean end
-    assert "server closed the connection after 3 steps" in out
+    assert "server closed the connection after 3 force requests" in out
     check_lj(steps, atoms)
 
 

@@ -133,6 +133,21 @@ def bad_huge_count(srv, s):
                      + np.int32(2**31 - 1).tobytes())
 
 
+SHM_MESSAGE = ("POSDATA looks like i-PI's shm mode (an atom count, then shared-memory names): "
+               "use --mode shm")
+SHM_NAMES = {k: f"ipi_shm_4242_7_{k}" for k in ipi.SHM_KINDS}  # i-PI's naming
+
+
+def bad_shm_frame(srv, s):
+    """i-PI in shm mode, the driver in socket mode (the user forgot --mode shm)."""
+    srv.conn.sendall(ipi.encode_shm_posdata(ipi.ShmPosData(s.n_atoms, SHM_NAMES)))
+
+
+def bad_shm_frame_batched(srv, s):
+    srv.conn.sendall(ipi.encode_init(ipi.Init(bead=0, text=b"batch_size:2")))
+    srv.conn.sendall(ipi.encode_shm_posdata(ipi.ShmPosData(s.n_atoms, SHM_NAMES)))
+
+
 CASES = {
     "garbage": (bad_garbage, "unknown i-PI message header"),
     "wrong_header": (bad_header, "unknown i-PI message header b'HELLO       '"),
@@ -141,6 +156,8 @@ CASES = {
     "atom_count_change": (bad_atom_count_change, "atom count changed mid-run from 32 to 31"),
     "nan_positions": (bad_nan_positions, "non-finite value in positions"),
     "huge_atom_count": (bad_huge_count, "atom count 2147483647 outside 1..5000000"),
+    "shm_frame": (bad_shm_frame, SHM_MESSAGE),
+    "shm_frame_batched": (bad_shm_frame_batched, SHM_MESSAGE),
 }
 
 
@@ -175,7 +192,7 @@ def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp
     assert proc.returncode == 1, out
     assert message in out, out
     assert "1 of 2 connections failed" in out
-    assert "EXIT after 3 steps" in out
+    assert "EXIT after 3 force requests" in out
 
 
 def test_address_that_never_appears(processes, short_tmp):
@@ -253,3 +270,136 @@ def test_template_rules(short_tmp):
         Template.from_species("Xx")
     with pytest.raises(SetupError, match="cannot read template"):
         Template.from_file(str(short_tmp / "missing.xyz"))
+
+
+def run_cli(processes, *args, timeout=60):
+    """``mlipd *args`` to the end: (exit code, output, seconds)."""
+    t0 = time.monotonic()
+    proc = processes.start([*MLIPD, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize(("address", "words"), [
+    ("tcp://127.0.0.1:5555", "not a URL (tcp://... is for mlipd serve --zmq)"),
+    ("127.0.0.1", "expected unix:NAME, unix:/path/to/socket or HOST:PORT"),
+    ("::1:31415", "an IPv6 address goes in brackets: [::1]:PORT"),
+    ("localhost:port", "port 'port' is not a number"),
+    ("unix:", "empty socket name"),
+])
+def test_malformed_address_refused_at_parse_time(processes, address, words):
+    """Refused by the argument parser (before torch or any model loads), with the
+    expected forms."""
+    rc, out, seconds = run_cli(processes, "drive", "--address", address, "--species", "Ar",
+                               "--model", LJ)
+    assert rc == 2, out
+    assert "argument --address" in out, out
+    assert words in out, out
+    assert seconds < 5, seconds  # measured ~0.8 s: no torch import
+
+
+def test_host_that_does_not_resolve_fails_at_once(processes):
+    """Before the model loads, with no connection retries (``.invalid`` never resolves)."""
+    rc, out, seconds = run_cli(processes, "drive", "--address", "nothere.invalid:31415",
+                               "--species", "Ar", "--model", LJ, "--connect-timeout", "60")
+    assert rc == 2, out
+    assert "host 'nothere.invalid' does not resolve" in out, out
+    assert "engine ready" not in out  # refused before loading the model
+    assert seconds < 10, seconds  # not the 60 s of --connect-timeout
+
+
+def test_missing_unix_socket_names_its_path(processes, short_tmp):
+    """``unix:NAME`` means ``<prefix>NAME``: the message names that file, after
+    retrying for --connect-timeout and no longer."""
+    rc, out, seconds = run_cli(processes, "drive", "--address", "unix:nothere",
+                               "--sockets-prefix", f"{short_tmp}/ipi_", "--species", "Ar",
+                               "--model", LJ, "--connect-timeout", "1.5")
+    assert rc == 1, out
+    assert (f"cannot connect to unix:nothere ({short_tmp}/ipi_nothere) within 1.5 s: "
+            f"no socket file {short_tmp}/ipi_nothere") in out, out
+    assert seconds < 20, seconds
+
+
+def test_socket_appearing_within_connect_timeout_is_served(processes, short_tmp):
+    """The driver keeps retrying while the socket file is missing, within the timeout."""
+    srv = None
+    try:
+        proc = processes.start([*MLIPD, "drive", "--address", f"unix:{short_tmp}/late",
+                                "--species", "Ar", "--model", LJ, "--dtype", "float64",
+                                "--connect-timeout", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2.0)  # the driver is up and retrying by now (or still loading: both fine)
+        assert proc.poll() is None
+        srv = FakeServer(short_tmp / "late")
+        srv.accept(proc)
+        (got,) = srv.step([argon()])
+        srv.conn.sendall(ipi.Header.EXIT.value)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if srv is not None:
+            srv.close()
+    assert proc.returncode == 0, out
+    assert np.isfinite(got.energy)
+
+
+def test_unknown_element_refused_at_start_up(processes, short_tmp):
+    """An element the model does not know is refused by symbol once the model has
+    loaded, before any connection (the server would only see its socket closed)."""
+    from ase import Atoms
+
+    Atoms("SiOg", positions=[[0, 0, 0], [2, 0, 0]], cell=np.eye(3) * 8, pbc=True).write(
+        short_tmp / "og.xyz", format="extxyz")
+    srv = FakeServer(short_tmp / "srv")
+    try:
+        rc, out, _ = run_cli(processes, "drive", "--address", f"unix:{srv.path}",
+                             "--structure", short_tmp / "og.xyz", "--model", "chgnet")
+        srv.listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            srv.listener.accept()  # nobody ever connected
+    finally:
+        srv.close()
+    assert rc == 2, out
+    assert f"model 'chgnet' does not know Og (Z=118) (in {short_tmp / 'og.xyz'})" in out, out
+    assert "connecting to" not in out
+
+
+def test_progress_start_up_line_and_counts(processes, short_tmp):
+    """The start-up line says what runs; progress lines come every --progress-every s;
+    the end counts force requests (``-v`` after the command is accepted)."""
+    srv = FakeServer(short_tmp / "srv")
+    try:
+        proc = processes.start([*MLIPD, "drive", "-v", "--address", f"unix:{srv.path}",
+                                "--species", "Ar", "--model", LJ, "--dtype", "float64",
+                                "--threads", "1", "--progress-every", "0.2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        srv.accept(proc)
+        for seed in range(3):
+            srv.step([argon(seed=seed)])
+            time.sleep(0.3)
+        srv.conn.sendall(ipi.Header.EXIT.value)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        srv.close()
+    assert proc.returncode == 0, out
+    assert ("model lj (cutoff 6 Å, 1 layer), device cpu, dtype float64, 1 rank, 1 thread; "
+            "memory: ") in out, out
+    assert "DEBUG" in out  # -v after the command: debug output
+    progress = [line for line in out.splitlines() if "mlipd.driver.progress" in line]
+    assert progress, out
+    assert any("structures/s), mean engine time" in line for line in progress), out
+    assert "EXIT after 3 force requests (3 structures, 3 computed)" in out
+    assert "in all" in out
+    assert "3 force requests, 3 structures (" in out
+
+
+def test_version_and_bad_threads(processes):
+    import mlipd
+
+    rc, out, seconds = run_cli(processes, "--version")
+    assert (rc, out.strip()) == (0, f"mlipd {mlipd.__version__}")
+    assert seconds < 5
+    rc, out, _ = run_cli(processes, "drive", "--address", "unix:x", "--species", "Ar",
+                         "--model", LJ, "--threads", "0")
+    assert rc == 2
+    assert "--threads must be >= 1, got 0" in out

@@ -8,9 +8,13 @@ decimals, so i-PI's files match a direct evaluation to rtol 1e-6 (+ 2e-8 eV/Å).
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import numpy as np
 import pytest
 from ase.build import bulk
+from conftest import MLIPD
 from helpers_ipi import inet_socket_xml, ipi_xml, run_ipi_and_driver, unix_socket_xml
 
 from mlipd.engine import make_engine
@@ -61,7 +65,7 @@ def test_nvt_unix_socket_path(processes, short_tmp, lj_engine):
                      "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert run.ipi_rc == 0, run.ipi_log
-    assert "EXIT after 21 steps" in run.driver_log
+    assert "EXIT after 21 force requests" in run.driver_log
     check_against_engine(run, lj_engine, atoms, nbeads=1, steps=20)
     # NVE-like short run with a weak thermostat: the conserved quantity holds
     conserved = run.properties()[:, 2]
@@ -113,7 +117,7 @@ def test_batched_mode_same_trajectory(processes, short_tmp, pimd_tcp):
     assert "batch size 4" in run.driver_log
     # 21 POSDATA of 4 structures; at step 0 the 4 beads are identical copies of
     # init.xyz and are computed once (compute_padded), so 84 - 3 evaluations
-    assert "21 steps, 84 structures (81 computed)" in run.driver_log
+    assert "21 force requests (84 structures, 81 computed)" in run.driver_log
     np.testing.assert_allclose(run.properties(), reference.properties(), rtol=1e-12, atol=1e-14)
     for b in range(4):
         np.testing.assert_allclose(run.frames("pos", b)[-1], reference.frames("pos", b)[-1],
@@ -151,8 +155,8 @@ def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
                      "--species", "Ar", "--model", LJ, "--dtype", "float64"])
     assert run.driver_rc == 0, run.driver_log
     assert run.driver_log.count("connected") == 2
-    counts = [int(line.split(": ")[-1].split()[0]) for line in run.driver_log.splitlines()
-              if "structures (" in line]
+    # the per-connection summaries: "unix:...: 22 force requests (22 structures, ...), EXIT"
+    counts = [int(n) for n in re.findall(r": (\d+) force requests \(", run.driver_log)]
     assert len(counts) == 2, run.driver_log
     assert sum(counts) == 44, run.driver_log
     assert min(counts) > 0, run.driver_log
@@ -185,3 +189,22 @@ def test_chgnet_nvt_matches_chgnet_calculator(processes, short_tmp):
     # float32 model on both sides: energies agree to ~1e-6 relative, forces to ~1e-4 eV/Å
     np.testing.assert_allclose(run.properties()[0, 4], energy, rtol=1e-5)
     np.testing.assert_allclose(run.frames("for", 0)[0], forces, atol=2e-4)
+
+
+def test_shm_mode_without_mode_shm_says_so(processes, short_tmp):
+    """The real i-PI in shm mode, the driver left in socket mode: the driver says what
+    to do (before: "atom count 1198680438 outside ...") instead of misreading names."""
+    argon(short_tmp)
+    (short_tmp / "input.xml").write_text(ipi_xml(
+        init_file="init.xyz", socket_xml=unix_socket_xml("shm", mode="shm"),
+        sockets_prefix=f"{short_tmp}/ipi_", steps=5))
+    ipi = processes.start(["i-pi", "input.xml"], cwd=short_tmp, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT)
+    driver = processes.start([*MLIPD, "drive", "--address", f"unix:{short_tmp}/ipi_shm",
+                              "--species", "Ar", "--model", LJ],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = driver.communicate(timeout=120)
+    assert ipi.poll() is None  # i-PI waits for a client that speaks its mode
+    assert driver.returncode == 1, out
+    assert "looks like i-PI's shm mode" in out, out
+    assert "use --mode shm" in out, out

@@ -350,3 +350,25 @@ def test_shm_posdata_round_trip():
     extras = (b"", b"{}")
     r = ipi.BufferReader(ipi.encode_shm_forceready(extras)[12:])
     assert ipi.read_shm_forceready(r.read_exact, batch_size=2) == extras
+
+
+@settings(max_examples=300, deadline=None)
+@given(cells=arrays(np.float64, (2, 3, 3), elements=st.floats(-1e3, 1e3, allow_subnormal=False)),
+       n=st.integers(1, 10_000), batch=st.integers(1, 2))
+def test_socket_posdata_never_looks_like_shm(cells, n, batch):
+    """Any cell i-PI or ASE could send, unbatched or batched, in front of any count."""
+    positions = RNG.normal(size=(batch, n if batch == 1 else min(n, 50), 3))
+    m = ipi.PosData(cells=cells[:batch], inverse_cells=cells[:batch],
+                    positions=positions)
+    payload = ipi.encode_posdata(m)[ipi.HEADER_LEN:]
+    assert not ipi.looks_like_shm_posdata(payload[:ipi.SHM_PROBE_LEN])
+
+
+@pytest.mark.parametrize("name", ["ipi_shm_123_4_", "x", "/psm_0a1b2c3d"])
+def test_shm_posdata_is_recognised(name):
+    names = {k: name + k for k in ipi.SHM_KINDS}
+    payload = ipi.encode_shm_posdata(ipi.ShmPosData(192, names))[ipi.HEADER_LEN:]
+    assert len(payload) > ipi.SHM_PROBE_LEN  # the probe never waits for absent bytes
+    assert ipi.looks_like_shm_posdata(payload[:ipi.SHM_PROBE_LEN])
+    # later shm messages carry the count only: never probed (the first one was)
+    assert not ipi.looks_like_shm_posdata(struct.pack("<i", 192))

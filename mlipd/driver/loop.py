@@ -57,7 +57,14 @@ class SocketTransport:
         self.n_atoms: int | None = None
 
     def read_posdata(self, conn: FramedSocket, *, batch_size: int) -> list[Structure]:
-        m = ipi.read_posdata(conn.recv_exact, batch_size=batch_size, max_atoms=self.max_atoms)
+        read = conn.recv_exact
+        if self.n_atoms is None:  # the first message: i-PI's shm mode on a plain socket?
+            head = bytes(conn.recv_exact(ipi.SHM_PROBE_LEN))
+            if ipi.looks_like_shm_posdata(head, max_atoms=self.max_atoms):
+                raise ProtocolError("POSDATA looks like i-PI's shm mode (an atom count, then "
+                                    "shared-memory names): use --mode shm")
+            read = _replaying(head, conn.recv_exact)
+        m = ipi.read_posdata(read, batch_size=batch_size, max_atoms=self.max_atoms)
         numbers = self.check_atom_count(m.n_atoms)
         return structures_from_posdata(m, numbers=numbers, pbc=self.template.pbc)
 
@@ -75,14 +82,45 @@ class SocketTransport:
         """Nothing to release."""
 
 
+def _replaying(head: bytes, read_exact: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """``read_exact`` that first returns the bytes of ``head`` already read."""
+    pending = bytearray(head)
+
+    def read(n: int) -> bytes:
+        if not pending:
+            return read_exact(n)
+        take = bytes(pending[:n])
+        del pending[:n]
+        return take + bytes(read_exact(n - len(take))) if len(take) < n else take
+
+    return read
+
+
 @dataclass
 class ConnectionReport:
-    """How a connection ended. ``exit``: the server sent EXIT; else it closed."""
+    """How a connection ended. ``exit``: the server sent EXIT; else it closed.
 
-    steps: int = 0
+    requests:   POSDATA messages answered, i.e. force requests: i-PI sends one per bead
+                and force evaluation (one per MD step with one bead or in batched mode,
+                plus the initial one), ASE one per calculation. The protocol never says
+                which MD step a request belongs to, so MD steps are not counted here.
+    structures: structures in those requests (beads of batched requests counted apart)
+    computed:   structures evaluated (i-PI pads a short batch with copies, computed once)
+    """
+
+    requests: int = 0
     structures: int = 0
     computed: int = 0
     exit: bool = False
+
+    @property
+    def steps(self) -> int:
+        """The old name of ``requests`` (``mlipd.server.ipi_link`` still reads it)."""
+        return self.requests
+
+    def describe(self) -> str:
+        return (f"{self.requests} force requests ({self.structures} structures, "
+                f"{self.computed} computed)")
 
 
 def serve_connection(conn: FramedSocket, compute: Compute, transport: Transport, *,
@@ -98,7 +136,7 @@ def serve_connection(conn: FramedSocket, compute: Compute, transport: Transport,
     while True:
         raw = conn.recv_exact_or_eof(ipi.HEADER_LEN)
         if raw is None:
-            log.info("%s: server closed the connection after %d steps", name, report.steps)
+            log.info("%s: server closed the connection after %s", name, report.describe())
             return report
         header = ipi.decode_header(raw)
         match header:
@@ -117,7 +155,7 @@ def serve_connection(conn: FramedSocket, compute: Compute, transport: Transport,
                 structures = transport.read_posdata(conn, batch_size=batch_size)
                 results, unique = compute_padded(compute, structures)
                 reply = transport.encode_forceready(results)
-                report.steps += 1
+                report.requests += 1
                 report.structures += len(structures)
                 report.computed += unique
                 phase = Phase.HAVEDATA
@@ -126,7 +164,7 @@ def serve_connection(conn: FramedSocket, compute: Compute, transport: Transport,
                 conn.send(reply)
                 phase = Phase.READY
             case ipi.Header.EXIT:
-                log.info("%s: EXIT after %d steps", name, report.steps)
+                log.info("%s: EXIT after %s", name, report.describe())
                 report.exit = True
                 return report
             case _:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKETS_PREFIX = "/tmp/ipi_"
 _RETRY_S = 0.05  # first pause between connection attempts; doubles up to _RETRY_MAX_S
 _RETRY_MAX_S = 1.0
+
+
+EXPECTED_FORMS = "unix:NAME, unix:/path/to/socket or HOST:PORT (e.g. localhost:31415)"
+_HOST = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.%A-Za-z]+\])$")
 
 
 @dataclass(frozen=True)
@@ -37,45 +42,89 @@ class Address:
     def is_unix(self) -> bool:
         return self.path is not None
 
+    def describe(self) -> str:
+        """The address as given, with the socket file it means when that differs
+        (``unix:md (/tmp/ipi_md)``)."""
+        if self.is_unix and self.text != f"unix:{self.path}":
+            return f"{self.text} ({self.path})"
+        return self.text
+
 
 def parse_address(text: str, *, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) -> Address:
-    """Parse ``unix:NAME``, ``unix:/path``, ``HOST:PORT`` or ``tcp:HOST:PORT``."""
+    """Parse ``unix:NAME``, ``unix:/path``, ``HOST:PORT`` or ``tcp:HOST:PORT``; anything
+    else is a SetupError that names the expected forms."""
     if text.startswith("unix:"):
         name = text[len("unix:"):]
         if not name:
-            raise SetupError(f"address {text!r}: empty socket name")
+            raise SetupError(f"address {text!r}: empty socket name; expected {EXPECTED_FORMS}")
         return Address(text, path=name if "/" in name else sockets_prefix + name)
     rest = text[len("tcp:"):] if text.startswith("tcp:") else text
+    if "://" in text:  # a URL, e.g. the tcp://HOST:PORT that mlipd serve --zmq takes
+        hint = f" (here: {rest.lstrip('/')})" if text.startswith("tcp://") else ""
+        raise SetupError(f"address {text!r}: not a URL (tcp://... is for mlipd serve "
+                         f"--zmq); expected {EXPECTED_FORMS}{hint}")
     host, sep, port = rest.rpartition(":")
     if not sep or not host:
-        raise SetupError(f"address {text!r}: expected unix:NAME, unix:/path or HOST:PORT")
+        raise SetupError(f"address {text!r}: expected {EXPECTED_FORMS}")
+    if not _HOST.match(host):
+        hint = " (an IPv6 address goes in brackets: [::1]:PORT)" if ":" in host else ""
+        raise SetupError(f"address {text!r}: {host!r} is not a host name or IP address"
+                         f"{hint}; expected {EXPECTED_FORMS}")
     try:
         number = int(port)
     except ValueError:
-        raise SetupError(f"address {text!r}: port {port!r} is not a number") from None
+        raise SetupError(f"address {text!r}: port {port!r} is not a number; "
+                         f"expected {EXPECTED_FORMS}") from None
     if not 0 < number < 65536:
         raise SetupError(f"address {text!r}: port {number} outside 1..65535")
     return Address(text, host=host.strip("[]"), port=number)
 
 
+def resolve(address: Address) -> None:
+    """Check that a TCP address's host name resolves (SetupError at once, not a retry
+    loop: a name that does not resolve now will not resolve in a second either)."""
+    if address.is_unix:
+        return
+    try:
+        socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SetupError(f"address {address.text!r}: host {address.host!r} does not resolve "
+                         f"({e.strerror})") from None
+
+
 def connect(address: Address, *, timeout: float) -> socket.socket:
     """Connect, retrying while the server is not up yet, for at most ``timeout`` s.
 
-    Raises ServerUnavailable naming the address and the last error.
+    A host name that does not resolve fails at once. Raises ServerUnavailable naming
+    the address (and the socket file it means) and why the last try failed.
     """
     deadline = time.monotonic() + timeout
     pause = _RETRY_S
     while True:
         try:
             return _connect_once(address, timeout=max(deadline - time.monotonic(), 0.1))
+        except socket.gaierror as e:
+            raise ServerUnavailable(f"cannot connect to {address.text}: host "
+                                    f"{address.host!r} does not resolve ({e.strerror})") from e
         except OSError as e:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerUnavailable(
-                    f"cannot connect to {address.text} within {timeout:g} s: {e}") from e
-            log.debug("connect %s: %s; retrying", address.text, e)
+                raise ServerUnavailable(f"cannot connect to {address.describe()} within "
+                                        f"{timeout:g} s: {_why(address, e)}") from e
+            log.debug("connect %s: %s; retrying", address.describe(), e)
             time.sleep(min(pause, left))
             pause = min(2 * pause, _RETRY_MAX_S)
+
+
+def _why(address: Address, e: OSError) -> str:
+    """The last connection error, with what it usually means."""
+    if address.is_unix and isinstance(e, FileNotFoundError):
+        return (f"no socket file {address.path} (is the server running, with the same "
+                "socket name and sockets prefix?)")
+    if isinstance(e, ConnectionRefusedError):
+        where = "on this socket file (a stale one?)" if address.is_unix else "on this port"
+        return f"connection refused: nothing listens {where}"
+    return str(e)
 
 
 def _connect_once(address: Address, *, timeout: float) -> socket.socket:

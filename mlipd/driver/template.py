@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlipd.errors import ProtocolError, SetupError
+from mlipd.types import species_names
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,20 @@ class Template:
     numbers: np.ndarray | None
     pbc: np.ndarray
     species: int | None = None
+    source: str = "the template"  # where the numbers came from, for messages
+
+    def check_species(self, spec) -> None:
+        """Refuse, before any connection, elements the model (``spec``: its ModelSpec)
+        does not know: otherwise the first step would fail and the server would only
+        see its connection closed."""
+        if spec.species is None:
+            return
+        present = ({self.species} if self.numbers is None
+                   else set(np.unique(self.numbers).tolist()))
+        unknown = present - spec.species
+        if unknown:
+            raise SetupError(f"model {spec.name!r} does not know {species_names(unknown)} "
+                             f"({self.source})")
 
     def numbers_for(self, n_atoms: int) -> np.ndarray:
         """Atomic numbers (n_atoms,) for a structure of ``n_atoms`` atoms."""
@@ -54,7 +69,8 @@ class Template:
                 periodic[:] = True
         else:
             periodic = np.full(3, pbc)
-        return cls(numbers=np.array(atoms.numbers, dtype=np.int64), pbc=periodic)
+        return cls(numbers=np.array(atoms.numbers, dtype=np.int64), pbc=periodic,
+                   source=f"in {path}")
 
     @classmethod
     def from_species(cls, symbol: str, *, pbc: bool = True) -> Template:
@@ -63,7 +79,8 @@ class Template:
         z = atomic_numbers.get(symbol)
         if z is None or z == 0:
             raise SetupError(f"unknown element symbol {symbol!r}")
-        return cls(numbers=None, pbc=np.full(3, pbc), species=int(z))
+        return cls(numbers=None, pbc=np.full(3, pbc), species=int(z),
+                   source=f"--species {symbol}")
 
 
 def _is_ipi_xyz(path: str) -> bool:

@@ -58,7 +58,7 @@ class Engine(Protocol):
 def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                 ranks: int = 1, devices: Sequence[str] | None = None,
                 backend: str = "auto", world=None, skin: float | None = None,
-                timeout_s: float = 120.0) -> Engine:
+                timeout_s: float = 120.0, threads: int | None = None) -> Engine:
     """Load ``model`` (``name`` or ``name:arg``) and return an engine on ``ranks`` ranks.
 
     device:  auto (CUDA when available), cpu, cuda or cuda:N; devices: an explicit list
@@ -66,15 +66,21 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
     dtype:   float32 (default) or float64, the model's features
     world:   a ``mlipd.engine.ranks.World`` when torchrun or srun started this process
              as rank 0 of a job (``ranks`` is then the job's size)
+    threads: intra-op threads of each rank (``mlipd.engine.threads``); at one rank it is
+             set for this process when given (else torch's default stays); at several,
+             default: the host's cores divided among its ranks
     """
     from mlipd.engine.devices import node_devices, resolve_device
     from mlipd.engine.local import DEFAULT_SKIN
+    from mlipd.engine.threads import threads_per_rank
 
     dtype = dtype or DEFAULT_DTYPE
     if dtype not in DTYPES:
         raise SetupError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if ranks < 1:
         raise SetupError(f"--ranks must be >= 1, got {ranks}")
+    if threads is not None:
+        threads_per_rank(threads, 1)  # checked before anything loads
     skin = DEFAULT_SKIN if skin is None else skin
     local_devices = node_devices(device, devices)  # every name checked, one-line errors
     if world is not None and world.size > 1:
@@ -82,11 +88,13 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
 
         return DistributedEngine(model, device=device, devices=devices, backend=backend,
                                  dtype=DTYPES[dtype], skin=skin, timeout_s=timeout_s,
-                                 world=world)
+                                 threads_per_rank=threads, world=world)
     if ranks == 1:
         from mlipd.engine.local import LocalEngine
         from mlipd.models.registry import load_model
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         loaded = load_model(model)
         if getattr(loaded, "whole_structure", False):
             from mlipd.engine.whole import WholeEngine
@@ -101,7 +109,34 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
     from mlipd.engine.distributed import DistributedEngine
 
     return DistributedEngine(model, device=device, devices=devices, backend=backend,
-                             dtype=DTYPES[dtype], ranks=ranks, skin=skin, timeout_s=timeout_s)
+                             dtype=DTYPES[dtype], ranks=ranks, skin=skin, timeout_s=timeout_s,
+                             threads_per_rank=threads)
+
+
+def describe(engine: Engine) -> str:
+    """One line for the start-up log: model, cutoff, device(s), dtype, ranks, threads
+    and memory (this process's resident set; free memory on rank 0's device)."""
+    from mlipd.memory import available_bytes, resident_bytes
+
+    spec = engine.spec
+    ranks = engine.world_size
+    devices = sorted(set(getattr(engine, "devices", (str(engine.device),))))
+    backend = getattr(engine, "backend", None)
+    threads = getattr(engine, "threads", None) or torch.get_num_threads()
+    layers = f"{spec.n_layers} layer{'s' if spec.n_layers > 1 else ''}"
+    parts = [f"model {spec.name} (cutoff {spec.cutoff:g} Å, {layers})",
+             f"device {', '.join(devices)}",
+             f"dtype {str(engine.dtype).removeprefix('torch.')}",
+             f"{ranks} rank{'s' if ranks > 1 else ''}" + (f" over {backend}" if backend else ""),
+             f"{threads} thread{'s' if threads > 1 else ''}" + (" per rank" if ranks > 1 else "")]
+    memory = [f"{resident_bytes() / 2**20:.0f} MiB resident"]
+    if engine.device.type == "cuda":
+        memory.append(f"{torch.cuda.memory_allocated(engine.device) / 2**20:.0f} MiB "
+                      f"allocated on {engine.device}")
+    free = available_bytes(engine.device)
+    if free is not None:
+        memory.append(f"{free / 2**30:.1f} GiB free on {engine.device}")
+    return ", ".join(parts) + "; memory: " + ", ".join(memory)
 
 
 def _whole_structure(model: str) -> bool:

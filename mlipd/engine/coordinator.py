@@ -15,7 +15,7 @@ from mlipd.engine.step import Frame
 from mlipd.engine.verlet import RebuildPolicy
 from mlipd.errors import UnknownSpecies
 from mlipd.model_api import ModelSpec
-from mlipd.types import Result, Structure
+from mlipd.types import Result, Structure, species_names
 
 
 def check_species(spec: ModelSpec, structures: Sequence[Structure]) -> None:
@@ -25,10 +25,7 @@ def check_species(spec: ModelSpec, structures: Sequence[Structure]) -> None:
     for s in structures:
         unknown = s.species() - known
         if unknown:
-            from ase.data import chemical_symbols
-
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(unknown))
-            raise UnknownSpecies(f"model {spec.name!r} does not know {names}")
+            raise UnknownSpecies(f"model {spec.name!r} does not know {species_names(unknown)}")
 
 
 @dataclass(frozen=True)

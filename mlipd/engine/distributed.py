@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
-import os
 import queue
 from collections.abc import Callable, Sequence
 
@@ -40,6 +39,7 @@ from mlipd.engine.ranks import (
     sync_weights,
 )
 from mlipd.engine.step import Step
+from mlipd.engine.threads import threads_per_rank as resolve_threads
 from mlipd.errors import CalculationFailed, MlipdError, SetupError
 from mlipd.model_api import ModelSpec
 from mlipd.types import Result, Structure
@@ -55,8 +55,10 @@ class DistributedEngine:
     ``cuda``, ``cuda:N``), devices (explicit list, rank r on the r-th), backend
     (``auto``, ``nccl``, ``gloo``), dtype, ranks, skin (Å, Verlet skin of the reused
     lists), partition ("rcb", "slab", "metis"), timeout_s (collectives and
-    rendezvous), threads_per_rank (CPU threads of each spawned rank; default: cores /
-    ranks), world (join a torchrun/srun job as its rank 0 instead of spawning).
+    rendezvous), threads_per_rank (intra-op threads of each rank; default: cores /
+    ranks of this host; rank 0, the calling process, takes the same and gets its own
+    count back at ``close``), world (join a torchrun/srun job as its rank 0 instead of
+    spawning).
     """
 
     def __init__(self, model: str | Callable, *, device: str = "cpu",
@@ -78,13 +80,20 @@ class DistributedEngine:
         self._world = world
         self._partition = partition
         self._timeout_s = float(timeout_s)
-        self._threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
+        # every rank of this host, rank 0 (this process) too, takes its share of the cores
+        self._threads = resolve_threads(threads_per_rank, local)
+        self._caller_threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads)
         self._procs: list = []
         self._errors = None
         self._front: Coordinator | None = None
         self._broken: str | None = None
         self.calls = 0
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            torch.set_num_threads(self._caller_threads)
+            raise
 
     # --- lifecycle ----------------------------------------------------------------
     def _start(self) -> None:
@@ -178,6 +187,7 @@ class DistributedEngine:
             for p in self._procs:
                 p.join(timeout=10)
         self._teardown()
+        torch.set_num_threads(self._caller_threads)
 
     def __enter__(self) -> DistributedEngine:
         return self
@@ -211,6 +221,11 @@ class DistributedEngine:
     @property
     def world_size(self) -> int:
         return self._ranks
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of each rank."""
+        return self._threads
 
     @property
     def last_stats(self) -> np.ndarray | None:

@@ -291,6 +291,29 @@ def read_shm_forceready(read_exact: ReadExact, *, batch_size: int = 1) -> tuple[
     return tuple(_read_string(read_exact, "extra") for _ in range(batch_size))
 
 
+SHM_PROBE_LEN = 16  # bytes of a first POSDATA payload that ``looks_like_shm_posdata`` reads
+
+
+def looks_like_shm_posdata(head: bytes, *, max_atoms: int = DEFAULT_MAX_ATOMS) -> bool:
+    """Whether the first ``SHM_PROBE_LEN`` bytes of a POSDATA payload are i-PI's ``shm``
+    layout (i4 atom count, i4 length of the first segment name, its first characters),
+    which a client in socket mode would misread as a cell.
+
+    Safe for both socket layouts: unbatched, the bytes are the double h[0, 0], whose
+    high word is >= 2**20 for any non-zero cell (never a name length of 1..255);
+    batched, they are the atom count and the low word of h[0, 0] followed by binary
+    doubles, not 8 printable characters. Every first POSDATA of any mode is longer than
+    the probe, so reading it never waits for bytes that will not come.
+    """
+    if len(head) < SHM_PROBE_LEN:
+        return False
+    n, length = struct.unpack_from("<ii", head)
+    if not (1 <= n <= max_atoms and 1 <= length <= 255):
+        return False
+    name = head[8:8 + min(length, SHM_PROBE_LEN - 8)]
+    return all(32 < b < 127 for b in name)
+
+
 # ------------------------------------------------------------------------ helpers
 
 

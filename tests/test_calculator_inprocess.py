@@ -1,0 +1,131 @@
+"""``MlipdCalculator(model=...)``: the engine in the calling process, the same numbers as
+over ``mlipd serve`` and as the model package's own calculator, one engine call per
+structure whatever ASE asks for first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+from ase.calculators.calculator import CalculatorSetupError
+from chgnet.model.dynamics import CHGNetCalculator
+from test_chgnet import oxide, triclinic
+
+from mlipd.calculator import MlipdCalculator
+from mlipd.client import Client
+from mlipd.models.chgnet import load_chgnet
+from mlipd.server.testing import running_server
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
+
+REFERENCE = "reference:layers=2"  # cheap, any species, several layers: halo exchanges at P = 2
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    with MlipdCalculator(model="chgnet") as calc:  # the defaults: auto device, float32
+        yield calc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("srv") / "serve.log"
+    with running_server(["--model", "chgnet", "--zmq", "tcp://127.0.0.1:0"], log=log) as srv:
+        yield srv
+
+
+def everything(calc, atoms, order):
+    """Energy, forces, stress and magmoms, asked for in ``order``."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    getters = {"energy": atoms.get_potential_energy, "forces": atoms.get_forces,
+               "stress": atoms.get_stress, "magmoms": atoms.get_magnetic_moments}
+    return {name: getters[name]() for name in order}
+
+
+ORDER = ("forces", "stress", "energy", "magmoms")
+
+
+@pytest.mark.parametrize("make", [oxide, triclinic], ids=["oxide64", "triclinic"])
+def test_equals_server_and_package(in_process, server, make):
+    """The defaults (CHGNet, float32) against the server path and CHGNet's own
+    calculator, at the float32 tolerances of tests/test_chgnet.py."""
+    atoms = make()
+    n = len(atoms)
+    ours = everything(in_process, atoms, ORDER)
+    with MlipdCalculator(server.address) as remote:
+        served = everything(remote, atoms, ORDER)
+    package = everything(CHGNetCalculator(model=load_chgnet(), use_device="cpu",
+                                          on_isolated_atoms="ignore"), atoms, ORDER)
+    # same engine, same code: equal up to float32 summation order (threads)
+    assert abs(ours["energy"] - served["energy"]) / n < 1e-7
+    np.testing.assert_allclose(ours["forces"], served["forces"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours["stress"], served["stress"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(ours["magmoms"], served["magmoms"], rtol=0, atol=1e-6)
+    # the package: 1e-6 eV/atom, 1e-4 eV/Å
+    assert abs(ours["energy"] - package["energy"]) / n < 1e-6
+    np.testing.assert_allclose(ours["forces"], package["forces"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours["stress"], package["stress"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours["magmoms"], package["magmoms"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("order", "seed"), [(ORDER, 7),
+                                             (("stress", "magmoms", "forces", "energy"), 8)])
+def test_one_engine_call_per_structure(in_process, server, order, seed):
+    """Whatever ASE asks first, one engine call answers everything (engine counter in
+    process, the server's engine_calls over the wire). A new structure each time: ASE
+    answers a structure it has just computed from its cache."""
+    atoms = oxide((1, 1, 1), seed=seed)
+    before = in_process.engine.calls
+    everything(in_process, atoms, order)
+    assert in_process.engine.calls - before == 1
+    with Client(server.address) as client, MlipdCalculator(server.address) as remote:
+        before = client.stats()["engine_calls"]
+        everything(remote, atoms, order)
+        assert client.stats()["engine_calls"] - before == 1
+
+
+def test_molecule_forces_without_stress(in_process):
+    atoms = molecule("H2O")
+    atoms.calc = in_process
+    assert atoms.get_forces().shape == (3, 3)
+    assert "stress" not in in_process.results
+    with pytest.raises(CalculatorSetupError, match="periodic"):
+        atoms.get_stress()
+
+
+def test_ranks_2_in_process_equals_one_rank():
+    """``ranks=2``: a rank process is spawned as for ``mlipd serve --ranks 2``; the
+    results equal one rank's, and this process gets its thread count back at close."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=2)
+    threads = torch.get_num_threads()
+    with MlipdCalculator(model=REFERENCE, dtype="float64") as one:
+        ref = everything(one, atoms, ("forces", "stress", "energy"))
+    with MlipdCalculator(model=REFERENCE, dtype="float64", ranks=2, threads=1) as two:
+        assert two.engine.world_size == 2
+        assert torch.get_num_threads() == 1  # rank 0's share
+        got = everything(two, atoms, ("forces", "stress", "energy"))
+        assert two.engine.calls == 1
+        assert (two.engine.last_stats[:, 2] > 0).all()  # both ranks had a halo: real exchange
+    assert torch.get_num_threads() == threads
+    assert got["energy"] == pytest.approx(ref["energy"], rel=1e-12)
+    np.testing.assert_allclose(got["forces"], ref["forces"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(got["stress"], ref["stress"], rtol=0, atol=1e-12)
+
+
+def test_options_go_where_they_belong():
+    with pytest.raises(CalculatorSetupError, match="either"):
+        MlipdCalculator()
+    with pytest.raises(CalculatorSetupError, match="either"):
+        MlipdCalculator("tcp://127.0.0.1:9", model="lj")
+    with pytest.raises(CalculatorSetupError, match="timeout_s: options of a server's client"):
+        MlipdCalculator(model="lj", timeout_s=3)
+    with pytest.raises(CalculatorSetupError, match="device, ranks: engine options"):
+        MlipdCalculator("tcp://127.0.0.1:9", device="cpu", ranks=2)
+    # endpoint options go to mlipd.client.Client as they are
+    with MlipdCalculator("tcp://127.0.0.1:9", timeout_s=7, retries=2) as calc:
+        assert (calc.backend.timeout_s, calc.backend.retries) == (7, 2)
+    with pytest.raises(TypeError, match="bogus"):
+        MlipdCalculator("tcp://127.0.0.1:9", bogus=1)
