@@ -74,14 +74,16 @@ def ipi_client(mode: str, *, param: str = "", pes_path: str | None = None) -> li
 
 
 def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
-        threads: int, deadline: Deadline, blocks: int | None = None, **xml) -> list[float]:
+        threads: int, timeout: float, blocks: int | None = None, **xml) -> list[float]:
     """Seconds of each step after ``warmup`` of i-PI driven by ``client``; with
     ``blocks``, the mean step of each of that many runs of consecutive steps instead
     (for steps too short to time one by one from a polled file).
 
     ``client`` may contain ``{socket}`` (the socket's path) and ``{prefix}`` (i-PI's
     sockets_prefix). Raises RuntimeError if i-PI or the client fails, TimeoutError past
-    ``deadline`` (both processes are killed either way)."""
+    ``timeout`` seconds (both processes are killed either way). A run once started
+    finishes: callers check their deadlines between runs."""
+    deadline = Deadline(timeout)
     workdir.mkdir(parents=True, exist_ok=True)
     sockdir = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))  # socket paths are short
     prefix = f"{sockdir}/ipi_"
@@ -151,4 +153,4 @@ def _check(procs, deadline: Deadline, workdir: Path) -> None:
             raise RuntimeError(f"{name} exited ({p.returncode}) before the last step: "
                                + log.read_text(errors="replace")[-1500:])
     if deadline.passed:
-        raise TimeoutError("deadline reached during an i-PI run")
+        raise TimeoutError("an i-PI run took longer than its time limit")

@@ -31,9 +31,10 @@ GPU_BUDGET_S = {"full": 60.0}  # one GPU session: all suites in ~9 min
 MODELS = ("chgnet", "mace")
 BEADS = {"tiny": 2, "quick": 4, "full": 32}
 ATOMS = {"tiny": 8, "quick": 64, "full": 64}
-STEPS = {"tiny": 3, "quick": 4, "full": 20}
-WARMUP = {"tiny": 1, "quick": 2, "full": 3}
+STEPS = {"tiny": 3, "quick": 3, "full": 20}
+WARMUP = {"tiny": 1, "quick": 1, "full": 3}
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
+RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
 SCALE = {"tiny": "small", "quick": "small", "full": "large"}
 ASE_DRIVER = str(Path(__file__).resolve().parents[1] / "ipi_ase_driver.py")
 
@@ -94,13 +95,13 @@ def _measure(report: Report, case, atoms, *, device: str, size: str, work: Path,
     nb = BEADS[size]
     for r in range(ROUNDS[size]):
         for name, client in argv.items():
-            if name in failed or (r and deadline.passed):
+            if name in failed or (r and deadline.passed):  # rounds are whole
                 continue
             try:
                 times[name] += ipi_runs.run(
                     work / f"{name.replace(' ', '-')}-{r}", atoms, client, steps=STEPS[size],
                     warmup=WARMUP[size], threads=report.threads or 1,
-                    deadline=deadline, nbeads=nb, batch_size=nb, thermostat=True)
+                    timeout=RUN_TIMEOUT_S, nbeads=nb, batch_size=nb, thermostat=True)
             except (RuntimeError, TimeoutError) as e:
                 failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
                 report.note(f"{case.name} {name}: {e}")

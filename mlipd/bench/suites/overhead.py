@@ -28,15 +28,16 @@ from mlipd.bench.timing import Timing
 from mlipd.bench.workers import Worker
 
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
-BUDGET_S = {"tiny": 150.0, "quick": 90.0, "full": 3600.0}
+BUDGET_S = {"tiny": 150.0, "quick": 60.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 40.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
-STEPS = {"tiny": {8: 20}, "quick": {8: 100, 1000: 50},
+STEPS = {"tiny": {8: 20}, "quick": {8: 50, 1000: 25},
          "full": {8: 400, 1000: 200, 65536: 25}}
 WARMUP = 5
+RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
 BLOCKS = 5
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
-ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 60, 1000: 20},
+ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 CUTOFF = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}  # 3 Å < the 3.8 Å spacing: no neighbours
@@ -85,7 +86,7 @@ def _drivers(report: Report, *, size: str, tmp: Path) -> None:
                 try:
                     samples[name] += ipi_runs.run(
                         tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps, warmup=WARMUP,
-                        threads=1, deadline=report.deadline, blocks=BLOCKS,
+                        threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
                         temperature_k=20.0)
                 except (RuntimeError, TimeoutError) as e:
                     failed[name] = f"failed: {str(e).splitlines()[0][:200]}"

@@ -25,7 +25,7 @@ from ase.build import bulk, molecule
 from mlipd.bench.report import Report
 
 DESCRIPTION = "halo, balance and partition time: slab vs RCB vs METIS vs a ghost shell"
-BUDGET_S = {"tiny": 60.0, "quick": 45.0, "full": 3600.0}
+BUDGET_S = {"tiny": 60.0, "quick": 20.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 20.0}  # one GPU session: all suites in ~9 min
 CUTOFF, SKIN, LAYERS = 6.0, 0.5, 2
 SIZES = {"tiny": [1e3], "quick": [1e4], "full": [1e5, 1e6]}
