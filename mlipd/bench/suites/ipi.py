@@ -31,10 +31,12 @@ GPU_BUDGET_S = {"full": 60.0}  # one GPU session: all suites in ~9 min
 MODELS = ("chgnet", "mace")
 BEADS = {"tiny": 2, "quick": 4, "full": 32}
 ATOMS = {"tiny": 8, "quick": 64, "full": 64}
-STEPS = {"tiny": 3, "quick": 3, "full": 20}
+STEPS = {"tiny": 3, "quick": 3, "full": 10}
 WARMUP = {"tiny": 1, "quick": 1, "full": 3}
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
-RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
+# one i-PI run, start-up included: a hung client ends here (32 beads of the large MACE
+# take ~a minute per step on a CPU)
+RUN_TIMEOUT_S = {"tiny": 300.0, "quick": 600.0, "full": 3600.0}
 SCALE = {"tiny": "small", "quick": "small", "full": "large"}
 ASE_DRIVER = str(Path(__file__).resolve().parents[1] / "ipi_ase_driver.py")
 
@@ -101,7 +103,7 @@ def _measure(report: Report, case, atoms, *, device: str, size: str, work: Path,
                 times[name] += ipi_runs.run(
                     work / f"{name.replace(' ', '-')}-{r}", atoms, client, steps=STEPS[size],
                     warmup=WARMUP[size], threads=report.threads or 1,
-                    timeout=RUN_TIMEOUT_S, nbeads=nb, batch_size=nb, thermostat=True)
+                    timeout=RUN_TIMEOUT_S[size], nbeads=nb, batch_size=nb, thermostat=True)
             except (RuntimeError, TimeoutError) as e:
                 failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
                 report.note(f"{case.name} {name}: {e}")

@@ -24,18 +24,18 @@ from ase import Atoms
 
 from mlipd.bench import ipi_runs, roundtrip
 from mlipd.bench.report import Report
-from mlipd.bench.timing import Timing
+from mlipd.bench.timing import Deadline, Timing
 from mlipd.bench.workers import Worker
 
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
-BUDGET_S = {"tiny": 150.0, "quick": 60.0, "full": 3600.0}
+BUDGET_S = {"tiny": 150.0, "quick": 75.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 40.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
 STEPS = {"tiny": {8: 20}, "quick": {8: 50, 1000: 25},
          "full": {8: 400, 1000: 200, 65536: 25}}
 WARMUP = 5
 RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
-BLOCKS = 5
+BLOCKS = 3
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
 ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
@@ -58,22 +58,26 @@ def clients() -> dict[str, list[str]]:
 
 
 def run(report: Report, *, size: str, device: str) -> None:
+    parts = report.deadline.shares(["drivers", "split", "round trips"])
     with tempfile.TemporaryDirectory(prefix="mlipd-bench-overhead-") as tmp:
-        _drivers(report, size=size, tmp=Path(tmp))
-        _split(report, size=size)
-        if report.deadline.passed:
+        _, deadline = next(parts)
+        _drivers(report, size=size, tmp=Path(tmp), deadline=deadline)
+        _, deadline = next(parts)
+        _split(report, size=size, deadline=deadline)
+        _, deadline = next(parts)
+        if deadline.passed:
             report.note("round-trip table not run: the suite's deadline had passed")
             return
-        _roundtrips(report, size=size, tmp=Path(tmp))
+        _roundtrips(report, size=size, tmp=Path(tmp), deadline=deadline)
 
 
-def _drivers(report: Report, *, size: str, tmp: Path) -> None:
+def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
     table = report.table("ms per i-PI MD step: mlipd drive vs i-pi-py_driver -m dummy, "
                          "median (min-max) of block means",
                          ["atoms", "steps timed", "ipi-dummy", "mlipd-zero", "mlipd-lj",
                           "zero / dummy", "lj / dummy"])
     for n in SIZES[size]:
-        if report.deadline.passed:
+        if deadline.passed:
             table.notes.append(f"{n} atoms and beyond: not run (deadline)")
             break
         steps = STEPS[size][n]
@@ -81,7 +85,7 @@ def _drivers(report: Report, *, size: str, tmp: Path) -> None:
         failed: dict[str, str] = {}
         for r in range(ROUNDS[size]):
             for name, argv in clients().items():
-                if name in failed or (r and report.deadline.passed):
+                if name in failed or (r and deadline.passed):  # rounds are whole
                     continue
                 try:
                     samples[name] += ipi_runs.run(
@@ -98,12 +102,14 @@ def _drivers(report: Report, *, size: str, tmp: Path) -> None:
         "mlipd-zero: LJ with a 3 Å cutoff (no neighbours at 3.8 Å spacing): mlipd's full "
         "path, engine call included, without physics; mlipd-lj: a 6 Å cutoff (real forces).",
         f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP} warm-up steps; each "
-        f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step). "
-        "One torch thread per client; float64.",
+        f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
+        "from the times i-PI's lines appear in its properties file, polled every ms: on a "
+        "loaded machine a descheduled poller makes single blocks noisy). One torch thread "
+        "per client; float64.",
     ]
 
 
-def _split(report: Report, *, size: str) -> None:
+def _split(report: Report, *, size: str, deadline: Deadline) -> None:
     """Protocol path vs engine call of mlipd-zero, in this process."""
     import torch
 
@@ -120,7 +126,7 @@ def _split(report: Report, *, size: str) -> None:
                          "median (min-max) of 3 batches",
                          ["atoms", "protocol path", "engine call (no neighbours)"])
     for n in SIZES[size]:
-        if report.deadline.passed:
+        if deadline.passed:
             break
         s = Structure.from_atoms(lattice(n))
         engine = make_engine(LJ.format(CUTOFF["mlipd-zero"]), device="cpu", dtype="float64")
@@ -144,12 +150,12 @@ def _split(report: Report, *, size: str) -> None:
                        "call, so the engine reuses its neighbour list, as in MD.")
 
 
-def _roundtrips(report: Report, *, size: str, tmp: Path) -> None:
+def _roundtrips(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
     # in a process of its own: the client side there gets mlipd's malloc tuning
     with Worker("roundtrip") as w:
         rows = w.run(roundtrip.measure, SIZES[size], ROUNDTRIP_REPEATS[size], tmp=tmp,
-                     threads=report.threads or 1, seconds=report.deadline.left(),
-                     timeout=report.deadline.left() + 120)
+                     threads=report.threads or 1, seconds=deadline.left(),
+                     timeout=deadline.left() + 600)
     table = report.table(
         f"Round-trip overhead per structure ({roundtrip.MODEL}, one `mlipd serve`): "
         "ms, median (min-max)",
