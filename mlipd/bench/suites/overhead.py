@@ -29,7 +29,7 @@ from mlipd.bench.workers import Worker
 
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
 BUDGET_S = {"tiny": 150.0, "quick": 75.0, "full": 3600.0}
-GPU_BUDGET_S = {"full": 40.0}  # one GPU session: all suites in ~9 min
+GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
 STEPS = {"tiny": {8: 20}, "quick": {8: 50, 1000: 25},
          "full": {8: 400, 1000: 200, 65536: 25}}

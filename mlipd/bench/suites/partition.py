@@ -26,7 +26,7 @@ from mlipd.bench.report import Report
 
 DESCRIPTION = "halo, balance and partition time: slab vs RCB vs METIS vs a ghost shell"
 BUDGET_S = {"tiny": 60.0, "quick": 20.0, "full": 1800.0}
-GPU_BUDGET_S = {"full": 20.0}  # one GPU session: all suites in ~9 min
+GPU_BUDGET_S = {"full": 15.0}  # one GPU session: all suites in ~9 min
 CUTOFF, SKIN, LAYERS = 6.0, 0.5, 2
 SIZES = {"tiny": [1e3], "quick": [1e4], "full": [1e5, 1e6]}
 RANKS = {"tiny": [2, 4], "quick": [2, 4, 8], "full": [2, 4, 8, 16, 32, 64]}
