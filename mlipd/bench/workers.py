@@ -97,10 +97,6 @@ class Worker:
     def __call__(self, k: int) -> Measured:
         return Measured(self._ask(("call", k), timeout=self.call_timeout))
 
-    def value(self, k: int) -> object:
-        """What the callable returns for call ``k`` (untimed)."""
-        return self._ask(("call_value", k), timeout=self.call_timeout)
-
     def inspect(self) -> object:
         """The child's callable's ``inspect()`` (what a contender reports about itself)."""
         return self._ask(("inspect",), timeout=60)
@@ -157,7 +153,7 @@ class Worker:
             if not self._proc.is_alive():
                 raise self._fail(f"process died (exit code {self._proc.exitcode})")
             if timeout is not None and time.monotonic() - start > timeout:
-                raise self._fail(f"over the {timeout:.0f} s time limit per call")
+                raise self._fail(f"over its {timeout:.0f} s time limit")
             if self.memory_limit is not None:
                 rss = tree_rss_bytes(self._proc.pid)
                 if rss > self.memory_limit:
@@ -217,13 +213,12 @@ def _child_main(conn, device: str, threads: int | None) -> None:
                 conn.send(("ok", None))
             elif op == "run":
                 conn.send(("ok", msg[1](*msg[2], **msg[3])))
-            elif op in ("call", "call_value"):
+            elif op == "call":
                 t0 = time.perf_counter()
-                out = fn(msg[1])
+                fn(msg[1])
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                conn.send(("ok", out if op == "call_value" else dt))
+                conn.send(("ok", time.perf_counter() - t0))
             elif op == "inspect":
                 conn.send(("ok", fn.inspect()))
             elif op == "release":
