@@ -11,6 +11,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlipd.bench.timing import Deadline
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("mlipd", "torch", "numpy", "ase", "vesin", "chgnet", "mace-torch", "matgl",
@@ -46,8 +48,12 @@ class Curve:
     """y against x for one contender, for the suite's PNG."""
 
     label: str
-    x: list[float]
-    y: list[float]
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+
+    def add(self, x: float, y: float) -> None:
+        self.x.append(x)
+        self.y.append(y)
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Plot:
     ylabel: str
     curves: list[Curve] = field(default_factory=list)
     log: bool = True
+
+    def curve(self, label: str) -> Curve:
+        c = Curve(label)
+        self.curves.append(c)
+        return c
 
 
 def device_name(device: str) -> str:
@@ -123,12 +134,22 @@ def load() -> str:
 class Report:
     """What one suite run writes: its tables, plots, and the run's circumstances."""
 
-    def __init__(self, suite: str, device: str, size: str, *, command: str) -> None:
+    def __init__(self, suite: str, device: str, size: str, *, command: str,
+                 deadline: Deadline | None = None, memory_limit: float | None = None,
+                 threads: int | None = None) -> None:
         self.suite, self.device, self.size, self.command = suite, device, size, command
+        self.deadline = deadline or Deadline(None)
+        self.memory_limit_gib = memory_limit  # --memory-limit, GiB per contender (CPU)
+        self.threads = threads  # torch threads of every process of the suite (None: default)
         self.tables: list[Table] = []
         self.plots: list[Plot] = []
+        self.notes: list[str] = []
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = load()
+
+    def note(self, text: str) -> None:
+        """A line under the header: what a reader needs beyond the tables' own notes."""
+        self.notes.append(text)
 
     def table(self, title: str, columns: list[str]) -> Table:
         t = Table(title, columns)
@@ -147,7 +168,8 @@ class Report:
                 f"- date: {self.started:%Y-%m-%d %H:%M} UTC",
                 f"- machine: {machine()}",
                 f"- versions: {versions()}",
-                f"- {self.load_before} at the start, {load()} at the end", ""]
+                f"- {self.load_before} at the start, {load()} at the end",
+                *(f"- {n}" for n in self.notes), ""]
         return "\n".join(head) + "\n".join(t.markdown() for t in self.tables)
 
     def write(self, out: Path) -> list[Path]:
@@ -174,8 +196,11 @@ def _draw(p: Plot, path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib is not installed: %s not drawn", path.name)
         return False
+    curves = [c for c in p.curves if c.x]
+    if not curves:
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for c in p.curves:
+    for c in curves:
         ax.plot(c.x, c.y, marker="o", label=c.label)
     if p.log:
         ax.set_xscale("log")
@@ -183,7 +208,7 @@ def _draw(p: Plot, path: Path) -> bool:
     ax.set_xlabel(p.xlabel)
     ax.set_ylabel(p.ylabel)
     ax.set_title(p.title)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""Benchmark suites of ``mlipd bench``: one module each, with ``DESCRIPTION`` and
-``run(report, *, size, device)``."""
+"""Benchmark suites of ``mlipd bench``: one module each, with ``DESCRIPTION``,
+``BUDGET_S`` (seconds per size) and ``run(report, *, size, device)``."""
 
-SUITES = ("engine",)
+SUITES = ("engine", "capacity", "latency", "beads", "ipi", "scaling", "partition", "overhead",
+          "models")

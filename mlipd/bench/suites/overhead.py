@@ -1,0 +1,175 @@
+"""Overhead: what mlipd costs beyond the model's arithmetic.
+
+1. i-PI MD step with three clients, one after the other at each size (NVE, one bead,
+   argon simple cubic, UNIX socket): ``i-pi-py_driver -m dummy`` (zero forces, no
+   physics), ``mlipd drive`` with LJ and a 3 Å cutoff (no neighbour at 3.8 Å spacing:
+   mlipd's whole path, engine call included, without physics) and with a 6 Å cutoff
+   (real LJ). Runs alternate between the clients (``ROUNDS``); a sample is the mean
+   step over a block of consecutive steps (``ipi_runs``, ``blocks``).
+2. Where mlipd-zero's time goes, in this process: the driver's protocol path (decode
+   POSDATA, build Structures, encode FORCEREADY) against the engine call.
+3. Round-trip overhead per structure through one ``mlipd serve`` (``roundtrip``):
+   ZeroMQ client, ``MlipdCalculator``, ASE's ``SocketIOCalculator`` and the real i-PI.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from mlipd.bench import ipi_runs, roundtrip
+from mlipd.bench.report import Report
+from mlipd.bench.timing import Deadline, Timing
+from mlipd.bench.workers import Worker
+
+DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
+BUDGET_S = {"tiny": 150.0, "quick": 75.0, "full": 3600.0}
+GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
+SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
+STEPS = {"tiny": {8: 20}, "quick": {8: 50, 1000: 25},
+         "full": {8: 400, 1000: 200, 65536: 25}}
+WARMUP = 5
+RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
+BLOCKS = 3
+ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
+ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
+                     "full": {8: 300, 1000: 60, 65536: 6}}
+LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
+CUTOFF = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}  # 3 Å < the 3.8 Å spacing: no neighbours
+
+
+def lattice(n: int) -> Atoms:
+    """Argon on a simple cubic lattice (3.8 Å), ``n`` atoms."""
+    dims = {8: (2, 2, 2), 1000: (10, 10, 10), 65536: (64, 32, 32)}[n]
+    grid = np.stack(np.meshgrid(*[np.arange(d) for d in dims], indexing="ij"), -1)
+    return Atoms(f"Ar{int(np.prod(dims))}", positions=grid.reshape(-1, 3) * 3.8,
+                 cell=np.array(dims) * 3.8, pbc=True)
+
+
+def clients() -> dict[str, list[str]]:
+    return {"ipi-dummy": ipi_runs.ipi_client("dummy"),
+            **{k: ipi_runs.mlipd_client(LJ.format(c), dtype="float64")
+               for k, c in CUTOFF.items()}}
+
+
+def run(report: Report, *, size: str, device: str) -> None:
+    parts = report.deadline.shares(["drivers", "split", "round trips"])
+    with tempfile.TemporaryDirectory(prefix="mlipd-bench-overhead-") as tmp:
+        _, deadline = next(parts)
+        _drivers(report, size=size, tmp=Path(tmp), deadline=deadline)
+        _, deadline = next(parts)
+        _split(report, size=size, deadline=deadline)
+        _, deadline = next(parts)
+        if deadline.passed:
+            report.note("round-trip table not run: the suite's deadline had passed")
+            return
+        _roundtrips(report, size=size, tmp=Path(tmp), deadline=deadline)
+
+
+def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
+    table = report.table("ms per i-PI MD step: mlipd drive vs i-pi-py_driver -m dummy, "
+                         "median (min-max) of block means",
+                         ["atoms", "steps timed", "ipi-dummy", "mlipd-zero", "mlipd-lj",
+                          "zero / dummy", "lj / dummy"])
+    for n in SIZES[size]:
+        if deadline.passed:
+            table.notes.append(f"{n} atoms and beyond: not run (deadline)")
+            break
+        steps = STEPS[size][n]
+        samples: dict[str, list[float]] = {k: [] for k in clients()}
+        failed: dict[str, str] = {}
+        for r in range(ROUNDS[size]):
+            for name, argv in clients().items():
+                if name in failed or (r and deadline.passed):  # rounds are whole
+                    continue
+                try:
+                    samples[name] += ipi_runs.run(
+                        tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps, warmup=WARMUP,
+                        threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
+                        temperature_k=20.0)
+                except (RuntimeError, TimeoutError) as e:
+                    failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
+        t = {k: Timing(tuple(v), failed.get(k)) for k, v in samples.items()}
+        d = t["ipi-dummy"]
+        table.add(n, steps, d.cell(1e-3), t["mlipd-zero"].cell(1e-3), t["mlipd-lj"].cell(1e-3),
+                  d.ratio(t["mlipd-zero"]), d.ratio(t["mlipd-lj"]))
+    table.notes += [
+        "mlipd-zero: LJ with a 3 Å cutoff (no neighbours at 3.8 Å spacing): mlipd's full "
+        "path, engine call included, without physics; mlipd-lj: a 6 Å cutoff (real forces).",
+        f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP} warm-up steps; each "
+        f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
+        "from the times i-PI's lines appear in its properties file, polled every ms: on a "
+        "loaded machine a descheduled poller makes single blocks noisy). One torch thread "
+        "per client; float64.",
+    ]
+
+
+def _split(report: Report, *, size: str, deadline: Deadline) -> None:
+    """Protocol path vs engine call of mlipd-zero, in this process."""
+    import torch
+
+    from mlipd.engine import make_engine
+    from mlipd.protocols import ipi
+    from mlipd.protocols.convert import (
+        forceready_from_results,
+        posdata_from_structures,
+        structures_from_posdata,
+    )
+    from mlipd.types import Structure
+
+    table = report.table("Where mlipd-zero's time goes, in this process: ms per step, "
+                         "median (min-max) of 3 batches",
+                         ["atoms", "protocol path", "engine call (no neighbours)"])
+    for n in SIZES[size]:
+        if deadline.passed:
+            break
+        s = Structure.from_atoms(lattice(n))
+        engine = make_engine(LJ.format(CUTOFF["mlipd-zero"]), device="cpu", dtype="float64")
+        results = engine.compute([s])
+        blob = ipi.encode_posdata(posdata_from_structures([s]))[ipi.HEADER_LEN:]
+        k = max(3, 3000 // max(n // 100, 1))
+        wire, eng = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                m = ipi.read_posdata(io.BytesIO(blob).read)
+                structures_from_posdata(m, numbers=s.numbers, pbc=s.pbc)
+                ipi.encode_forceready(forceready_from_results(results))
+            wire.append((time.perf_counter() - t0) / k)
+            t0 = time.perf_counter()
+            for _ in range(max(k // 10, 5)):
+                engine.compute([s])
+            eng.append((time.perf_counter() - t0) / max(k // 10, 5))
+        table.add(n, Timing(tuple(wire)).cell(1e-3), Timing(tuple(eng)).cell(1e-3))
+    table.notes.append(f"torch threads {torch.get_num_threads()}; the same structure every "
+                       "call, so the engine reuses its neighbour list, as in MD.")
+
+
+def _roundtrips(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
+    # in a process of its own: the client side there gets mlipd's malloc tuning
+    with Worker("roundtrip") as w:
+        rows = w.run(roundtrip.measure, SIZES[size], ROUNDTRIP_REPEATS[size], tmp=tmp,
+                     threads=report.threads or 1, seconds=deadline.left(),
+                     timeout=deadline.left() + 600)
+    table = report.table(
+        f"Round-trip overhead per structure ({roundtrip.MODEL}, one `mlipd serve`): "
+        "ms, median (min-max)",
+        ["atoms", "engine", "zmq-client", "zmq-ase", "ase-socket", "ipi (per MD step)",
+         "ase-socket / zmq-ase", "ase-socket / zmq-client"])
+    for r in rows:
+        a = r["ase-socket"]
+        table.add(r["atoms"], r["engine"].cell(1e-3), r["zmq-client"].cell(1e-3),
+                  r["zmq-ase"].cell(1e-3), a.cell(1e-3), r["ipi"].cell(1e-3),
+                  r["zmq-ase"].ratio(a), r["zmq-client"].ratio(a))
+    table.notes += [
+        "Overhead = round trip - engine time of the same call (the server's stats). ipi: "
+        "NVE step wall time minus engine time in blocks of steps (i-PI's integrator "
+        "included).",
+        "The measuring process (zmq client, ASE's socket server) runs with "
+        "mlipd.malloc.keep_freed_memory(), as mlipd's own processes do.",
+    ]
