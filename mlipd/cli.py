@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(serve)
     add_serve(serve)
 
-    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("models", help="list every model: syntax, package, cached files")
 
     from mlipd.bench.cli import add_arguments as add_bench
 
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace, *, world=None) -> int:
     args.world = world
     try:
         if args.command == "models":
-            from mlipd.models.registry import names
+            from mlipd.models.catalog import listing
 
-            sys.stdout.write("\n".join(names()) + "\n")
+            sys.stdout.write(listing())
             return 0
         if args.command == "bench":
             from mlipd.bench.cli import run as run_command

@@ -3,6 +3,6 @@
 # crystalline Si with forces from mlipd (pretrained CHGNet). Extra arguments go to the example.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh main
 . .venv/bin/activate
 exec python examples/run_pimd.py "$@"
