@@ -45,13 +45,19 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 
 
-def reachable(url: str, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether ``url``'s host (or the proxy urllib would use for it) accepts a TCP
-    connection within ``timeout`` seconds, name lookup included."""
+def proxy_for(url: str) -> str | None:
+    """The proxy urllib (and so mace, requests, huggingface_hub) would use for ``url``."""
     parts = urllib.parse.urlsplit(url)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
-        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy if "://" in proxy else f"http://{proxy}"
+    return None
+
+
+def reachable(url: str, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``url``'s host (or the proxy urllib would use for it) accepts a TCP
+    connection within ``timeout`` seconds, name lookup included."""
+    parts = urllib.parse.urlsplit(proxy_for(url) or url)
     host = parts.hostname
     if not host:
         return False
@@ -80,6 +86,8 @@ def require_download(what: str, *, missing: Path, folder: Path, url: str, offlin
                                f"there (from {url}){hint}")
     if not reachable(url):
         host = urllib.parse.urlsplit(url).hostname
+        proxy = proxy_for(url)
+        host = f"{host} (via proxy {proxy})" if proxy else host
         raise ModelUnavailable(f"{what}: {where} and {host} cannot be reached to download "
                                f"it; put it there (from {url}){hint}")
     log.warning("%s: downloading %s from %s into %s", what, missing.name, url, folder)
