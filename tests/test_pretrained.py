@@ -197,3 +197,17 @@ def test_mace_mp_missing_exits_2_at_once(short_tmp, cache_home):
     assert medium_file() in errors[0]
     assert str(cache_home / "mace") in errors[0]
     assert elapsed < 60, elapsed  # an interpreter start and a refused probe, not 120 s
+
+
+def test_catalog_syntax_is_the_adapters():
+    from mlipd.models import ase_generic, chgnet, pretrained, tensornet
+    from mlipd.models import mace as mace_adapter
+    from mlipd.models.catalog import ENTRIES
+
+    syntax = {e.name: e.syntax for e in ENTRIES}
+    assert syntax["chgnet"] == chgnet.SYNTAX
+    assert syntax["mace"] == mace_adapter.SYNTAX
+    assert syntax["mace-mp"] == pretrained.MACE_MP_SYNTAX
+    assert syntax["mace-off"] == pretrained.MACE_OFF_SYNTAX
+    assert syntax["tensornet"] == tensornet.SYNTAX
+    assert syntax["ase"] == ase_generic.SYNTAX
