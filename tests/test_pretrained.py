@@ -8,8 +8,10 @@ loopback port (urllib's proxy variables), so no test ever leaves the machine.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 
 import mace  # noqa: F401  (mace before e3nn, see mlipd/models/mace.py)
@@ -83,6 +85,21 @@ def test_mace_off_file_is_where_mace_off_loads_it(cache_home):
     (got,) = LocalEngine(model).compute([Structure.from_atoms(atoms)])
     (ref,) = LocalEngine(MaceModel(model=tiny_mace())).compute([Structure.from_atoms(atoms)])
     assert got.energy == pytest.approx(ref.energy, rel=1e-12)
+
+
+def test_resolving_leaves_torch_load_safe(cache_home):
+    """Resolving through mace's functions imports mace, which turns torch.load's
+    weights_only default off process-wide; mlipd restores it (a fresh interpreter)."""
+    path = cache_home / "mace" / medium_file()
+    path.parent.mkdir(parents=True)
+    path.touch()
+    code = ("import os; from mlipd.models.pretrained import mace_file; "
+            "p = mace_file('mace-mp', 'medium', offline=True); "
+            "print(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'), p)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert out.splitlines()[-1] == f"None {path}"
 
 
 def test_missing_names_fail_at_once_naming_file_and_folder(cache_home):

@@ -24,6 +24,7 @@ that hangs costs at most ``PROBE_TIMEOUT_S``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -126,7 +127,9 @@ def mace_file(family: str, name: str | None, *, offline: bool = False) -> Path:
     if not entry.present:
         require_download(what, missing=entry.path, folder=entry.path.parent,
                          url=entry.url or "", offline=offline)
-    from mace.calculators import foundations_models as fm
+    importlib.import_module("mlipd.models.mace")  # mace first (see the adapter)
+    with _env_kept("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):  # mace/calculators/mace.py sets it
+        from mace.calculators import foundations_models as fm
 
     if family == "mace-mp":
         # mace's own lookup: returns the cached (or bundled) file, downloads only if missing
@@ -141,16 +144,23 @@ def mace_file(family: str, name: str | None, *, offline: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def _weights_only_off() -> Iterator[None]:
-    prior = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+def _env_kept(name: str) -> Iterator[None]:
+    """Environment variable ``name`` as it was before the block, whatever the block did."""
+    prior = os.environ.get(name)
     try:
         yield
     finally:
         if prior is None:
-            os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = prior
+            os.environ[name] = prior
+
+
+@contextlib.contextmanager
+def _weights_only_off() -> Iterator[None]:
+    with _env_kept("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        yield
 
 
 MACE_MP_SYNTAX = "mace-mp[:NAME][,head=NAME][,offline=1]"
