@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(serve)
     add_serve(serve)
 
-    sub.add_parser("models", parents=[after], help="list the registered models")
+    sub.add_parser("models", parents=[after],
+                   help="list every model: syntax, package, cached files")
 
     from mlipd.bench.cli import add_arguments as add_bench
 
@@ -91,9 +92,9 @@ def run(args: argparse.Namespace, *, world=None) -> int:
     args.world = world
     try:
         if args.command == "models":
-            from mlipd.models.registry import names
+            from mlipd.models.catalog import listing
 
-            sys.stdout.write("\n".join(names()) + "\n")
+            sys.stdout.write(listing())
             return 0
         if args.command == "bench":
             from mlipd.bench.cli import run as run_command

@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# Create (or update) .venv at the project root with mlipd and one of its extras:
-#   bash scripts/setup.sh            # test: everything the tests need (every model, i-PI, ...)
-#   bash scripts/setup.sh examples   # what the examples need (CHGNet, i-PI, matplotlib)
-# torch is installed first and pinned here, so that no later package pulls a multi-GB CUDA
-# build on a CPU machine; GPU users: install the torch build you want first, then re-run.
+# Create (or update) the project's virtual environments with mlipd and what its tests and
+# examples need. Usage: scripts/setup.sh [all|main|e3nn|examples]   (default: all)
+#
+#   .venv       mlipd[test]: CHGNet, MACE (mace-torch pins e3nn==0.4.4), TensorNet (matgl),
+#               i-PI, the examples' needs; `examples` installs only mlipd[examples] there
+#   .venv-e3nn  mlipd[test-e3nn]: SevenNet (sevenn) and eSEN (fairchem-core), which need
+#               e3nn>=0.5 and so cannot share an environment with mace-torch
+#
+# Each is resolved by pip alone, without overrides. torch is installed first and pinned
+# here, so that no later package pulls a multi-GB CUDA build on a CPU machine; GPU users:
+# install the torch build you want into the environment first, then re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${1:-test}
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-. .venv/bin/activate
+WHICH=${1:-all}
+case "$WHICH" in all|main|e3nn|examples) ;;
+  *) echo "usage: $0 [all|main|e3nn|examples]" >&2; exit 2 ;; esac
+
 # pip's failures propagate (pipefail); only its notes about unreadable local indexes are dropped
-pip_install() { python -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
-pip_install --upgrade pip
-python -c "import torch" 2>/dev/null || pip_install "torch==${MLIPD_TORCH_VERSION:-2.13.0}"
-pip_install -e ".[$EXTRAS]"
-if [ "$EXTRAS" = test ]; then
-  # eSEN (fairchem-core) pins e3nn>=0.5 while mace-torch pins e3nn==0.4.4. eSEN only uses
-  # e3nn's ToS2Grid/FromS2Grid/Irreps, which 0.4.4 has, so fairchem-core goes in without its
-  # pins, with just the packages its import needs (torchtnt needs pkg_resources: setuptools<81).
-  if ! python -c "import fairchem.core" 2>/dev/null; then
-    pip_install --no-deps "fairchem-core==2.24.0" "torchtnt==0.2.4"
-    pip_install hydra-core pyre-extensions "wandb==0.31.0" backoff websockets submitit "setuptools<81"
-  fi
-  python -c "import torch, mlipd, chgnet, mace, matgl, fairchem.core, ipi
-print('mlipd', mlipd.__version__, 'torch', torch.__version__)"
-else
-  python -c "import torch, mlipd, chgnet, ipi, matplotlib
-print('mlipd', mlipd.__version__, 'torch', torch.__version__)"
-fi
+pip_install() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+
+make_env() {  # make_env DIR EXTRAS IMPORTS
+  VENV=$1
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  pip_install --upgrade pip
+  "$VENV/bin/python" -c "import torch" 2>/dev/null ||
+    pip_install "torch==${MLIPD_TORCH_VERSION:-2.13.0}"
+  pip_install -e ".[$2]"
+  "$VENV/bin/python" -W ignore -c "import torch, mlipd, $3
+print('$VENV: mlipd', mlipd.__version__, 'torch', torch.__version__)"
+}
+
+case "$WHICH" in
+  examples) make_env .venv examples "chgnet, ipi, matplotlib" ;;
+  main) make_env .venv test "chgnet, mace, matgl, ipi" ;;
+  e3nn) make_env .venv-e3nn test-e3nn "sevenn, fairchem.core, ipi" ;;
+  all) make_env .venv test "chgnet, mace, matgl, ipi"
+       make_env .venv-e3nn test-e3nn "sevenn, fairchem.core, ipi" ;;
+esac

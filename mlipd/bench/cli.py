@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from mlipd.engine.devices import resolve_device
 
     device = str(resolve_device(args.device))
-    names = list(SUITES) if "all" in args.suites else list(dict.fromkeys(args.suites))
+    names = available(SUITES) if "all" in args.suites else list(dict.fromkeys(args.suites))
     command = " ".join(["mlipd", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else (
         f"mlipd bench {' '.join(names)} --size {args.size} --device {args.device}")
     overall = Deadline(args.deadline)
@@ -66,6 +66,23 @@ def run(args: argparse.Namespace) -> int:
         return _run_suites(args, names, device, command, overall, threads)
     finally:
         torch.set_num_threads(before)
+
+
+def available(names) -> list[str]:
+    """The suites whose packages (``REQUIRES``) this environment has: SevenNet and eSEN
+    live in the e3nn>=0.5 environment, MACE in the other (README, "two environments")."""
+    from importlib.util import find_spec
+
+    out = []
+    for name in names:
+        needs = getattr(importlib.import_module(f"mlipd.bench.suites.{name}"), "REQUIRES", ())
+        missing = [p for p in needs if find_spec(p) is None]
+        if missing:
+            log.warning("skipping suite %s: %s not installed in this environment", name,
+                        ", ".join(missing))
+        else:
+            out.append(name)
+    return out
 
 
 def _budget(suite, size: str, device: str) -> float:

@@ -1,8 +1,9 @@
 """eSEN / UMA (fairchem-core's ``eSCNMDBackbone`` + an energy head) as an mlipd model.
 
-``--model esen:PATH[,task=NAME][,charge=Q][,spin=S]`` loads a fairchem inference
-checkpoint (``MLIPInferenceCheckpoint``, as fairchem saves them) with fairchem's own
-loader, then runs the backbone's layer loop on mlipd's local graph:
+``--model esen:PATH|NAME[,task=NAME][,charge=Q][,spin=S][,offline=1]`` loads a fairchem
+inference checkpoint (``MLIPInferenceCheckpoint``, as fairchem saves them; NAME: one
+registered by fairchem, from its cache) with fairchem's own loader, then runs the
+backbone's layer loop on mlipd's local graph:
 
 - fairchem's ``edge_index`` is [source, target] with the vector from target to source
   and messages aggregated into the target: mlipd's [sender, receiver] and
@@ -37,18 +38,24 @@ from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
 from mlipd.models.esen_graph import max_neighbors_mask
 from mlipd.models.esen_tasks import EnergyTask, energy_task
-from mlipd.models.options import parse_options
+from mlipd.models.options import flag, parse_options
 
 log = logging.getLogger(__name__)
 
 
-SYNTAX = "esen:PATH[,task=NAME][,charge=Q][,spin=S]"
+SYNTAX = "esen:PATH|NAME[,task=NAME][,charge=Q][,spin=S][,offline=1]"
 
 
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object]:
-    """(HydraModel, MLIPInferenceCheckpoint) from a fairchem inference checkpoint."""
+def load_checkpoint(path: str | Path, *, offline: bool = False) -> tuple[torch.nn.Module, object]:
+    """(HydraModel, MLIPInferenceCheckpoint) from a fairchem inference checkpoint file, or
+    a name registered by fairchem (``esen-sm-conserving-all-omol``...) from fairchem's
+    cache (``mlipd.models.pretrained``)."""
     from fairchem.core.units.mlip_unit.utils import load_inference_model
 
+    from mlipd.models.pretrained import fairchem_checkpoint, looks_like_path
+
+    if not looks_like_path(str(path)):
+        path = fairchem_checkpoint(str(path), offline=offline)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fairchem checkpoint at {path}")
@@ -78,13 +85,14 @@ class ESENModel(torch.nn.Module):
         checkpoint = None
         if path is not None:
             path, opts = parse_options(path, model="esen", syntax=SYNTAX, positional=True,
-                                       keys={"task": str, "charge": int, "spin": int})
+                                       keys={"task": str, "charge": int, "spin": int,
+                                             "offline": flag})
             task = opts.get("task", task)
             charge = opts.get("charge", charge)
             spin = opts.get("spin", spin)
             if path is None:
                 raise ValueError(f"esen needs a fairchem checkpoint: --model {SYNTAX}")
-            model, checkpoint = load_checkpoint(path)
+            model, checkpoint = load_checkpoint(path, offline=opts.get("offline", False))
         if model is None:
             raise ValueError("esen needs a fairchem checkpoint: --model esen:PATH")
         backbone = getattr(model, "backbone", None)

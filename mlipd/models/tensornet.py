@@ -1,7 +1,8 @@
 """TensorNet (matgl, PyG backend) on mlipd's partitioned graph: ``--model tensornet:DIR``.
 
 DIR is a model directory written by matgl (``Potential.save`` / training): model.json,
-model.pt, state.pt. It is loaded from the local filesystem only (never the hub).
+model.pt, state.pt; NAME a model of matgl's Hugging Face org in matgl's cache
+(``tensornet:TensorNet-MatPES-PBE-v2025.1-PES``, see ``mlipd.models.pretrained``).
 
 The adapter reuses matgl's modules and weights (bond expansion, tensor embedding,
 interactions, output norm, readout, ZBL parameters, element references) and writes
@@ -30,16 +31,24 @@ from matgl.models import TensorNet
 from matgl.utils.maths import decompose_tensor, tensor_norm
 
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index
-from mlipd.models.options import parse_options
+from mlipd.models.options import flag, parse_options
 
 log = logging.getLogger(__name__)
 
 
-def load_matgl_dir(path: str | Path) -> torch.nn.Module:
-    """A matgl model directory from the local filesystem (matgl.load_model would fall
-    back to the Hugging Face hub for a name it cannot find: we never let it)."""
+SYNTAX = "tensornet:DIR|NAME[,offline=1]"
+
+
+def load_matgl_dir(path: str | Path, *, offline: bool = False) -> torch.nn.Module:
+    """A matgl model directory from the local filesystem, or a published name
+    (``materialyze/NAME``) from matgl's cache (``mlipd.models.pretrained``: downloaded by
+    matgl only when allowed; matgl.load_model alone would wait on the hub)."""
     import matgl
 
+    from mlipd.models.pretrained import looks_like_path, matgl_dir
+
+    if str(path) and not looks_like_path(str(path)):
+        path = matgl_dir(str(path), offline=offline)
     path = Path(path)
     if not (path / "model.json").is_file() or not (path / "model.pt").is_file():
         raise FileNotFoundError(f"no matgl model directory at {path} (model.json, model.pt)")
@@ -58,11 +67,11 @@ class TensorNetModel(torch.nn.Module):
     def __init__(self, path: str | None = None, *, potential: torch.nn.Module | None = None):
         super().__init__()
         if path is not None:
-            path, _ = parse_options(path, model="tensornet", syntax="tensornet:DIR",
-                                    positional=True)
-            potential = load_matgl_dir(path or "")
+            path, opts = parse_options(path, model="tensornet", syntax=SYNTAX, positional=True,
+                                       keys={"offline": flag})
+            potential = load_matgl_dir(path or "", offline=opts.get("offline", False))
         if potential is None:
-            raise ValueError("tensornet needs a model directory: --model tensornet:DIR")
+            raise ValueError(f"tensornet needs a model directory or name: --model {SYNTAX}")
         if not isinstance(potential, Potential):
             raise ValueError(f"tensornet: {type(potential).__name__} is not a matgl Potential")
         net = potential.model

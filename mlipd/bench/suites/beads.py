@@ -29,6 +29,7 @@ from mlipd.bench.timing import interleaved
 from mlipd.bench.zoo import make_case, package_calculator, package_efs
 from mlipd.types import Structure
 
+REQUIRES = ("chgnet",)
 DESCRIPTION = "beads per second: batched vs one by one vs the package's batched path"
 BUDGET_S = {"tiny": 120.0, "quick": 40.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 25.0}  # one GPU session: all suites in ~9 min

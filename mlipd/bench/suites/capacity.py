@@ -30,6 +30,7 @@ from mlipd.bench.timing import ContenderFailed, Deadline, interleaved
 from mlipd.bench.workers import Worker, setup_all
 from mlipd.bench.zoo import make_case
 
+REQUIRES = ("chgnet", "mace", "matgl")
 DESCRIPTION = "growing systems until out of memory or a time limit: mlipd vs each package"
 BUDGET_S = {"tiny": 300.0, "quick": 120.0, "full": 4 * 3600.0}
 GPU_BUDGET_S = {"full": 170.0}  # one GPU session: all suites in ~9 min

@@ -11,6 +11,7 @@ from mlipd.bench.report import Report
 from mlipd.bench.systems import Jiggle, oxide, silicon
 from mlipd.bench.timing import interleaved
 
+REQUIRES = ("chgnet",)
 DESCRIPTION = "DistributedEngine(ranks=1) vs LocalEngine; host-to-device bytes per step"
 BUDGET_S = {"tiny": 90.0, "quick": 30.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 25.0}  # one GPU session: all suites in ~9 min

@@ -25,6 +25,7 @@ from mlipd.bench.systems import silicon
 from mlipd.bench.timing import Deadline, Timing
 from mlipd.bench.zoo import make_case
 
+REQUIRES = ("chgnet", "mace", "ipi")
 DESCRIPTION = "i-PI PIMD: mlipd drive vs i-PI's own Python driver, same model"
 BUDGET_S = {"tiny": 150.0, "quick": 60.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 60.0}  # one GPU session: all suites in ~9 min

@@ -19,11 +19,12 @@ from mlipd.bench import contenders
 from mlipd.bench.report import Report
 from mlipd.bench.zoo import make_case
 
+REQUIRES = ("chgnet", "mace", "matgl")
 DESCRIPTION = "ms per warm call at 8-512 atoms: mlipd MD step, mlipd rebuilding, package"
 BUDGET_S = {"tiny": 120.0, "quick": 40.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 MODELS = {"tiny": ("chgnet", "mace"), "quick": ("chgnet", "mace", "tensornet"),
-          "full": ("chgnet", "mace", "tensornet", "esen")}
+          "full": ("chgnet", "mace", "tensornet")}
 SIZES = {"tiny": [8], "quick": [8, 64], "full": [8, 64, 216, 512]}
 REPEATS = {"tiny": 3, "quick": 5, "full": 20}
 SCALE = {"tiny": "small", "quick": "small", "full": "large"}

@@ -27,6 +27,7 @@ from mlipd.bench.report import Report
 from mlipd.bench.timing import Deadline, Timing
 from mlipd.bench.workers import Worker
 
+REQUIRES = ("ipi",)
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
 BUDGET_S = {"tiny": 150.0, "quick": 75.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min

@@ -24,6 +24,7 @@ from ase.build import bulk, molecule
 
 from mlipd.bench.report import Report
 
+REQUIRES = ("pymetis",)
 DESCRIPTION = "halo, balance and partition time: slab vs RCB vs METIS vs a ghost shell"
 BUDGET_S = {"tiny": 60.0, "quick": 20.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 15.0}  # one GPU session: all suites in ~9 min

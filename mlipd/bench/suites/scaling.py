@@ -30,6 +30,7 @@ from mlipd.bench.timing import ContenderFailed, Deadline, Timing, interleaved
 from mlipd.bench.workers import Worker, setup_all
 from mlipd.bench.zoo import make_case
 
+REQUIRES = ("chgnet", "mace")
 DESCRIPTION = "P ranks: step time, peak memory per rank, halo rows per rank"
 BUDGET_S = {"tiny": 150.0, "quick": 60.0, "full": 2 * 3600.0}
 GPU_BUDGET_S = {"full": 90.0}  # one GPU session: all suites in ~9 min

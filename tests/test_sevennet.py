@@ -1,0 +1,195 @@
+"""SevenNet (sevenn) through mlipd, with the pretrained weights that ship in the sevenn wheel.
+
+References are sevenn's own: its ASE calculator (float32, as sevenn runs), and in float64
+its own modules run in its own order on its own graph (``sevenn_float64``). Runs in the
+e3nn>=0.5 environment (``.venv-e3nn``, see scripts/setup.sh).
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cache
+
+import numpy as np
+import pytest
+import sevenn._keys as KEY
+import sevenn.util
+import torch
+from ase import Atoms
+from model_cases import bulk_box, check_distributed, molecule, rel, slab, small_triclinic
+from sevenn.atom_graph_data import AtomGraphData
+from sevenn.calculator import SevenNetCalculator
+from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+from mlipd.bench.systems import oxide
+from mlipd.engine.local import LocalEngine
+from mlipd.errors import ModelUnavailable
+from mlipd.models import caches
+from mlipd.models.pretrained import sevennet_checkpoint
+from mlipd.models.registry import load_model
+from mlipd.models.sevennet import SevenNetModel
+from mlipd.types import Structure
+
+pytestmark = [pytest.mark.e3nn, pytest.mark.timeout(600)]
+warnings.filterwarnings("ignore", category=UserWarning)
+
+ZS = (8, 12, 25, 28)  # O, Mg, Mn, Ni
+
+
+def cases() -> dict[str, Atoms]:
+    return {"oxide": oxide(64), "slab": slab(ZS), "triclinic": small_triclinic(ZS)}
+
+
+@cache
+def calculator(name: str = "7net-0", modal: str | None = None) -> SevenNetCalculator:
+    return SevenNetCalculator(name, device="cpu", modal=modal)
+
+
+@cache
+def adapter(name: str = "7net-0", modal: str | None = None) -> SevenNetModel:
+    return SevenNetModel(name if modal is None else f"{name},modal={modal}")
+
+
+@cache
+def adapter64() -> SevenNetModel:
+    """SevenNet-0 in float64, its own copy (sevenn_float64 runs its modules directly)."""
+    return SevenNetModel("7net-0").double()
+
+
+def sevenn_float64(model, atoms: Atoms) -> tuple[float, np.ndarray, np.ndarray]:
+    """sevenn's modules in sevenn's order on sevenn's graph, in float64: (energy eV,
+    forces eV/Å, stress eV/Å³ 3x3, ASE sign). Only the one-hot embedding, which sevenn
+    always makes float32, is cast (sevenn's AtomGraphData is float32 otherwise)."""
+    raw = unlabeled_atoms_to_graph(atoms, model.cutoff)
+    data = AtomGraphData(**{k: sevenn.util.dtype_correct(v, torch.float64)
+                            for k, v in raw.items()})
+    model.set_is_batch_data(False)
+    data = model._preprocess(data)
+    for name, module in model._modules.items():
+        data = module(data)
+        if name == "onehot_idx_to_onehot":
+            data[KEY.NODE_FEATURE] = data[KEY.NODE_FEATURE].double()
+            data[KEY.NODE_ATTR] = data[KEY.NODE_ATTR].double()
+    model.set_is_batch_data(True)
+    xx, yy, zz, xy, yz, zx = (-data[KEY.PRED_STRESS]).detach().numpy()
+    stress = np.array([[xx, xy, zx], [xy, yy, yz], [zx, yz, zz]])
+    return (data[KEY.PRED_TOTAL_ENERGY].item(), data[KEY.PRED_FORCE].detach().numpy(),
+            stress)
+
+
+def test_names_resolve_as_sevenn_does():
+    """mlipd's table of sevenn's names is sevenn's; every spelling sevenn accepts for a
+    shipped model gives sevenn's own file."""
+    from sevenn import _const
+
+    assert set(caches.SEVENNET_FILES) == set(sevenn.util.get_available_pretrained_models())
+    for name, rel_path in caches.SEVENNET_FILES.items():
+        const = {v: k for k, v in vars(_const).items() if isinstance(v, str)}
+        assert f"{_const._prefix}/{rel_path}" in const, name
+    for name in ("7net-0", "SevenNet-0", "sevennet-0_11Jul2024", "7net-l3i5", "7net-mf-0",
+                 "7net-0_22may2024"):
+        assert sevennet_checkpoint(name) == sevennet_checkpoint(name, offline=True)
+        assert str(sevennet_checkpoint(name)) == sevenn.util.pretrained_name_to_path(name)
+    shipped = {f.name for f in caches.sevennet_files() if f.present and f.url is None}
+    assert shipped == set(caches.SEVENNET_BUNDLED)
+
+
+def test_missing_download_fails_at_once(monkeypatch, tmp_path):
+    """A name sevenn would download: with offline=1, or no route to the host, a one-line
+    error names the file and the folder (no download, no wait)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match=r"checkpoint_sevennet_omat\.pth is not in .*"
+                       r"\.cache/sevennet.*offline=1"):
+        load_model("sevennet:7net-omat,offline=1")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens: refused
+    with pytest.raises(ModelUnavailable, match="cannot be reached"):
+        load_model("sevennet:7net-omat")
+    with pytest.raises(ModelUnavailable, match="unknown name"):
+        load_model("sevennet:8net-0")
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "triclinic"])
+def test_sevennet0_equals_sevenn_calculator_float32(name):
+    """SevenNet-0 pretrained, float32 (mlipd's default): within 1e-5 eV/atom and
+    1e-4 eV/Å of sevenn's own ASE calculator."""
+    atoms = cases()[name]
+    (got,) = LocalEngine(adapter(), dtype=torch.float32).compute([Structure.from_atoms(atoms)])
+    ref = atoms.copy()
+    ref.calc = calculator()
+    assert abs(got.energy - ref.get_potential_energy()) / len(atoms) < 1e-5
+    assert np.abs(got.forces - ref.get_forces()).max() < 1e-4
+    if atoms.pbc.all():
+        assert np.abs(got.stress(atoms.cell.array) - ref.get_stress(voigt=False)).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "triclinic"])
+def test_sevennet0_equals_sevenn_float64(name):
+    """float64: sevenn's own forward in float64 to 1e-8 relative (sums over hundreds of
+    edges in another order; the 3-atom cell's stress differs by ~1e-10)."""
+    atoms = cases()[name]
+    model = adapter64()
+    energy, forces, stress = sevenn_float64(model.seven, atoms)
+    (got,) = LocalEngine(model, dtype=torch.float64).compute([Structure.from_atoms(atoms)])
+    assert rel(got.energy, energy) < 1e-8
+    assert rel(got.forces, forces) < 1e-8
+    if atoms.pbc.all():
+        assert rel(got.stress(atoms.cell.array), stress) < 1e-8
+
+
+def test_multi_fidelity_needs_modal():
+    """7net-mf-0 with modal=PBE equals sevenn's calculator with the same modal; R2SCAN
+    differs (the modality reaches the model); no modal is a clear error."""
+    atoms = cases()["oxide"]
+    ref = atoms.copy()
+    ref.calc = calculator("7net-mf-0", "PBE")
+    s = [Structure.from_atoms(atoms)]
+    (pbe,) = LocalEngine(adapter("7net-mf-0", "PBE"), dtype=torch.float32).compute(s)
+    assert abs(pbe.energy - ref.get_potential_energy()) / len(atoms) < 1e-5
+    assert np.abs(pbe.forces - ref.get_forces()).max() < 1e-4
+    (r2scan,) = LocalEngine(adapter("7net-mf-0", "R2SCAN"), dtype=torch.float32).compute(s)
+    assert abs(r2scan.energy - pbe.energy) / len(atoms) > 1e-3
+    with pytest.raises(ValueError, match="modal=NAME"):
+        SevenNetModel(model=adapter("7net-mf-0", "PBE").seven)
+
+
+# P = 4 by default (a 3-atom cell leaves a rank without atoms); 2 and 3 with -m slow
+@pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 4])
+def test_distributed_equals_single(ranks, one_torch_thread):
+    """float64, P ranks equal P = 1 to 1e-10 with every atom and edge owned once (the
+    engine's counters), on a bulk box, a small triclinic cell, a slab and a molecule."""
+    structures = {"bulk": bulk_box(ZS, reps=3), "triclinic": small_triclinic(ZS),
+                  "slab": slab(ZS), "molecule": molecule(ZS)}
+    check_distributed("sevennet", adapter(), ranks, structures)
+
+
+def test_drives_real_ipi(processes, short_tmp):
+    """``mlipd drive --model sevennet`` against the real i-PI for 20 NVT steps: i-PI's
+    forces and potential equal the engine on the positions i-PI recorded."""
+    from helpers_ipi import ipi_xml, run_ipi_and_driver, unix_socket_xml
+
+    atoms = oxide(8)
+    atoms.write(short_tmp / "init.xyz", format="extxyz")
+    prefix = f"{short_tmp}/ipi_"
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("7n"),
+                                      sockets_prefix=prefix, steps=20, temperature_k=300),
+        driver_args=["--address", "unix:7n", "--sockets-prefix", prefix, "--structure",
+                     "init.xyz", "--model", "sevennet", "--dtype", "float64"],
+        timeout=300)
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    props = run.properties()
+    assert props.shape[0] == 21
+    positions, forces = run.frames("pos", 0), run.frames("for", 0)
+    engine = LocalEngine(adapter(), dtype=torch.float64)
+    for step in range(0, 21, 5):
+        s = Structure(numbers=atoms.numbers, positions=positions[step], cell=atoms.cell.array,
+                      pbc=True)
+        (r,) = engine.compute([s])
+        # i-PI's files keep 8 decimals: positions rounded by 5e-9 Å move an oxide's
+        # forces by ~1e-7 eV/Å (force constants ~20 eV/Å²)
+        np.testing.assert_allclose(forces[step], r.forces, rtol=1e-6, atol=2e-7)
+        np.testing.assert_allclose(props[step, 4], r.energy, rtol=1e-6)
+    assert np.abs(positions[20] - positions[0]).max() > 1e-3
