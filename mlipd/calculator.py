@@ -26,13 +26,15 @@ class MlipdCalculator(Calculator):
     """energy, free_energy (eV), forces (N, 3) eV/Å, stress (6,) eV/Å³ (periodic cells only).
 
     endpoint: the server's ZeroMQ address; or pass ``backend`` instead
-    timeout_s, retries: passed to ``mlipd.client.Client``
+    timeout_s, heartbeat_s, connect_timeout_s, curve: passed to ``mlipd.client.Client``
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, endpoint: str | None = None, *, backend: Backend | None = None,
-                 timeout_s: float = 60.0, retries: int = 3, **kwargs: Any) -> None:
+                 timeout_s: float = 3600.0, heartbeat_s: float = 10.0,
+                 connect_timeout_s: float = 10.0, curve: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if (endpoint is None) == (backend is None):
             raise CalculatorSetupError("give either an endpoint or a backend")
@@ -40,7 +42,8 @@ class MlipdCalculator(Calculator):
         if backend is None:
             from mlipd.client import Client
 
-            backend = Client(endpoint, timeout_s=timeout_s, retries=retries)
+            backend = Client(endpoint, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
+                             connect_timeout_s=connect_timeout_s, curve=curve)
         self.backend = backend
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

@@ -34,6 +34,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="number of local ranks the structure is partitioned across")
     p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
                    help="give up on a collective (a rank that stopped answering) after S s")
+    from mlipd.engine.robustness import add_options as add_robustness_options
+
+    add_robustness_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(serve)
 
     sub.add_parser("models", help="list the registered models")
+
+    from mlipd.server.cli import add_keygen_arguments, add_stats_arguments
+
+    add_stats_arguments(sub.add_parser("stats", help="print a running server's counters"))
+    add_keygen_arguments(sub.add_parser("keygen", help="write CURVE keys for serve --curve"))
 
     from mlipd.bench.cli import add_arguments as add_bench
 
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace, *, world=None) -> int:
             from mlipd.bench.cli import run as run_command
         elif args.command == "drive":
             from mlipd.driver.cli import run as run_command
+        elif args.command in ("stats", "keygen"):
+            from mlipd.server.cli import run_tool as run_command
         else:
             from mlipd.server.cli import run as run_command
         return run_command(args)
@@ -99,10 +109,12 @@ def run(args: argparse.Namespace, *, world=None) -> int:
 def engine_from_args(args: argparse.Namespace):
     """The engine the engine options ask for (``add_engine_options``)."""
     from mlipd.engine import make_engine
+    from mlipd.engine.robustness import limits_from
 
     return make_engine(args.model, device=args.device, devices=args.devices,
                        backend=args.backend, dtype=args.dtype, ranks=args.ranks,
-                       world=getattr(args, "world", None), timeout_s=args.collective_timeout)
+                       world=getattr(args, "world", None), timeout_s=args.collective_timeout,
+                       limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

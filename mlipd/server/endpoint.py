@@ -1,33 +1,51 @@
-"""The ZeroMQ front end: a ROUTER socket polled by the engine loop (``mlipd.server.worker``).
+"""The ZeroMQ front end: a ROUTER socket served by a thread of its own.
 
-Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload
-frame, a REQ client an empty delimiter before it; both work, the envelope goes
-back unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
-``info``/``ping``/``stats`` are answered at once; compute requests go to the
-scheduler, and their replies are sent by ``flush`` after the engine call. Every
-failure is an error reply; a frame larger than ``max_message_bytes`` makes zmq
-drop that peer's connection (ZMQ_MAXMSGSIZE). All methods run on the loop thread.
+Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload frame,
+a REQ client an empty delimiter before it; both work, the envelope goes back
+unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
+
+Why a thread of its own: ``ping``, ``info``, ``stats`` and ``busy`` are answered
+while the engine computes (torch cannot be interrupted, and a long engine call must
+not look like a dead server). Compute requests go to the engine worker
+(``mlipd.server.worker``); their replies are packed on the engine thread when the
+future resolves, queued here and sent by this thread, which alone touches the
+socket. A request repeated with the same id on the same connection (a client's
+heartbeat) is answered from the ``Ledger``: ``pending`` while it is queued or
+computing, the same reply once finished; it is never computed twice.
+
+Every failure is an error reply: bad frames (``protocol``), bad fields
+(``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
+unexpected exception (``internal``). A frame larger than ``max_message_bytes``
+makes zmq drop that peer's connection (ZMQ_MAXMSGSIZE).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
 
-from mlipd.errors import Busy, MlipdError, ProtocolError, UnknownSpecies
+from mlipd.errors import Busy, MlipdError, ProtocolError, SetupError, UnknownSpecies
 from mlipd.protocols import zmq_msgs
+from mlipd.protocols.zmq_address import parse_zmq_address
+from mlipd.server.ledger import Entry, Ledger
 from mlipd.server.metrics import Metrics
+from mlipd.server.security import CurveServer, IpcSocket, check_reach
 from mlipd.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 _RECV_BURST = 64  # messages read per wake-up before replies get a turn
+_LINGER_MS = 2000  # replies still queued at close get this long to leave
 
 
 def max_message_bytes(max_atoms: int, max_structures: int) -> int:
@@ -38,16 +56,20 @@ def max_message_bytes(max_atoms: int, max_structures: int) -> int:
 class ZmqEndpoint:
     """Serve ``address`` (``tcp://host:port``, port ``*`` or 0 picks one; ``ipc://path``).
 
-    info:  the ``info`` op's value
-    stats: returns the ``stats`` op's value
+    info:    the ``info`` op's value
+    stats:   returns the ``stats`` op's value
     species: atomic numbers the model knows (None: any); others get ``unknown_species``
+    allow_remote: bind beyond loopback
+    curve:   CURVE keys and authenticator (``mlipd.server.security``), or None
+    context: the zmq context (the authenticator must share it)
     """
 
     def __init__(self, address: str, *, worker: EngineWorker, info: Mapping[str, Any],
                  stats: Callable[[], Mapping[str, Any]], metrics: Metrics,
-                 species: frozenset[int] | None = None,
+                 context: zmq.Context, species: frozenset[int] | None = None,
                  max_atoms: int = zmq_msgs.DEFAULT_MAX_ATOMS,
-                 max_structures: int = zmq_msgs.DEFAULT_MAX_STRUCTURES) -> None:
+                 max_structures: int = zmq_msgs.DEFAULT_MAX_STRUCTURES,
+                 allow_remote: bool = False, curve: CurveServer | None = None) -> None:
         self.worker = worker
         self.info = dict(info)
         self.stats = stats
@@ -55,56 +77,103 @@ class ZmqEndpoint:
         self.species = species
         self.max_atoms = max_atoms
         self.max_structures = max_structures
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        self.ledger = Ledger()
+        parsed = parse_zmq_address(address, bind=True)
+        check_reach(parsed, allow_remote=allow_remote)
+        self._ipc = IpcSocket(parsed.path) if parsed.transport == "ipc" else None
+        if self._ipc is not None:
+            self._ipc.check_free()
+        self._sock = context.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_atoms, max_structures))
-        self._sock.setsockopt(zmq.LINGER, 1000)
-        if address.startswith("tcp://") and address.endswith(":0"):
-            address = address[:-2] + ":*"  # zmq spells "any free port" as *
+        self._sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client's reconnect keeps its id
+        if parsed.ipv6:  # only then: IPv4 addresses would be reported v4-mapped
+            self._sock.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            curve.apply(self._sock)
         try:
-            self._sock.bind(address)
+            with self._ipc.owner_only() if self._ipc else contextlib.nullcontext():
+                self._sock.bind(parsed.text)
         except zmq.ZMQError as e:
             self._sock.close(0)
-            self._ctx.term()
-            from mlipd.errors import SetupError
-
             raise SetupError(f"cannot bind ZeroMQ endpoint {address!r}: {e}") from e
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.socket = self._sock
-        self._replies: deque[tuple[list[bytes], int, Future]] = deque()
+        self._outbox: deque[tuple[list[bytes], bytes]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._accepting = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"mlipd-zmq-{self.address}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
 
     def stop_accepting(self) -> None:
-        """New compute requests get ``busy`` from now on; queued ones are still answered."""
+        """New compute requests get ``busy`` from now on; queued ones are still answered,
+        and ``ping``/``info``/``stats`` too."""
         self._accepting = False
 
     def close(self) -> None:
-        """Close the socket (after the loop thread has stopped)."""
-        self._sock.close(linger=1000)
-        self._ctx.term()
+        """Send every reply queued so far, stop the thread, close the socket (call after
+        the engine worker has finished or abandoned its requests)."""
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self._send_outbox()  # what a late done-callback queued
+        self._sock.close(linger=_LINGER_MS)
+        self._wake_r.close()
+        self._wake_w.close()
+        if self._ipc is not None:
+            self._ipc.remove()
 
-    def on_readable(self) -> None:
-        """Read what has arrived (a bounded burst, so replies get their turn)."""
+    # ------------------------------------------------------------ the I/O thread
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        while True:
+            try:
+                events = dict(poller.poll(500))
+                if self._wake_r.fileno() in events:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                self._send_outbox()
+                if self._sock in events:
+                    self._read_burst()
+                if self._stop.is_set():
+                    self._send_outbox()
+                    return
+            except Exception:  # this thread's one catch-all: log, keep serving
+                log.exception("ZeroMQ endpoint %s: unexpected error", self.address)
+
+    def _read_burst(self) -> None:
         for _ in range(_RECV_BURST):
             try:
                 # zero-copy frames: msgpack reads the payload in place
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._handle(frames)
-
-    def flush(self) -> None:
-        """Send the replies of finished requests."""
-        while self._replies:
-            envelope, rid, fut = self._replies.popleft()
-            exc = fut.exception()
+            if len(frames) < 2:
+                continue  # no routing id: cannot answer
+            envelope = [f.bytes for f in frames[:-1]]
             try:
-                payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
-                           else zmq_msgs.pack_error(rid, exc))
-            except (TypeError, ValueError, OverflowError) as e:  # e.g. extras msgpack cannot hold
-                err = MlipdError(f"cannot encode the result: {e}")
-                self.metrics.on_error(err.code)
-                payload = zmq_msgs.pack_error(rid, err)
+                self._handle(envelope, frames[-1].buffer)
+            except Exception as e:  # any bug in handling: an internal error reply, not silence
+                log.exception("request handling failed")
+                self._error(envelope, None, MlipdError(f"internal error: "
+                                                       f"{type(e).__name__}: {e}"))
+
+    def _send_outbox(self) -> None:
+        while self._outbox:
+            envelope, payload = self._outbox.popleft()
             self._send(envelope, payload)
 
     def _send(self, envelope: list[bytes], payload: bytes) -> None:
@@ -117,19 +186,26 @@ class ZmqEndpoint:
         self.metrics.on_error(err.code)
         self._send(envelope, zmq_msgs.pack_error(rid, err))
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
-            return  # no routing id: cannot answer
-        envelope, raw = [f.bytes for f in frames[:-1]], frames[-1].buffer
+    def _handle(self, envelope: list[bytes], raw: memoryview) -> None:
         self.metrics.on_request("zmq")
         try:
-            req = zmq_msgs.unpack_request(raw, max_atoms=self.max_atoms,
-                                          max_structures=self.max_structures)
-        except zmq_msgs.BadRequest as e:
-            self._error(envelope, e.req_id, e)
-            return
+            msg = zmq_msgs.load_request(raw, max_structures=self.max_structures)
         except ProtocolError as e:
             self._error(envelope, None, e)
+            return
+        rid = zmq_msgs.request_id(msg)
+        op = msg.get("op") if isinstance(msg, Mapping) else None
+        key = (tuple(envelope), rid)
+        if rid is not None and isinstance(op, str) and op in zmq_msgs.COMPUTE_OPS:
+            entry = self.ledger.get(key)
+            if entry is not None:
+                self._repeat(envelope, rid, entry)
+                return
+        try:
+            req = zmq_msgs.check_request(msg, max_atoms=self.max_atoms,
+                                         max_structures=self.max_structures)
+        except zmq_msgs.BadRequest as e:
+            self._error(envelope, e.req_id, e)
             return
         self.metrics.on_request(req.op)
         if req.op == "ping":
@@ -139,15 +215,25 @@ class ZmqEndpoint:
         elif req.op == "stats":
             self._send(envelope, zmq_msgs.pack_value(req.id, self.stats()))
         else:
-            self._compute(envelope, req)
+            self._compute(envelope, key, req)
 
-    def _compute(self, envelope: list[bytes], req: zmq_msgs.Request) -> None:
+    def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
+        self.metrics.on_request("repeat")
+        if entry.reply is not None:
+            self._send(envelope, entry.reply)
+            return
+        fut = entry.future
+        state = "computing" if fut is not None and (fut.running() or fut.done()) else "queued"
+        self._send(envelope, zmq_msgs.pack_pending(rid, state=state,
+                                                   waited_s=self.ledger.clock() - entry.arrived))
+
+    def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
                 if unknown:
                     self._error(envelope, req.id, UnknownSpecies(
-                        f"structure {k}: model does not know atomic numbers {sorted(unknown)}"))
+                        f"structure {k}: model does not know {_names(unknown)}"))
                     return
         if not self._accepting:
             self._error(envelope, req.id, Busy("server is shutting down"))
@@ -157,6 +243,25 @@ class ZmqEndpoint:
         except Busy as e:
             self._error(envelope, req.id, e)
             return
+        self.ledger.start(key, fut)
+        fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
-        # the future resolves on the loop thread, which then calls flush
-        fut.add_done_callback(lambda f: self._replies.append((envelope, req.id, f)))
+    def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:
+        """On the thread that resolved ``fut`` (the engine's): pack, remember, queue."""
+        exc = fut.exception()
+        try:
+            payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
+                       else zmq_msgs.pack_error(rid, exc))
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. extras msgpack cannot hold
+            err = MlipdError(f"cannot encode the result: {e}")
+            self.metrics.on_error(err.code)
+            payload = zmq_msgs.pack_error(rid, err)
+        self.ledger.finish(key, payload)
+        self._outbox.append((envelope, payload))
+        self._wake()
+
+
+def _names(numbers: set[int]) -> str:
+    from ase.data import chemical_symbols
+
+    return ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(numbers))
