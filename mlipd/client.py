@@ -156,7 +156,7 @@ class Client:
         rid = next(self._ids)
         raw = zmq_msgs.pack_request(rid, op, structures, virial=virial)
         copy = len(raw) < 65536  # large: zero-copy
-        self._sock.send(raw, copy=copy)
+        self._send(raw, copy=copy)
         start = heard = time.monotonic()
         resend_every = heartbeat_s / 4
         next_send = start + resend_every
@@ -182,8 +182,16 @@ class Client:
                     return reply
                 heard, pending = time.monotonic(), reply.value
             elif time.monotonic() >= next_send:
-                self._sock.send(raw, copy=copy)  # heartbeat: same id, same socket
+                self._send(raw, copy=copy)  # heartbeat: same id, same socket
                 next_send = time.monotonic() + resend_every
+
+    def _send(self, raw: bytes, *, copy: bool) -> None:
+        """Never block: with no connected peer (server down, a refused CURVE handshake)
+        a DEALER would wait forever; the next heartbeat sends again instead."""
+        try:
+            self._sock.send(raw, zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            log.debug("%s: not connected; will try again", self.endpoint)
 
 
 def connect(endpoint: str, **options: Any) -> Client:
