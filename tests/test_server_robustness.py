@@ -193,10 +193,16 @@ def test_a_repeated_id_is_answered_not_recomputed(srv, gate):
             d.send(frame)  # after the answer: the same reply again, still no engine call
             again = d.recv()
             assert again == final
+            # a client that reuses the id for another structure gets that one computed
+            other = argon(seed=5)
+            d.send(zm.pack_request(77, "compute", [other]))
+            (got,) = zm.unpack_reply(msgpack.packb(d.recv()), expect_id=77).results
     finally:
         gate.release()
+    (ref,) = REFERENCE.compute([other])
+    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
     with Client(srv.address) as c:
-        assert c.stats()["engine_calls"] == calls_before + 1
+        assert c.stats()["engine_calls"] == calls_before + 2
 
 
 def test_a_gone_server_is_told_from_a_busy_one(tmp_path, gate):

@@ -34,10 +34,17 @@ from typing import Any
 
 import zmq
 
-from mlipd.errors import Busy, MlipdError, ProtocolError, SetupError, UnknownSpecies
+from mlipd.errors import (
+    Busy,
+    MlipdError,
+    ProtocolError,
+    SetupError,
+    UnknownSpecies,
+    ValidationError,
+)
 from mlipd.protocols import zmq_msgs
 from mlipd.protocols.zmq_address import parse_zmq_address
-from mlipd.server.ledger import Entry, Ledger
+from mlipd.server.ledger import Entry, Ledger, fingerprint
 from mlipd.server.metrics import Metrics
 from mlipd.server.security import CurveServer, IpcSocket, check_reach
 from mlipd.server.worker import EngineWorker
@@ -196,11 +203,20 @@ class ZmqEndpoint:
         rid = zmq_msgs.request_id(msg)
         op = msg.get("op") if isinstance(msg, Mapping) else None
         key = (tuple(envelope), rid)
+        fp = (0, 0)
         if rid is not None and isinstance(op, str) and op in zmq_msgs.COMPUTE_OPS:
+            fp = fingerprint(raw)
             entry = self.ledger.get(key)
-            if entry is not None:
+            if entry is not None and entry.fingerprint == fp:
                 self._repeat(envelope, rid, entry)
                 return
+            if entry is not None and entry.reply is None:
+                self._error(envelope, rid, ValidationError(
+                    f"request id {rid} is in use by another request still at work on this "
+                    "connection; give every request its own id"))
+                return
+            if entry is not None:
+                self.ledger.forget(key)  # an id reused for a new request: compute that
         try:
             req = zmq_msgs.check_request(msg, max_atoms=self.max_atoms,
                                          max_structures=self.max_structures)
@@ -215,7 +231,7 @@ class ZmqEndpoint:
         elif req.op == "stats":
             self._send(envelope, zmq_msgs.pack_value(req.id, self.stats()))
         else:
-            self._compute(envelope, key, req)
+            self._compute(envelope, key, req, fp)
 
     def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
         self.metrics.on_request("repeat")
@@ -227,7 +243,8 @@ class ZmqEndpoint:
         self._send(envelope, zmq_msgs.pack_pending(rid, state=state,
                                                    waited_s=self.ledger.clock() - entry.arrived))
 
-    def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request) -> None:
+    def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request,
+                 fp: tuple[int, int]) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
@@ -243,7 +260,7 @@ class ZmqEndpoint:
         except Busy as e:
             self._error(envelope, req.id, e)
             return
-        self.ledger.start(key, fut)
+        self.ledger.start(key, fut, fp)
         fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
     def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:

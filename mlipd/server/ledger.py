@@ -3,7 +3,10 @@ id is answered, never computed again.
 
 A ZeroMQ client resends a request (same id, same connection) as its heartbeat while
 it waits; the ledger says what to answer: ``pending`` while the request is queued or
-computing, the reply itself once it is finished. Finished replies are kept for a
+computing, the reply itself once it is finished. Each entry keeps a fingerprint of
+the request frame (length and CRC-32: 0.75 ms per 1.6 MB frame), so a client that
+reuses an id for a different request gets that request computed, never the old
+reply. Finished replies are kept for a
 short while (``keep_s``) within a byte budget, for a resend that crossed its reply;
 a request older than that is simply new again. Pending entries are bounded by the
 scheduler's queue. Thread-safe (the I/O thread reads, the engine thread finishes).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -25,8 +29,13 @@ class Entry:
 
     future: Future | None
     arrived: float
+    fingerprint: tuple[int, int] = (0, 0)
     reply: bytes | None = None
     finished: float = 0.0
+
+
+def fingerprint(frame: bytes | memoryview) -> tuple[int, int]:
+    return len(frame), zlib.crc32(frame)
 
 
 class Ledger:
@@ -53,9 +62,17 @@ class Ledger:
             self._expire()
             return self._pending.get(key) or self._finished.get(key)
 
-    def start(self, key: Hashable, future: Future) -> None:
+    def start(self, key: Hashable, future: Future, fingerprint: tuple[int, int]) -> None:
         with self._lock:
-            self._pending[key] = Entry(future=future, arrived=self.clock())
+            self._pending[key] = Entry(future=future, arrived=self.clock(),
+                                       fingerprint=fingerprint)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop a finished entry (its id is being used for another request)."""
+        with self._lock:
+            entry = self._finished.pop(key, None)
+            if entry is not None:
+                self._bytes -= len(entry.reply)
 
     def finish(self, key: Hashable, reply: bytes) -> None:
         """The request's reply is ``reply``: keep it (bounded) for a repeat."""
