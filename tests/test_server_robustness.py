@@ -343,3 +343,28 @@ def _rank_pid(server_pid: int) -> int:
         if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
             return int(pid)
     raise AssertionError(f"no rank process among {children}")
+
+
+def test_shutdown_abandons_a_stuck_engine_call_with_answers_and_exit_1(tmp_path):
+    """An engine call that outlives --shutdown-timeout: its request and the queued one
+    are answered 'unavailable' (not silence) and the exit status says it was abandoned."""
+    gate = Gate(tmp_path / "gate")
+    with running_server(["--model", gate.model, "--zmq", "tcp://127.0.0.1:0",
+                         "--shutdown-timeout", "1"],
+                        log=tmp_path / "s.log", env=plugin_env(tmp_path)) as s:
+        gate.hold()
+        try:
+            with Dealer(s.address) as running, Dealer(s.address) as queued:
+                running.send(zm.pack_request(1, "compute", [argon(seed=1)]))
+                gate.wait_started(1)
+                queued.send(zm.pack_request(2, "compute", [argon(seed=2)]))
+                with Client(s.address) as c:
+                    while c.stats()["queue_depth"] < 1:
+                        time.sleep(0.01)
+                s.proc.send_signal(signal.SIGTERM)
+                codes = [d.recv(timeout_s=60)["error"]["code"] for d in (running, queued)]
+            assert s.proc.wait(timeout=60) == 1
+        finally:
+            gate.release()
+    assert codes == ["unavailable", "unavailable"]
+    assert "abandon" in s.log_text()

@@ -112,16 +112,21 @@ def run(report: Report, *, size: str, device: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with running_server(args, log=log, env=env) as srv:
         _warm_up(srv.address)
-        rss_start = _rss_mb(srv.proc.pid)
+        rss = [_rss_mb(srv.proc.pid)]  # at 0, 25, 50, 75 and 100% of the requests sent
         t0 = time.monotonic()
         threads = [threading.Thread(target=_client, args=(srv.address, k, per_client, tally))
                    for k in range(clients)]
         for t in threads:
             t.start()
+        total = clients * per_client
+        while any(t.is_alive() for t in threads):
+            if len(rss) < 4 and tally.sent >= total * len(rss) / 4:
+                rss.append(_rss_mb(srv.proc.pid))
+            time.sleep(0.01)
         for t in threads:
             t.join()
         wall = time.monotonic() - t0
-        rss_end = _rss_mb(srv.proc.pid)
+        rss += [rss[-1]] * (4 - len(rss)) + [_rss_mb(srv.proc.pid)]
         alive = srv.proc.poll() is None
         exit_code = srv.stop()
     log.unlink(missing_ok=True)
@@ -130,10 +135,10 @@ def run(report: Report, *, size: str, device: str) -> None:
     summary = report.table(
         "Soak: every request answered, every answer checked",
         ["clients", "sent", "answered", "ok", "errors by code", "lost", "mismatched",
-         "server RSS start -> end (MB)", "wall (s)", "requests/s", "alive, exit"])
+         "server RSS at 0/25/50/75/100% (MB)", "wall (s)", "requests/s", "alive, exit"])
     summary.add(clients, tally.sent, answered, tally.ok,
                 ", ".join(f"{c} {n}" for c, n in sorted(tally.codes.items())) or "none",
-                tally.lost, tally.mismatched, f"{rss_start:.0f} -> {rss_end:.0f}",
+                tally.lost, tally.mismatched, " / ".join(f"{x:.0f}" for x in rss),
                 f"{wall:.1f}", f"{tally.sent / wall:.0f}",
                 f"{'yes' if alive else 'NO'}, {exit_code}")
     summary.notes.append(
