@@ -1,8 +1,8 @@
 """The long-running server: one engine, one scheduler, ZeroMQ and i-PI front ends.
 
-    ZMQ clients --ROUTER--> ZmqEndpoint (its own I/O thread) --+
-    i-PI / ASE  <--socket-- IpiLink (a thread each) -----------+--> EngineWorker
-                                                                    (engine thread)
+    ZMQ clients --ROUTER--> ZmqEndpoint --+   (polled by the engine loop thread; its
+    i-PI / ASE  <--socket-- IpiLink ------+--> own thread while the engine computes)
+                             (a thread each)   EngineWorker: scheduler + engine
 
 ``Server.close()`` stops taking new work, answers what is queued (computed while
 ``shutdown_timeout_s`` lasts, ``busy`` after), sends every reply, then closes the

@@ -1,17 +1,20 @@
-"""The ZeroMQ front end: a ROUTER socket served by a thread of its own.
+"""The ZeroMQ front end: a ROUTER socket, served by the engine loop between engine
+calls and by a thread of its own during long ones (``mlipd.server.worker``).
 
 Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload frame,
 a REQ client an empty delimiter before it; both work, the envelope goes back
 unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
 
-Why a thread of its own: ``ping``, ``info``, ``stats`` and ``busy`` are answered
-while the engine computes (torch cannot be interrupted, and a long engine call must
-not look like a dead server). Compute requests go to the engine worker
-(``mlipd.server.worker``); their replies are packed on the engine thread when the
-future resolves, queued here and sent by this thread, which alone touches the
-socket. A request repeated with the same id on the same connection (a client's
-heartbeat) is answered from the ``Ledger``: ``pending`` while it is queued or
-computing, the same reply once finished; it is never computed twice.
+Whoever holds ``lock`` uses the socket: the engine loop (no hand-over between
+threads on the fast path), or, while the loop computes for longer than
+``LEND_AFTER_S`` or after it has ended, this endpoint's own thread, so ``ping``,
+``info``, ``stats`` and ``busy`` are answered during long engine calls (torch cannot
+be interrupted, and a long call must not look like a dead server). Compute requests
+go to the engine worker; their replies are packed on the engine thread when the
+future resolves and sent by whoever holds the socket. A request repeated with the
+same id on the same connection (a client's heartbeat) is answered from the
+``Ledger``: ``pending`` while it is queued or computing, the same reply once
+finished; it is never computed twice.
 
 Every failure is an error reply: bad frames (``protocol``), bad fields
 (``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
@@ -24,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 _RECV_BURST = 64  # messages read per wake-up before replies get a turn
 _LINGER_MS = 2000  # replies still queued at close get this long to leave
+_LENT_POLL_S = 0.02  # how often the endpoint's thread looks whether the loop needs help
+_GIVE_BACK_MS = 10  # while lent, the socket is polled this long before checking reclaim
 
 
 def max_message_bytes(max_atoms: int, max_structures: int) -> int:
@@ -105,16 +109,19 @@ class ZmqEndpoint:
             self._sock.close(0)
             raise SetupError(f"cannot bind ZeroMQ endpoint {address!r}: {e}") from e
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket = self._sock
+        self.lock = threading.Lock()  # held by whoever uses the socket
+        self._give_back = False
         self._outbox: deque[tuple[list[bytes], bytes]] = deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._accepting = True
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"mlipd-zmq-{self.address}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve_when_lent,
+                                        name=f"mlipd-zmq-{self.address}", daemon=True)
+        worker.attach(self)
 
     def start(self) -> None:
+        """Start the thread that serves the socket while the engine loop cannot (call
+        after the worker has started)."""
         self._thread.start()
 
     def stop_accepting(self) -> None:
@@ -126,42 +133,45 @@ class ZmqEndpoint:
         """Send every reply queued so far, stop the thread, close the socket (call after
         the engine worker has finished or abandoned its requests)."""
         self._stop.set()
-        self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        self._send_outbox()  # what a late done-callback queued
-        self._sock.close(linger=_LINGER_MS)
-        self._wake_r.close()
-        self._wake_w.close()
+        with self.lock:  # the loop has lent it for good, or is stuck in the engine
+            self.flush()  # what a late done-callback queued
+            self._sock.close(linger=_LINGER_MS)
         if self._ipc is not None:
             self._ipc.remove()
 
-    # ------------------------------------------------------------ the I/O thread
+    # ------------------------------------------------------------ who holds the socket
 
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            self._wake_w.send(b"\0")
+    def lend(self) -> None:
+        """The engine loop lets go of the socket (an engine call, or its end)."""
+        self.lock.release()
 
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        while True:
+    def reclaim(self) -> None:
+        """The engine loop takes the socket back (waits at most one short poll)."""
+        self._give_back = True
+        self.lock.acquire()
+        self._give_back = False
+
+    def _serve_when_lent(self) -> None:
+        while not self._stop.wait(_LENT_POLL_S):
+            if not self.worker.needs_help() or not self.lock.acquire(blocking=False):
+                continue
             try:
-                events = dict(poller.poll(500))
-                if self._wake_r.fileno() in events:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_r.recv(4096)
-                self._send_outbox()
-                if self._sock in events:
-                    self._read_burst()
-                if self._stop.is_set():
-                    self._send_outbox()
-                    return
+                while (not self._give_back and not self._stop.is_set()
+                       and self.worker.needs_help()):
+                    if self._sock.poll(_GIVE_BACK_MS, zmq.POLLIN):
+                        self.on_readable()
+                    self.flush()
             except Exception:  # this thread's one catch-all: log, keep serving
                 log.exception("ZeroMQ endpoint %s: unexpected error", self.address)
+            finally:
+                self.lock.release()
 
-    def _read_burst(self) -> None:
+    # ------------------------------------------------------------ I/O (holding the lock)
+
+    def on_readable(self) -> None:
+        """Read what has arrived (a bounded burst, so replies get their turn)."""
         for _ in range(_RECV_BURST):
             try:
                 # zero-copy frames: msgpack reads the payload in place
@@ -178,7 +188,8 @@ class ZmqEndpoint:
                 self._error(envelope, None, MlipdError(f"internal error: "
                                                        f"{type(e).__name__}: {e}"))
 
-    def _send_outbox(self) -> None:
+    def flush(self) -> None:
+        """Send the replies of finished requests."""
         while self._outbox:
             envelope, payload = self._outbox.popleft()
             self._send(envelope, payload)
@@ -275,7 +286,6 @@ class ZmqEndpoint:
             payload = zmq_msgs.pack_error(rid, err)
         self.ledger.finish(key, payload)
         self._outbox.append((envelope, payload))
-        self._wake()
 
 
 def _names(numbers: set[int]) -> str:
