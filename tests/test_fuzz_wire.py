@@ -154,7 +154,7 @@ def _reconnected(fake: FakeIpi) -> None:
     fake.accept()
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)  # each closed connection costs a reconnection
 @given(st.integers(0, 2**31), st.integers(1, 4))
 def test_ipi_bit_flips_in_float_fields(served, seed, n_flips):
     """Flips in h, h^-1 and positions of a valid POSDATA: either forces equal to a

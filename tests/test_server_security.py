@@ -16,7 +16,8 @@ import pytest
 from helpers_server import argon
 
 from mlipd.client import Client
-from mlipd.errors import ServerUnavailable
+from mlipd.errors import ServerUnavailable, SetupError
+from mlipd.server.security import keygen
 from mlipd.server.testing import running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -97,11 +98,9 @@ def test_curve_serves_known_clients_only_and_logs_why(tmp_path):
         "client.key", "client.key", "client.key_secret", "server.key", "server.key_secret"]
     for secret in ("server.key_secret", "client.key_secret"):
         assert stat.S_IMODE((keys / secret).stat().st_mode) == 0o600
-    again = subprocess.run([*MLIPD, "keygen", str(keys)], capture_output=True, text=True,
-                           timeout=60)
-    assert again.returncode == 2  # never overwrites keys
-    # another client's pair, which knows the server's public key but is not accepted
-    subprocess.run([*MLIPD, "keygen", str(other)], check=True, capture_output=True, timeout=60)
+    with pytest.raises(SetupError, match="never overwrites"):
+        keygen(keys)
+    keygen(other)  # another client's pair, which knows the server's key but is not accepted
     (other / "server.key").write_bytes((keys / "server.key").read_bytes())
     with running_server([*LJ, "--zmq", "tcp://127.0.0.1:0", "--curve", str(keys)],
                         log=tmp_path / "s.log") as srv:

@@ -6,8 +6,9 @@ vesin divides by a zero cell count (SIGFPE) when its grid is capped for an extre
 aspect ratio (two atoms 1e6 Å apart, a flat open structure 3000 Å wide, a
 12 x 12 x 2e20 Å cell) or when cell products overflow (1e300 Å); it loops over
 ~1e9 periodic images for one atom in a nearly singular cell; and a tiny cell or a
-dense cluster asks for billions of pairs. Each check below is O(N) numpy (hashing,
-no sort and no N^2), runs only when the neighbour list is rebuilt (a reused list
+dense cluster asks for billions of pairs. Each check below is O(N) vectorised numpy
+(hashed bins; a sort only of the few atoms that share a bucket, all pairs only below
+160 atoms), runs only when the neighbour list is rebuilt (a reused list
 keeps every atom within skin/2 of a checked structure, with the same cell), and
 raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
 mean, ``TooLarge`` (``too_large``) for work beyond a budget.
