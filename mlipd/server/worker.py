@@ -117,7 +117,7 @@ class EngineWorker:
         if not self._running:
             return True
         since = self.busy_since
-        return since is not None and time.monotonic() - since > LEND_AFTER_S
+        return since is not None and self.clock() - since > LEND_AFTER_S
 
     # ------------------------------------------------------------ any thread
 
