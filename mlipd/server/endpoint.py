@@ -5,8 +5,9 @@ Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload fr
 a REQ client an empty delimiter before it; both work, the envelope goes back
 unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
 
-Whoever holds ``lock`` uses the socket: the engine loop (no hand-over between
-threads on the fast path), or, while the loop computes for longer than
+Whoever holds ``lock`` uses the socket (its acquire/release is the full memory
+barrier under which libzmq lets a socket migrate between threads): the engine loop
+(no hand-over between threads on the fast path), or, while the loop computes for longer than
 ``LEND_AFTER_S`` or after it has ended, this endpoint's own thread, so ``ping``,
 ``info``, ``stats`` and ``busy`` are answered during long engine calls (torch cannot
 be interrupted, and a long call must not look like a dead server). Compute requests
