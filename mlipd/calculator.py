@@ -58,7 +58,8 @@ class MlipdCalculator(Calculator):
 
     Give one of:
     endpoint: a server's ZeroMQ address; other keyword options (``timeout_s``,
-              ``retries``, ...) go to ``mlipd.client.Client``
+              ``heartbeat_s``, ``connect_timeout_s``, ``curve``) go to
+              ``mlipd.client.Client``
     model:    run the engine in this process: ``model`` (as ``--model``), ``device``
               (auto, cpu, cuda, cuda:N), ``dtype`` (float32 default, float64), ``ranks``
               (spawned processes the structure is partitioned across), ``threads``

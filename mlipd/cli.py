@@ -38,6 +38,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "torch's default; several share the host's cores, cores / ranks)")
     p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
                    help="give up on a collective (a rank that stopped answering) after S s")
+    from mlipd.engine.robustness import add_options as add_robustness_options
+
+    add_robustness_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", parents=[after],
                    help="list every model: syntax, package, cached files")
 
+    from mlipd.server.cli import add_keygen_arguments, add_stats_arguments
+
+    add_stats_arguments(sub.add_parser("stats", help="print a running server's counters"))
+    add_keygen_arguments(sub.add_parser("keygen", help="write CURVE keys for serve --curve"))
+
     from mlipd.bench.cli import add_arguments as add_bench
 
     add_bench(sub.add_parser("bench", parents=[after],
@@ -100,6 +108,8 @@ def run(args: argparse.Namespace, *, world=None) -> int:
             from mlipd.bench.cli import run as run_command
         elif args.command == "drive":
             from mlipd.driver.cli import run as run_command
+        elif args.command in ("stats", "keygen"):
+            from mlipd.server.cli import run_tool as run_command
         else:
             from mlipd.server.cli import run as run_command
         return run_command(args)
@@ -118,12 +128,14 @@ def engine_from_args(args: argparse.Namespace):
     with what is in use (model, cutoff, device, dtype, ranks, threads, memory)."""
     from mlipd.engine import make_engine
     from mlipd.engine.api import describe
+    from mlipd.engine.robustness import limits_from
 
     t0 = time.perf_counter()
     engine = make_engine(args.model, device=args.device, devices=args.devices,
                          backend=args.backend, dtype=args.dtype, ranks=args.ranks,
                          world=getattr(args, "world", None),
-                         timeout_s=args.collective_timeout, threads=args.threads)
+                         timeout_s=args.collective_timeout, threads=args.threads,
+                         limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat)
     log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, describe(engine))
     return engine
 

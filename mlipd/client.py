@@ -1,11 +1,18 @@
 """Python client of ``mlipd serve`` over ZeroMQ (protocol: ``mlipd.protocols.zmq_msgs``).
 
-Reliability the Lazy Pirate way (ZeroMQ guide, ``lpclient.py``): send, wait at most
-``timeout_s`` for the reply with our request id, and on silence close the socket
-(``LINGER=0``), reconnect and send again, ``retries`` times in all, then raise
-``ServerUnavailable``. Every op is idempotent, so resending is safe. A reply
-with another id (a late answer to an earlier try) is skipped. Error replies
-raise the typed error of ``mlipd.errors`` (``Busy``, ``UnknownSpecies``, ...).
+Constructing a ``Client`` checks the endpoint's form and asks the server for ``info``
+within ``connect_timeout_s``: nothing answering is an error at once, naming the
+endpoint, and ``info`` gives the server's limits, so a request over them raises
+``TooLarge`` before it is sent.
+
+While it waits for a reply the client resends the same request (same id, same
+socket: the server never computes an id twice) every ``heartbeat_s / 4``; the server
+answers a repeat with ``pending`` while the request is queued or computing. So the
+client tells a server that is alive and still computing (it keeps waiting, up to
+``timeout_s`` in all) from one that is gone (nothing heard for ``heartbeat_s``:
+``ServerUnavailable``). A reply with another id (a late answer to an earlier
+request) is skipped. Error replies raise the typed error of ``mlipd.errors``
+(``Busy``, ``UnknownSpecies``, ``DeadlineExceeded``, ...).
 
 One ``Client`` per thread: a zmq socket must not be shared between threads.
 """
@@ -14,53 +21,81 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zmq
 
-from mlipd.errors import ServerUnavailable, ValidationError
+from mlipd.errors import (
+    DeadlineExceeded,
+    ServerUnavailable,
+    TooLarge,
+    ValidationError,
+)
 from mlipd.protocols import zmq_msgs
+from mlipd.protocols.zmq_address import parse_zmq_address
 from mlipd.types import Result, Structure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 60.0  # per try: covers a large structure's engine time
-DEFAULT_RETRIES = 3
+DEFAULT_TIMEOUT_S = 3600.0  # a whole request, while the server says it is still at work
+DEFAULT_HEARTBEAT_S = 10.0  # nothing heard for this long: the server is gone
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  # the first answer (info) at construction
 
 
 class Client:
     """A connection to one mlipd server; a context manager that owns its zmq.Context.
 
-    endpoint:  ``tcp://host:port`` or ``ipc://path``, as printed in ``READY``
-    timeout_s: seconds to wait for each reply before trying again
-    retries:   tries per request before ``ServerUnavailable``
+    endpoint:          ``tcp://host:port`` or ``ipc://path``, as printed in ``READY``
+    timeout_s:         the longest wait for one request's result
+    heartbeat_s:       the longest silence from the server before it counts as gone
+    connect_timeout_s: how long the constructor waits for the server's first answer
+    curve:             a key directory (``mlipd keygen``) for a server run with ``--curve``
     """
 
     def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = DEFAULT_RETRIES) -> None:
-        if timeout_s <= 0 or retries < 1:
-            raise ValidationError("timeout_s must be > 0 and retries >= 1")
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 curve: str | os.PathLike | None = None) -> None:
+        address = parse_zmq_address(endpoint, bind=False)  # SetupError with the expected form
+        if not (timeout_s > 0 and heartbeat_s > 0 and connect_timeout_s > 0):
+            raise ValidationError("timeout_s, heartbeat_s and connect_timeout_s must be > 0")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.retries = retries
+        self.heartbeat_s = heartbeat_s
         self._ids = itertools.count(1)
         self._ctx = zmq.Context()
-        self._sock: zmq.Socket | None = None
-        self._open()
+        self._sock: zmq.Socket | None = self._ctx.socket(zmq.DEALER)
+        try:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.IPV6, 1)
+            # our own routing id: a reconnect (same socket) keeps it, so the server still
+            # knows our requests by (connection, id)
+            self._sock.setsockopt(zmq.ROUTING_ID, b"mlipd-" + os.urandom(12))
+            if curve is not None:
+                from mlipd.server.security import apply_client_curve
+
+                apply_client_curve(self._sock, curve)
+            self._sock.connect(address.text)
+            self.server_info: Mapping[str, Any] = self._first_info(
+                connect_timeout_s, curve=curve is not None)
+        except BaseException:
+            self.close()
+            raise
+
+    def _first_info(self, connect_timeout_s: float, *, curve: bool) -> Mapping[str, Any]:
+        try:
+            return self._request("info", timeout_s=connect_timeout_s,
+                                 heartbeat_s=connect_timeout_s).value
+        except (ServerUnavailable, DeadlineExceeded):  # info is never 'pending': silence
+            why = " or it refused our CURVE key" if curve else ""
+            raise ServerUnavailable(
+                f"{self.endpoint}: no mlipd server answered within {connect_timeout_s:g} s "
+                f"(is `mlipd serve --zmq {self.endpoint}` running?{why})") from None
 
     # ------------------------------------------------------------ lifetime
-
-    def _open(self) -> None:
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
-
-    def _reopen(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)  # drop what a dead server never took
-        self._open()
 
     def close(self) -> None:
         if self._sock is not None:
@@ -86,7 +121,7 @@ class Client:
         return list(self._request("batch", list(structures), virial=virial).results)
 
     def info(self) -> Mapping[str, Any]:
-        """Model name, cutoff (Å), species, units, ranks, versions."""
+        """Model name, cutoff (Å), species, units, ranks, versions, limits."""
         return self._request("info").value
 
     def ping(self) -> Mapping[str, Any]:
@@ -98,35 +133,65 @@ class Client:
 
     # ------------------------------------------------------------ transport
 
-    def _request(self, op: str, structures: Sequence[Structure] = (), *,
-                 virial: bool = True) -> zmq_msgs.Reply:
+    def _check_size(self, structures: Sequence[Structure]) -> None:
+        info = getattr(self, "server_info", None) or {}
+        atoms = sum(s.n_atoms for s in structures)
+        limit = info.get("max_request_atoms")
+        if isinstance(limit, int) and atoms > limit:
+            raise TooLarge(f"{atoms} atoms exceed the server's limit of {limit} per request "
+                           "(--max-request-atoms)")
+        limit = info.get("max_structures")
+        if isinstance(limit, int) and len(structures) > limit:
+            raise TooLarge(f"{len(structures)} structures exceed the server's limit of {limit}")
+
+    def _request(self, op: str, structures: Sequence[Structure] = (), *, virial: bool = True,
+                 timeout_s: float | None = None,
+                 heartbeat_s: float | None = None) -> zmq_msgs.Reply:
         if self._sock is None:
             raise ServerUnavailable("client is closed")
+        if structures:
+            self._check_size(structures)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        heartbeat_s = self.heartbeat_s if heartbeat_s is None else heartbeat_s
         rid = next(self._ids)
         raw = zmq_msgs.pack_request(rid, op, structures, virial=virial)
-        for attempt in range(1, self.retries + 1):
-            self._sock.send(raw, copy=len(raw) < 65536)  # large: zero-copy
-            reply = self._await(rid)
-            if reply is not None:
-                return zmq_msgs.unpack_reply(reply, expect_id=rid)
-            log.warning("%s: no reply to %s #%d within %.3g s (try %d of %d)", self.endpoint,
-                        op, rid, self.timeout_s, attempt, self.retries)
-            self._reopen()
-        raise ServerUnavailable(
-            f"{self.endpoint}: no reply after {self.retries} tries of {self.timeout_s:g} s")
+        copy = len(raw) < 65536  # large: zero-copy
+        self._send(raw, copy=copy)
+        start = heard = time.monotonic()
+        resend_every = heartbeat_s / 4
+        next_send = start + resend_every
+        pending: Mapping[str, Any] = {}
+        while True:
+            now = time.monotonic()
+            if now - start > timeout_s:
+                raise DeadlineExceeded(
+                    f"{self.endpoint}: no result for {op} #{rid} within {timeout_s:g} s"
+                    + (f" (the server is alive: {dict(pending)})" if pending else ""))
+            if now - heard > heartbeat_s:
+                raise ServerUnavailable(f"{self.endpoint}: nothing heard for {heartbeat_s:g} s "
+                                        f"while waiting for {op} #{rid}: the server is gone")
+            wait = min(next_send, start + timeout_s, heard + heartbeat_s) - now
+            if self._sock.poll(max(int(wait * 1000), 1), zmq.POLLIN):
+                msg = zmq_msgs.loads(self._sock.recv(copy=False).buffer)
+                got = zmq_msgs.reply_id(msg)
+                if got is not None and got != rid:
+                    log.debug("skipping a stale reply to request #%s", got)
+                    continue
+                reply = zmq_msgs.unpack_reply(msg, expect_id=rid)  # error replies raise
+                if not reply.pending:
+                    return reply
+                heard, pending = time.monotonic(), reply.value
+            elif time.monotonic() >= next_send:
+                self._send(raw, copy=copy)  # heartbeat: same id, same socket
+                next_send = time.monotonic() + resend_every
 
-    def _await(self, rid: int) -> Any:
-        """The loaded reply for ``rid``, or None on timeout; stale replies are skipped."""
-        deadline = time.monotonic() + self.timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._sock.poll(max(int(left * 1000), 1), zmq.POLLIN):
-                return None
-            msg = zmq_msgs.loads(self._sock.recv(copy=False).buffer)
-            got = zmq_msgs.reply_id(msg)
-            if got == rid or got is None:
-                return msg  # ours, or an error without an id: unpack_reply decides
-            log.debug("skipping a stale reply to request #%s", got)
-        return None
+    def _send(self, raw: bytes, *, copy: bool) -> None:
+        """Never block: with no connected peer (server down, a refused CURVE handshake)
+        a DEALER would wait forever; the next heartbeat sends again instead."""
+        try:
+            self._sock.send(raw, zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            log.debug("%s: not connected; will try again", self.endpoint)
 
 
 def connect(endpoint: str, **options: Any) -> Client:

@@ -57,12 +57,20 @@ class CalculationFailed(MlipdError):
     code = "calculation"
 
 
+class DeadlineExceeded(CalculationFailed):
+    """The request's deadline passed (queued too long, or the engine took too long)."""
+
+    code = "deadline"
+
+
 class Busy(MlipdError):
+    """The server cannot take the request now (queue full, shutting down)."""
+
     code = "busy"
 
 
 class ServerUnavailable(MlipdError):
-    """A client gave up after its retries."""
+    """Nothing answers at the endpoint, or the server went silent (heartbeat timeout)."""
 
     code = "unavailable"
 
@@ -80,6 +88,7 @@ _BY_CODE: dict[str, type[MlipdError]] = {
         UnknownModel,
         ModelUnavailable,
         CalculationFailed,
+        DeadlineExceeded,
         Busy,
         ServerUnavailable,
     )

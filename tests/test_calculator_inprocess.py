@@ -4,6 +4,8 @@ structure whatever ASE asks for first."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from test_chgnet import oxide, triclinic
 
 from mlipd.calculator import MlipdCalculator
 from mlipd.client import Client
+from mlipd.errors import ServerUnavailable
 from mlipd.models.chgnet import load_chgnet
 from mlipd.server.testing import running_server
 
@@ -124,8 +127,11 @@ def test_options_go_where_they_belong():
         MlipdCalculator(model="lj", timeout_s=3)
     with pytest.raises(CalculatorSetupError, match="device, ranks: engine options"):
         MlipdCalculator("tcp://127.0.0.1:9", device="cpu", ranks=2)
-    # endpoint options go to mlipd.client.Client as they are
-    with MlipdCalculator("tcp://127.0.0.1:9", timeout_s=7, retries=2) as calc:
-        assert (calc.backend.timeout_s, calc.backend.retries) == (7, 2)
+    # endpoint options go to mlipd.client.Client as they are: with nothing listening on
+    # port 9, a short connect timeout fails fast and names the endpoint
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=r"127\.0\.0\.1:9"):
+        MlipdCalculator("tcp://127.0.0.1:9", connect_timeout_s=0.5)
+    assert time.monotonic() - t0 < 5.0
     with pytest.raises(TypeError, match="bogus"):
         MlipdCalculator("tcp://127.0.0.1:9", bogus=1)

@@ -1,7 +1,11 @@
-"""mlipd.client (Lazy Pirate over real ZeroMQ) and MlipdCalculator driving ASE."""
+"""mlipd.client over real ZeroMQ (connect check, heartbeats, limits from info) and
+MlipdCalculator driving ASE."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,11 +16,12 @@ from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.calculator import CalculatorSetupError
 from ase.md.verlet import VelocityVerlet
+from conftest import free_tcp_port
 
 from mlipd.calculator import MlipdCalculator
 from mlipd.client import Client
 from mlipd.engine import make_engine
-from mlipd.errors import Busy, ServerUnavailable
+from mlipd.errors import ServerUnavailable, SetupError, TooLarge
 from mlipd.protocols import zmq_msgs as zm
 from mlipd.server.testing import running_server
 from mlipd.types import Structure
@@ -70,66 +75,95 @@ def test_molecule_without_cell_has_no_stress(server):
             atoms.get_stress()
 
 
-def test_bad_atoms_are_refused_before_any_network_call():
-    # nothing listens here; a network call would take timeout x retries
-    calc = MlipdCalculator("tcp://127.0.0.1:9", timeout_s=30, retries=3)
-    try:
+def test_bad_atoms_are_refused_before_any_network_call(server):
+    with MlipdCalculator(server.address) as calc, Client(server.address) as c:
+        before = c.stats()["requests"]
         bad = bulk("Ar", "fcc", a=5.3)
         bad.cell[2] = 0.0
-        t0 = time.monotonic()
         with pytest.raises(CalculatorSetupError, match="zero-length"):
             calc.get_potential_energy(bad)
         empty = bulk("Ar")[:0]
         with pytest.raises(CalculatorSetupError, match="no atoms"):
             calc.get_potential_energy(empty)
-        assert time.monotonic() - t0 < 1.0
-    finally:
-        calc.close()
+        after = c.stats()["requests"]
+    # the server saw only the two clients' info and stats requests, no compute
+    assert after.get("compute", 0) == before.get("compute", 0)
     with pytest.raises(CalculatorSetupError, match="either"):
         MlipdCalculator()
 
 
-def test_client_gives_up_after_its_retries():
+@pytest.mark.parametrize("make", [Client, MlipdCalculator])
+@pytest.mark.parametrize(("endpoint", "hint"), [
+    ("127.0.0.1:5555", "did you mean tcp://127.0.0.1:5555"),
+    ("tcp://127.0.0.1", "expected tcp://HOST:PORT"),
+    ("tcp://127.0.0.1:0", "real host and port"),
+    ("udp://127.0.0.1:5555", "not supported"),
+    ("ipc://@abstract", "abstract"),
+    ("tcp://[nothex]:5555", "expected tcp://HOST:PORT"),
+])
+def test_malformed_endpoints_are_refused_at_once_with_the_expected_form(make, endpoint, hint):
     t0 = time.monotonic()
-    with Client("tcp://127.0.0.1:9", timeout_s=0.2, retries=3) as c, \
-            pytest.raises(ServerUnavailable, match="3 tries"):
-        c.ping()
-    assert 0.5 < time.monotonic() - t0 < 5.0
+    with pytest.raises(SetupError, match=re.escape(hint)):
+        make(endpoint)
+    assert time.monotonic() - t0 < 2.0  # parsed, never connected
 
 
-def test_lazy_pirate_resends_and_skips_a_late_reply():
-    """A real ROUTER that answers the first try too late: the client retries on a
-    fresh socket, and a stale reply with an old id is never taken for a new one."""
+def test_malformed_endpoint_on_serve_fails_before_loading_a_model():
+    proc = subprocess.run([sys.executable, "-m", "mlipd", "serve", "--zmq", "127.0.0.1:5555",
+                           "--model", "lj"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean tcp://127.0.0.1:5555" in proc.stderr
+
+
+def test_nothing_answering_fails_within_the_connect_timeout_naming_the_endpoint():
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=re.escape(endpoint)) as info:
+        Client(endpoint, connect_timeout_s=1.0)
+    assert "mlipd serve" in str(info.value)
+    assert time.monotonic() - t0 < 5.0  # the connect timeout, not timeout x retries
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=re.escape(endpoint)):
+        MlipdCalculator(endpoint, connect_timeout_s=1.0)
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_the_client_resends_on_the_same_socket_and_waits_while_the_server_is_alive():
+    """A real ROUTER that takes its time: it answers the first tries of a compute with
+    'pending' (as mlipd does for a repeated id), sends a stale reply with an old id, then
+    the result. The client keeps one socket (one routing id), skips the stale reply and
+    returns the result; it never gives up while it hears 'pending'."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    seen: list[int] = []
+    seen: list[tuple[bytes, int]] = []
 
     def serve() -> None:
-        for k in range(3):
-            if not router.poll(10_000):
-                return
+        while router.poll(10_000):
             ident, raw = router.recv_multipart()
             req = zm.unpack_request(raw)
-            seen.append(req.id)
-            if k == 0:
-                continue  # lose the first try
-            if k == 2:  # a late duplicate answer with an old id, then the real one
-                router.send_multipart([ident, zm.pack_value(req.id - 1, {"stale": True})])
-                router.send_multipart([ident, zm.pack_error(req.id, Busy("try later"))])
+            seen.append((ident, req.id))
+            if req.op == "info":
+                router.send_multipart([ident, zm.pack_value(req.id, {"max_request_atoms": 100})])
+            elif sum(1 for _, r in seen if r == req.id) < 4:
+                router.send_multipart([ident, zm.pack_pending(req.id, state="computing",
+                                                              waited_s=0.0)])
             else:
+                router.send_multipart([ident, zm.pack_value(req.id - 1, {"stale": True})])
                 router.send_multipart([ident, zm.pack_value(req.id, {"pong": True})])
+                return
 
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        with Client(f"tcp://127.0.0.1:{port}", timeout_s=0.5, retries=2) as c:
+        with Client(f"tcp://127.0.0.1:{port}", heartbeat_s=0.4) as c:
+            with pytest.raises(TooLarge, match="limit of 100"):  # from info, never sent
+                c.compute(Structure.from_atoms(bulk("Ar", "fcc", a=5.3).repeat(5)))
             assert c.ping() == {"pong": True}
-            with pytest.raises(Busy, match="try later"):
-                c.ping()
     finally:
         thread.join(timeout=20)
         router.close(0)
         ctx.term()
-    assert seen == [1, 1, 2]
+    assert len({ident for ident, _ in seen}) == 1  # one socket, one routing id
+    assert [rid for _, rid in seen] == [1, 2, 2, 2, 2]  # the too-large batch never left

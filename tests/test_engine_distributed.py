@@ -243,7 +243,7 @@ def test_failures_become_errors_and_the_next_request_succeeds(engine, local, tri
     import signal
     import time
 
-    from mlipd.errors import CalculationFailed
+    from mlipd.errors import CalculationFailed, ValidationError
 
     s = systems["slab"]
     want = local.compute([s])[0]
@@ -258,10 +258,12 @@ def test_failures_become_errors_and_the_next_request_succeeds(engine, local, tri
     engine._procs[0].join(timeout=10)
     _close(engine.compute([s])[0], want, "after a dead rank")
     bad = Structure(s.numbers, s.positions.copy(), s.cell, s.pbc)
-    bad.positions[1] = bad.positions[0]  # r = 0 on every rank holding the pair: NaN
-    with pytest.raises(CalculationFailed):
+    bad.positions[1] = bad.positions[0]  # r = 0: refused on rank 0 before any collective
+    restarts = engine.restarts
+    with pytest.raises(ValidationError, match="apart"):
         engine.compute([bad])
-    _close(engine.compute([s])[0], want, "after NaN")
+    assert engine.restarts == restarts  # the ranks were never involved (issue 13)
+    _close(engine.compute([s])[0], want, "after overlapping atoms")
 
 
 # --- launchers: `mlipd serve --ranks N`, and torchrun -------------------------------

@@ -70,21 +70,26 @@ def check_forces_against_direct(workdir, atoms) -> None:
 
 def one_call_per_step(stats, *, runs: int = 1, batched: bool = False) -> None:
     evaluations = runs * (STEPS + 1)  # the initial forces, then one per step
-    assert stats["engine_calls"] == evaluations, stats
     if batched:
+        assert stats["engine_calls"] == evaluations, stats
         # all beads start at the same positions, and the driver evaluates a batch's
         # repeated structure once: the first call of each run has 1 structure
         assert stats["batch_structures"] == {"1": runs, str(NBEADS): runs * STEPS}, stats
     else:
-        assert stats["batch_structures"] == {str(NBEADS): evaluations}, stats
+        # every step's 8 beads share one call: the scheduler waits for every connected
+        # link (an event; the --max-wait-ms bound never fires). Only the initial forces
+        # may be split, by links that connected after i-PI handed out the first beads.
+        sizes = {int(k): v for k, v in stats["batch_structures"].items()}
+        assert sum(k * v for k, v in sizes.items()) == NBEADS * evaluations, stats
+        assert sizes.get(NBEADS, 0) >= evaluations - runs, stats
 
 
 def test_pimd_8_beads_over_8_connections(processes, short_tmp):
     atoms = write_argon(short_tmp)
     ipi, ipi_log, address = start_ipi(processes, short_tmp, name="beads", batch_size=1)
-    # a generous bound for a loaded CI machine: batches go as soon as all 8 beads are in
+    # batches go as soon as all 8 beads are in; the bound is only a fallback
     args = ["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0", "--species", "Ar",
-            "--max-wait-ms", "500"]
+            "--max-wait-ms", "60000"]
     for _ in range(NBEADS):
         args += ["--ipi", address]
     try:

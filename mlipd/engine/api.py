@@ -58,7 +58,8 @@ class Engine(Protocol):
 def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                 ranks: int = 1, devices: Sequence[str] | None = None,
                 backend: str = "auto", world=None, skin: float | None = None,
-                timeout_s: float = 120.0, threads: int | None = None) -> Engine:
+                timeout_s: float = 120.0, threads: int | None = None, limits=None,
+                rank_heartbeat_s: float | None = None) -> Engine:
     """Load ``model`` (``name`` or ``name:arg``) and return an engine on ``ranks`` ranks.
 
     device:  auto (CUDA when available), cpu, cuda or cuda:N; devices: an explicit list
@@ -69,6 +70,8 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
     threads: intra-op threads of each rank (``mlipd.engine.threads``); at one rank it is
              set for this process when given (else torch's default stays); at several,
              default: the host's cores divided among its ranks
+    limits:  the geometry guards' budgets (``mlipd.engine.guards.Limits``)
+    rank_heartbeat_s: restart the ranks when one is silent this long (several ranks)
     """
     from mlipd.engine.devices import node_devices, resolve_device
     from mlipd.engine.local import DEFAULT_SKIN
@@ -88,7 +91,8 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
 
         return DistributedEngine(model, device=device, devices=devices, backend=backend,
                                  dtype=DTYPES[dtype], skin=skin, timeout_s=timeout_s,
-                                 threads_per_rank=threads, world=world)
+                                 threads_per_rank=threads, world=world, limits=limits,
+                                 heartbeat_s=rank_heartbeat_s)
     if ranks == 1:
         from mlipd.engine.local import LocalEngine
         from mlipd.models.registry import load_model
@@ -99,9 +103,9 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
         if getattr(loaded, "whole_structure", False):
             from mlipd.engine.whole import WholeEngine
 
-            return WholeEngine(loaded, device=device, dtype=DTYPES[dtype])
+            return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
         return LocalEngine(loaded, device=resolve_device(local_devices[0]),
-                           dtype=DTYPES[dtype], skin=skin)
+                           dtype=DTYPES[dtype], skin=skin, limits=limits)
     if _whole_structure(model):
         raise SetupError(
             f"{model!r} is a single-device (whole-structure) model and cannot run on "
@@ -110,7 +114,8 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
 
     return DistributedEngine(model, device=device, devices=devices, backend=backend,
                              dtype=DTYPES[dtype], ranks=ranks, skin=skin, timeout_s=timeout_s,
-                             threads_per_rank=threads)
+                             threads_per_rank=threads, limits=limits,
+                             heartbeat_s=rank_heartbeat_s)
 
 
 def describe(engine: Engine) -> str:

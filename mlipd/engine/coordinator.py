@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlipd.engine import deadline
+from mlipd.engine.guards import Limits, check_structures
 from mlipd.engine.partition import Geometry, partition_batch
 from mlipd.engine.rank_loop import STEP, Positions, RankLoop, StepHeader
 from mlipd.engine.results import assemble
@@ -43,12 +45,14 @@ class Coordinator:
 
     skin:      Å, the Verlet skin of the reused lists (``RebuildPolicy``)
     partition: "rcb", "slab" or "metis" (``mlipd.engine.partition``); unused at one rank
+    limits:    the geometry guards' budgets (``mlipd.engine.guards``)
     """
 
     def __init__(self, loop: RankLoop, *, skin: float, partition: str = "rcb",
-                 imbalance_limit: float = 1.5) -> None:
+                 imbalance_limit: float = 1.5, limits: Limits | None = None) -> None:
         self.loop = loop
         self.partition = partition
+        self.limits = limits if limits is not None else Limits()
         self.policy = RebuildPolicy(skin=skin, imbalance_limit=imbalance_limit)
         self.last_stats: np.ndarray | None = None  # (P, 3): owned atoms, edges, halo atoms
         self._owned: list[np.ndarray | None] = [None]
@@ -63,10 +67,13 @@ class Coordinator:
 
     def prepare(self, structures: Sequence[Structure], *, virial: bool) -> Prepared:
         """Rank 0 alone, no communication: the rebuild decision, and on a rebuild the
-        species check and the partition. Raising here leaves every rank untouched."""
+        species check, the geometry guards and the partition. Raising here (a refused
+        structure, a passed deadline) leaves every rank untouched."""
+        deadline.check("queued")
         rebuild = self.policy.decide(structures)
         try:
             frame = self._frame(structures) if rebuild else None
+            deadline.check("before the step")
         except BaseException:
             self.policy.invalidate()  # decide() recorded this batch as the reference
             raise
@@ -94,6 +101,7 @@ class Coordinator:
                                   virial=p.header.virial)
         self.last_stats = stats
         self.policy.report_load(stats[:, 1])
+        deadline.check("after the step")  # every rank is done: refusing costs nothing
         return results
 
     def _frame(self, structures: Sequence[Structure]) -> Frame:
@@ -101,6 +109,9 @@ class Coordinator:
         starts the step."""
         step = self.loop.step
         check_species(step.model.spec, structures)
+        # before any neighbour list (vesin) and before any other rank sees the batch
+        check_structures(structures, radius=step.radius, limits=self.limits,
+                         world_size=self.world_size)
         n = sum(s.n_atoms for s in structures)
         if self.world_size == 1:
             owner = np.zeros(n, dtype=np.int64)

@@ -6,21 +6,34 @@ see ``mlipd.engine.devices``) and keeps them for its lifetime. Each ``compute`` 
 the engine's one step (``mlipd.engine.step``) on every rank through rank 0's
 ``Coordinator``.
 
-Failures: any exception during a step, on any rank, or a dead rank, becomes
-``CalculationFailed`` for that request. The ranks are then torn down (peers may be
-blocked inside a collective) and respawned before the next request, which succeeds.
-Collectives time out after ``timeout_s``. A rank that died between requests is
-noticed before the next step and replaced. Under torchrun or srun (``world=``) ranks
-cannot be respawned: the engine stays broken and every request fails, so the front
-end should exit and let the launcher restart the job.
+Failures. What rank 0 refuses alone leaves the ranks as they were and costs no
+restart: unknown species, the geometry guards (``mlipd.engine.guards``, before any
+rank sees the batch), a passed deadline (checked before and after the step), a
+non-finite result (assembled on rank 0 after every rank finished). Any exception
+during a step, on any rank, or a dead rank, becomes ``CalculationFailed`` for that
+request; the ranks are then torn down (peers may be blocked inside a collective)
+and respawned before the next request, which succeeds. Collectives time out after
+``timeout_s``. A spawned rank also writes a heartbeat into shared memory every
+``HEARTBEAT_PERIOD_S`` from a thread of its own; a monitor thread on rank 0 kills a
+rank silent for ``heartbeat_s`` (stopped, swapped out, hung with the GIL held), so
+rank 0's collective fails at once instead of after ``timeout_s`` and the ranks are
+replaced. A rank that died between requests is noticed before the next step and
+replaced. Under torchrun or srun (``world=``) ranks cannot be respawned: the engine
+stays broken and every request fails, so the front end should exit and let the
+launcher restart the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing as mp
+import os
 import queue
+import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,6 +42,7 @@ import torch.distributed as dist
 
 from mlipd.engine.coordinator import Coordinator
 from mlipd.engine.devices import node_devices
+from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
 from mlipd.engine.ranks import (
     World,
@@ -46,6 +60,26 @@ from mlipd.types import Result, Structure
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_PERIOD_S = 0.5  # how often a spawned rank writes its heartbeat
+DEFAULT_HEARTBEAT_S = 10.0  # silence after which rank 0 kills and replaces a rank
+STARTUP_GRACE_S = 60.0  # a spawned rank imports torch before its first beat
+
+
+def _beat(beats, slot: int) -> None:
+    """A rank's heartbeat thread: its slot holds the last time (CLOCK_MONOTONIC, shared
+    by every process of the host) at which this process was scheduled."""
+    while True:
+        beats[slot] = time.monotonic()
+        time.sleep(HEARTBEAT_PERIOD_S)
+
+
+def _spawned_rank(rank: int, world_size: int, backend: str, host: str, port: int,
+                  timeout_s: float, threads: int | None, errors, beats) -> None:
+    """Target of a spawned rank process: a heartbeat thread, then the follower's life."""
+    threading.Thread(target=_beat, args=(beats, rank - 1), name="mlipd-heartbeat",
+                     daemon=True).start()
+    spawned_follower(rank, world_size, backend, host, port, timeout_s, threads, errors)
+
 
 class DistributedEngine:
     """The engine API on N ranks.
@@ -58,14 +92,16 @@ class DistributedEngine:
     rendezvous), threads_per_rank (intra-op threads of each rank; default: cores /
     ranks of this host; rank 0, the calling process, takes the same and gets its own
     count back at ``close``), world (join a torchrun/srun job as its rank 0 instead of
-    spawning).
+    spawning), limits (the geometry guards' budgets), heartbeat_s (kill and replace a
+    spawned rank silent this long; see the module docstring).
     """
 
     def __init__(self, model: str | Callable, *, device: str = "cpu",
                  devices: Sequence[str] | None = None, backend: str = "auto",
                  dtype: torch.dtype = torch.float64, ranks: int = 2, skin: float = 0.5,
                  partition: str = "rcb", timeout_s: float = 120.0,
-                 threads_per_rank: int | None = None, world: World | None = None) -> None:
+                 threads_per_rank: int | None = None, world: World | None = None,
+                 limits: Limits | None = None, heartbeat_s: float | None = None) -> None:
         if world is not None:
             if world.rank != 0:
                 raise SetupError("only rank 0 of a launched job runs the engine's front end")
@@ -79,7 +115,14 @@ class DistributedEngine:
         self._ranks = ranks
         self._world = world
         self._partition = partition
+        self._limits = limits
         self._timeout_s = float(timeout_s)
+        self._heartbeat_s = float(heartbeat_s or DEFAULT_HEARTBEAT_S)
+        self._beats = None  # shared heartbeat slots of the spawned ranks
+        self._silent: str | None = None  # why the monitor killed a rank
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.restarts = 0  # times the ranks were torn down and spawned again
         # every rank of this host, rank 0 (this process) too, takes its share of the cores
         self._threads = resolve_threads(threads_per_rank, local)
         self._caller_threads = torch.get_num_threads()
@@ -124,7 +167,8 @@ class DistributedEngine:
         # one rank: the step without a communicator (no collective, no halo)
         step = Step(model, comm if self._ranks > 1 else None, device=comm.device,
                     dtype=cfg.dtype, skin=cfg.skin)
-        self._front = Coordinator(RankLoop(step), skin=cfg.skin, partition=self._partition)
+        self._front = Coordinator(RankLoop(step), skin=cfg.skin, partition=self._partition,
+                                  limits=self._limits)
         self._broken = None
         log.info("distributed engine up: %d ranks, backend %s, devices %s", self._ranks,
                  cfg.backend, ", ".join(cfg.devices))
@@ -136,19 +180,50 @@ class DistributedEngine:
         port = store.port
         ctx = mp.get_context("spawn")
         self._errors = ctx.Queue()
+        # a rank is not silent before it could beat: the slots start in the future
+        self._beats = ctx.Array("d", [time.monotonic() + STARTUP_GRACE_S] * (self._ranks - 1),
+                                lock=False)
         self._procs = [
-            ctx.Process(target=spawned_follower, daemon=True, name=f"mlipd-rank{r}",
+            ctx.Process(target=_spawned_rank, daemon=True, name=f"mlipd-rank{r}",
                         args=(r, self._ranks, self._config.backend, "127.0.0.1", port,
-                              self._timeout_s, self._threads, self._errors))
+                              self._timeout_s, self._threads, self._errors, self._beats))
             for r in range(1, self._ranks)
         ]
         for p in self._procs:
             p.start()
+        self._start_monitor()
         init_process_group(backend=self._config.backend, rank=0, world_size=self._ranks,
                            timeout_s=self._timeout_s, store=store)
 
+    def _start_monitor(self) -> None:
+        self._monitor_stop = threading.Event()
+        self._silent = None
+        self._monitor = threading.Thread(target=self._watch, args=(self._monitor_stop,),
+                                         name="mlipd-rank-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self, stop: threading.Event) -> None:
+        """Kill a rank whose heartbeat is older than ``heartbeat_s``: its sockets close,
+        so the collective rank 0 may sit in fails now, not after ``timeout_s``."""
+        procs, beats = list(self._procs), self._beats
+        while not stop.wait(HEARTBEAT_PERIOD_S):
+            now = time.monotonic()
+            for r, p in enumerate(procs, start=1):
+                silent = now - beats[r - 1]
+                if silent > self._heartbeat_s and p.is_alive():
+                    self._silent = (f"rank {r} (pid {p.pid}) sent no heartbeat for "
+                                    f"{silent:.1f} s (limit {self._heartbeat_s:g} s)")
+                    log.error("%s: killing it; the ranks will be restarted", self._silent)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGKILL)
+                    return
+
     def _teardown(self) -> None:
         """Stop rank processes without talking to them (they may be inside a collective)."""
+        self._monitor_stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5)
+        self._monitor = None
         for p in self._procs:
             if p.is_alive():
                 p.terminate()
@@ -170,6 +245,8 @@ class DistributedEngine:
                 out.append(self._errors.get(timeout=0.5 if not out else 0.05))
             except queue.Empty:
                 break
+        if self._silent is not None:
+            out.insert(0, self._silent)
         reported = {m.split(":", 1)[0] for m in out}
         for r, p in enumerate(self._procs, start=1):
             p.join(timeout=0.1)
@@ -236,6 +313,10 @@ class DistributedEngine:
     def rebuilds(self) -> int:
         return 0 if self._front is None else self._front.policy.rebuilds
 
+    @property
+    def limits(self) -> Limits:
+        return self._limits if self._limits is not None else Limits()
+
     def compute(self, structures: Sequence[Structure], *, virial: bool = True) -> list[Result]:
         if not structures:
             return []
@@ -268,8 +349,10 @@ class DistributedEngine:
             raise CalculationFailed(f"engine broken ({self._broken or dead}); launched ranks "
                                     "cannot be restarted from here")
         if dead:
-            log.warning("ranks %s died; restarting all ranks", dead)
+            log.warning("ranks %s died%s; restarting all ranks", dead,
+                        f" ({self._silent})" if self._silent else "")
         self._teardown()
+        self.restarts += 1
         try:
             self._start()
         except (RuntimeError, MlipdError) as e:

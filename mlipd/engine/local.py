@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from mlipd.engine.coordinator import Coordinator
+from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
 from mlipd.engine.step import Step
 from mlipd.errors import CalculationFailed
@@ -35,17 +36,19 @@ class LocalEngine:
 
     The batch is one disjoint graph: one model call for all structures.
     skin (Å): Verlet skin of the reused neighbour list; 0 builds a fresh list at every call.
+    limits: the geometry guards' budgets (``mlipd.engine.guards``)
     """
 
     def __init__(self, model: Model, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float64, skin: float = DEFAULT_SKIN) -> None:
+                 dtype: torch.dtype = torch.float64, skin: float = DEFAULT_SKIN,
+                 limits: Limits | None = None) -> None:
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = for_inference(model, self.device, dtype)
         self.step = Step(self.model, None, device=self.device, dtype=dtype, skin=skin)
-        self._coordinator = Coordinator(RankLoop(self.step), skin=skin)
+        self._coordinator = Coordinator(RankLoop(self.step), skin=skin, limits=limits)
         self.calls = 0  # engine calls, for the server's batching counters
 
     @property
@@ -55,6 +58,11 @@ class LocalEngine:
     @property
     def world_size(self) -> int:
         return 1
+
+    @property
+    def limits(self) -> Limits:
+        """The geometry guards' budgets."""
+        return self._coordinator.limits
 
     @property
     def rebuilds(self) -> int:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError
 
+from mlipd.engine import deadline
+from mlipd.engine.guards import Limits, check_structures
 from mlipd.errors import CalculationFailed
 from mlipd.model_api import ModelSpec
 from mlipd.types import Result, Structure
@@ -23,10 +25,14 @@ class WholeEngine:
     """The engine API over a whole-structure model (``calculator``: an ASE calculator,
     ``spec``: its ModelSpec); a batch's structures are evaluated one after another.
     The calculator chooses its own device and precision: ``device``/``dtype`` report
-    what mlipd was asked for, as the calculator does not say."""
+    what mlipd was asked for, as the calculator does not say. The geometry guards
+    (``limits``) run on every structure with the model's cutoff: the calculator's own
+    neighbour list is native code too."""
 
-    def __init__(self, model, *, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                 limits: Limits | None = None) -> None:
         self.model = model
+        self.limits = limits if limits is not None else Limits()
         self.calls = 0
         self.device = torch.device("cpu")
         self.dtype = torch.float64 if dtype is None else dtype
@@ -47,7 +53,13 @@ class WholeEngine:
 
     def compute(self, structures: Sequence[Structure], *, virial: bool = True) -> list[Result]:
         self.calls += 1
-        return [self._one(s, virial=virial) for s in structures]
+        check_structures(structures, radius=float(self.spec.cutoff), limits=self.limits)
+        out = []
+        for s in structures:
+            deadline.check("between structures")
+            out.append(self._one(s, virial=virial))
+        deadline.check("after the last structure")
+        return out
 
     def _one(self, s: Structure, *, virial: bool) -> Result:
         atoms = s.to_atoms()

@@ -18,14 +18,24 @@ Reply::
 
     {"v": 1, "id": <same id>, "ok": true, "results": [<result>, ...]}   # compute, batch
     {"v": 1, "id": <same id>, "ok": true, "value": {...}}               # info, ping, stats
+    {"v": 1, "id": <same id>, "ok": true, "pending": true,              # a repeated id
+     "value": {"state": "queued" | "computing", "waited_s": <float>}}   # still at work
     {"v": 1, "id": <same id or null>, "ok": false,
      "error": {"code": <stable code, see mlipd.errors>, "message": <text>}}
 
     <result> = {"energy": <float eV>, "forces": <array (N, 3) eV/Å>,
                 "virial": <array (3, 3) eV> | null, "extras": {...}}
 
-Sizes are checked from the headers before any array is built, so a message that
-claims a huge array costs nothing (``too_large`` / ``bad_input``).
+A request sent again with the same id (on the same connection) is never computed
+twice: the server answers it from the computation under way (``pending``) or
+finished (the same reply again). Clients resend as their heartbeat.
+
+Every field of every op is checked (``check_request``): unknown keys, wrong types and
+values are ``bad_input``. Frames are decoded with msgpack's ``max_*_len`` limits and a
+budget of containers and elements (``load_request``), so a frame of nested empty maps
+fails after a few thousand objects instead of building millions. Sizes are checked
+from the headers before any array is built, so a message that claims a huge array
+costs nothing (``too_large`` / ``bad_input``).
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ from mlipd.types import Result, Structure
 VERSION = 1
 COMPUTE_OPS = frozenset({"compute", "batch"})
 OPS = COMPUTE_OPS | frozenset({"info", "ping", "stats"})
+_REQUEST_KEYS = frozenset({"v", "id", "op", "structures", "virial"})
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_STR = 256  # keys, op names, dtype strings: all short
 
 # dtypes accepted per field (little-endian only, STYLE P6): anything else is bad_input
 _INT_DTYPES = frozenset({"<i4", "<i8", "|i1", "<i2", "|u1", "<u2", "<u4"})
@@ -75,11 +88,13 @@ class Request:
 
 @dataclass(frozen=True)
 class Reply:
-    """A decoded successful reply: ``results`` for compute/batch, ``value`` otherwise."""
+    """A decoded successful reply: ``results`` for compute/batch, ``value`` otherwise;
+    ``pending``: the server is still at work on this id (``value`` says how)."""
 
     id: int
     results: tuple[Result, ...] = ()
     value: Mapping[str, Any] = field(default_factory=dict)
+    pending: bool = False
 
 
 class BadRequest(MlipdError):
@@ -203,12 +218,50 @@ def _loads(raw: bytes | memoryview) -> Any:
         raise ProtocolError(f"not a msgpack message: {e}") from e
 
 
-def unpack_request(raw: bytes | memoryview, *, max_atoms: int = DEFAULT_MAX_ATOMS,
+def load_request(raw: bytes | memoryview, *,
+                 max_structures: int = DEFAULT_MAX_STRUCTURES) -> Any:
+    """msgpack -> Python objects for a request frame, bounded: strings, maps and arrays
+    no longer than a request can need, and at most a request's worth of containers and
+    elements in all (``ProtocolError`` otherwise, before more is built)."""
+    budget = [64 + 16 * max_structures, 256 + 64 * max_structures]  # containers, elements
+
+    def spend(obj: Any) -> Any:
+        budget[0] -= 1
+        budget[1] -= len(obj)
+        if budget[0] < 0 or budget[1] < 0:
+            raise ProtocolError("request nests more maps and arrays than any request has")
+        return obj
+
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=_MAX_STR,
+                               max_array_len=max(max_structures, 16), max_map_len=16,
+                               max_ext_len=0, list_hook=spend, object_hook=spend)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise ProtocolError(f"not a msgpack request: {type(e).__name__}: {e}") from e
+
+
+def request_id(msg: Any) -> int | None:
+    """The id of a loaded request, when it has a valid one."""
+    rid = msg.get("id") if isinstance(msg, Mapping) else None
+    if isinstance(rid, int) and not isinstance(rid, bool) and _INT64[0] <= rid <= _INT64[1]:
+        return rid
+    return None
+
+
+def unpack_request(raw: bytes | memoryview | Mapping, *, max_atoms: int = DEFAULT_MAX_ATOMS,
                    max_structures: int = DEFAULT_MAX_STRUCTURES) -> Request:
     """Decode and check one request; raises ``BadRequest`` (with the id when known)."""
-    msg = _loads(raw) if isinstance(raw, bytes | bytearray | memoryview) else raw
-    req_id = msg.get("id") if isinstance(msg, Mapping) else None
-    req_id = req_id if isinstance(req_id, int) and not isinstance(req_id, bool) else None
+    msg = (load_request(raw, max_structures=max_structures)
+           if isinstance(raw, bytes | bytearray | memoryview) else raw)
+    return check_request(msg, max_atoms=max_atoms, max_structures=max_structures)
+
+
+def check_request(msg: Any, *, max_atoms: int = DEFAULT_MAX_ATOMS,
+                  max_structures: int = DEFAULT_MAX_STRUCTURES) -> Request:
+    """Check every field of a loaded request; raises ``BadRequest`` (with the id when known)."""
+    req_id = request_id(msg)
     try:
         return _check_request(msg, req_id, max_atoms=max_atoms, max_structures=max_structures)
     except MlipdError as e:
@@ -219,15 +272,22 @@ def _check_request(msg: Any, req_id: int | None, *, max_atoms: int,
                    max_structures: int) -> Request:
     if not isinstance(msg, Mapping):
         raise ValidationError("request must be a msgpack map")
-    if msg.get("v") != VERSION:
-        raise ValidationError(
-            f"protocol version {msg.get('v')!r} not supported (server speaks {VERSION})")
+    v = msg.get("v")
+    if not isinstance(v, int) or isinstance(v, bool) or v != VERSION:
+        raise ValidationError(f"protocol version {v!r} not supported (server speaks {VERSION})")
     if req_id is None:
-        raise ValidationError("request needs an integer 'id'")
+        raise ValidationError("request needs an integer 'id' (64-bit)")
+    unknown = set(msg) - _REQUEST_KEYS
+    if unknown:
+        raise ValidationError(f"unknown request keys {sorted(map(str, unknown))}; "
+                              f"known: {', '.join(sorted(_REQUEST_KEYS))}")
     op = msg.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ValidationError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
     if op not in COMPUTE_OPS:
+        extra = {"structures", "virial"} & set(msg)
+        if extra:
+            raise ValidationError(f"{op} takes no {', '.join(sorted(extra))}")
         return Request(id=req_id, op=op)
     items = msg.get("structures")
     if not isinstance(items, list) or not items:
@@ -266,6 +326,13 @@ def pack_value(req_id: int, value: Mapping[str, Any]) -> bytes:
                          use_bin_type=True)
 
 
+def pack_pending(req_id: int, *, state: str, waited_s: float) -> bytes:
+    """The answer to a repeated id still at work: ``state`` "queued" or "computing"."""
+    return msgpack.packb({"v": VERSION, "id": req_id, "ok": True, "pending": True,
+                          "value": {"state": state, "waited_s": float(waited_s)}},
+                         use_bin_type=True)
+
+
 def pack_error(req_id: int | None, error: BaseException) -> bytes:
     return msgpack.packb({"v": VERSION, "id": req_id, "ok": False, "error": error_to_wire(error)},
                          use_bin_type=True)
@@ -295,6 +362,9 @@ def unpack_reply(raw: bytes | Mapping[str, Any], *, expect_id: int | None = None
     if not msg["ok"]:
         err = msg.get("error")
         raise error_from_wire(err if isinstance(err, Mapping) else {"message": "malformed error"})
+    if msg.get("pending") is True:
+        value = msg.get("value")
+        return Reply(id=rid, value=value if isinstance(value, Mapping) else {}, pending=True)
     if "results" in msg:
         if not isinstance(msg["results"], list):
             raise ProtocolError("reply 'results' must be a list")

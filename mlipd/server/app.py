@@ -1,11 +1,13 @@
 """The long-running server: one engine, one scheduler, ZeroMQ and i-PI front ends.
 
-    ZMQ clients --ROUTER--> ZmqEndpoint --+   (polled by the engine loop thread)
-    i-PI / ASE  <--socket-- IpiLink ------+--> EngineWorker: scheduler + engine
-                             (a thread each)
+    ZMQ clients --ROUTER--> ZmqEndpoint --+   (polled by the engine loop thread; its
+    i-PI / ASE  <--socket-- IpiLink ------+--> own thread while the engine computes)
+                             (a thread each)   EngineWorker: scheduler + engine
 
-``Server.close()`` stops taking new work, answers what is queued, then closes the
-front ends and the engine.
+``Server.close()`` stops taking new work, answers what is queued (computed while
+``shutdown_timeout_s`` lasts, ``busy`` after), sends every reply, then closes the
+front ends and the engine; it returns False only when an engine call had to be
+abandoned.
 """
 
 from __future__ import annotations
@@ -15,19 +17,26 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import zmq
+
 import mlipd
+from mlipd.engine.guards import Limits
+from mlipd.errors import SetupError
 from mlipd.protocols import zmq_msgs
 from mlipd.server.endpoint import ZmqEndpoint
 from mlipd.server.metrics import Metrics
 from mlipd.server.scheduler import Scheduler
-from mlipd.server.worker import EngineWorker
+from mlipd.server.worker import DEFAULT_REQUEST_TIMEOUT_S, EngineWorker
 
 log = logging.getLogger(__name__)
 
 
-def engine_info(engine, *, max_request_atoms: int) -> dict[str, Any]:
-    """The ``info`` op's value: what a client needs to know about the model and units."""
+def engine_info(engine, *, max_request_atoms: int, max_structures: int,
+                request_timeout_s: float) -> dict[str, Any]:
+    """The ``info`` op's value: what a client needs to know about the model, units and
+    limits (it checks a request's size against them before sending)."""
     spec = engine.spec
+    limits = getattr(engine, "limits", None) or Limits()
     return {
         "version": mlipd.__version__,
         "protocol": zmq_msgs.VERSION,
@@ -42,6 +51,10 @@ def engine_info(engine, *, max_request_atoms: int) -> dict[str, Any]:
         "devices": list(getattr(engine, "devices", (str(engine.device),))),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "max_request_atoms": max_request_atoms,
+        "max_structures": max_structures,
+        "max_pairs": float(limits.max_pairs),
+        "min_distance": float(limits.min_distance),
+        "request_timeout_s": request_timeout_s,
     }
 
 
@@ -56,13 +69,20 @@ class Server:
     max_pending:       queued requests before ``busy``
     max_request_atoms: atoms in one ZMQ request before ``too_large``
     ipi_template:      ``mlipd.driver.template.Template`` (numbers, pbc) for the i-PI links
+    request_timeout_s: each request's deadline (queue and engine)
+    shutdown_timeout_s: how long ``close`` computes queued requests before ``busy``
+    allow_remote:      bind ZeroMQ beyond loopback
+    curve:             a key directory (``mlipd keygen``): CURVE on every ZeroMQ endpoint
     """
 
     def __init__(self, engine, *, zmq: Sequence[str] = (), ipi: Sequence[str] = (),
                  max_batch_atoms: int = 200_000, max_wait_s: float = 0.002,
                  max_pending: int = 1024,
                  max_request_atoms: int = zmq_msgs.DEFAULT_MAX_ATOMS,
-                 ipi_template: Any = None) -> None:
+                 ipi_template: Any = None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 shutdown_timeout_s: float = 60.0, allow_remote: bool = False,
+                 curve: str | None = None) -> None:
         self.engine = engine
         self.metrics = Metrics()
         self.scheduler = Scheduler(max_atoms=max_batch_atoms, max_wait_s=max_wait_s,
@@ -71,33 +91,55 @@ class Server:
         self._ipi_addresses = list(ipi)
         self._max_request_atoms = max_request_atoms
         self._ipi_template = ipi_template
+        self._request_timeout_s = request_timeout_s
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._allow_remote = allow_remote
+        self._curve_dir = curve
         if self._ipi_addresses and ipi_template is None:
-            from mlipd.errors import SetupError
-
             raise SetupError("i-PI links need a template (atomic numbers and pbc)")
         self._started = time.monotonic()
+        self._context: zmq.Context | None = None
+        self._curve = None
         self.worker: EngineWorker | None = None
         self.endpoints: list[ZmqEndpoint] = []
         self.links: list[Any] = []
 
     def stats(self) -> dict[str, Any]:
         s = self.metrics.snapshot()
-        s["uptime_s"] = time.monotonic() - self._started
+        now = time.monotonic()
+        s["uptime_s"] = now - self._started
         s["gated_sources"] = len(self.scheduler.gated)
         s["ipi_connected"] = sum(1 for link in self.links if link.connected)
+        busy = self.worker.busy_since if self.worker is not None else None
+        s["engine_busy_s"] = 0.0 if busy is None else now - busy
+        s["rank_restarts"] = int(getattr(self.engine, "restarts", 0))
         return s
 
     def start(self) -> list[str]:
         """Bind every ZMQ endpoint and start every i-PI link; returns the bound addresses."""
-        self.worker = EngineWorker(self.engine, scheduler=self.scheduler, metrics=self.metrics)
-        info = engine_info(self.engine, max_request_atoms=self._max_request_atoms)
-        for address in self._zmq_addresses:
-            ep = ZmqEndpoint(address, worker=self.worker, info=info, stats=self.stats,
-                             metrics=self.metrics, species=self.engine.spec.species,
-                             max_atoms=self._max_request_atoms)
-            self.endpoints.append(ep)
-            self.worker.attach(ep)
+        self.worker = EngineWorker(self.engine, scheduler=self.scheduler, metrics=self.metrics,
+                                   request_timeout_s=self._request_timeout_s)
+        info = engine_info(self.engine, max_request_atoms=self._max_request_atoms,
+                           max_structures=zmq_msgs.DEFAULT_MAX_STRUCTURES,
+                           request_timeout_s=self._request_timeout_s)
+        self._context = zmq.Context()
+        try:
+            if self._curve_dir is not None:
+                from mlipd.server.security import CurveServer
+
+                self._curve = CurveServer(self._curve_dir, context=self._context)
+            for address in self._zmq_addresses:
+                self.endpoints.append(ZmqEndpoint(
+                    address, worker=self.worker, info=info, stats=self.stats,
+                    metrics=self.metrics, context=self._context,
+                    species=self.engine.spec.species, max_atoms=self._max_request_atoms,
+                    allow_remote=self._allow_remote, curve=self._curve))
+        except BaseException:
+            self._close_zmq()
+            raise
         self.worker.start()
+        for ep in self.endpoints:
+            ep.start()
         if self._ipi_addresses:
             from mlipd.server.ipi_link import IpiLink
 
@@ -108,17 +150,30 @@ class Server:
                 link.start()
         return [ep.address for ep in self.endpoints]
 
-    def close(self) -> None:
-        """Stop taking work, answer what is queued, close front ends and engine."""
+    def close(self) -> bool:
+        """Stop taking work, answer what is queued, close front ends and engine; False
+        when an engine call had to be abandoned."""
         for ep in self.endpoints:
             ep.stop_accepting()
         for link in self.links:
             link.stop()
+        clean = True
         if self.worker is not None:
-            self.worker.close()
-        for ep in self.endpoints:
-            ep.close()
+            clean = self.worker.close(timeout_s=self._shutdown_timeout_s)
+        self._close_zmq()
         for link in self.links:
             link.join()
-        self.engine.close()
-        log.info("server stopped: %s", self.metrics.summary())
+        if clean:
+            self.engine.close()
+        log.info("server stopped%s: %s", "" if clean else " (engine call abandoned)",
+                 self.metrics.summary())
+        return clean
+
+    def _close_zmq(self) -> None:
+        for ep in self.endpoints:
+            ep.close()
+        if self._curve is not None:
+            self._curve.stop()
+        if self._context is not None:
+            self._context.term()
+            self._context = None

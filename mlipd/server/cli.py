@@ -1,13 +1,18 @@
-"""``mlipd serve``: options and the main loop (signals, readiness line, periodic stats).
+"""``mlipd serve``: options and the main loop (signals, readiness line, periodic stats);
+``mlipd stats ENDPOINT`` and ``mlipd keygen DIR``.
 
 The one line written to stdout is ``READY <endpoint> ...`` (the bound ZeroMQ
 addresses, possibly none), once everything is bound and connected; tests and
 scripts wait for it. Everything else goes through logging.
+
+Exit status of ``serve``: 0 after SIGINT/SIGTERM once every queued request was
+answered; 1 when an engine call had to be abandoned at shutdown; 2 for setup errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -15,8 +20,11 @@ import threading
 import time
 
 from mlipd.errors import SetupError
+from mlipd.server.worker import DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
+
+DEFAULT_STATS_EVERY_S = 60.0  # a line a minute: visible progress, 1,440 short lines a day
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,19 +50,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="queued requests before new ones are answered 'busy'")
     p.add_argument("--max-request-atoms", type=int, default=2_000_000,
                    help="atoms in one ZeroMQ request before it is refused 'too_large'")
-    p.add_argument("--stats-every", type=float, default=0.0, metavar="SECONDS",
-                   help="log the server counters every SECONDS (0: only at exit)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   metavar="S",
+                   help="a request's deadline from its arrival, in the queue and between the "
+                        f"engine's stages (default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGTERM, compute queued requests for up to S s, then answer the "
+                        "rest 'busy' (default 60)")
+    p.add_argument("--stats-every", type=float, default=DEFAULT_STATS_EVERY_S, metavar="SECONDS",
+                   help="log the server counters every SECONDS (default "
+                        f"{DEFAULT_STATS_EVERY_S:g}; 0: only at exit)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding a non-loopback ZeroMQ address")
+    p.add_argument("--curve", metavar="DIR",
+                   help="CURVE authentication and encryption with the keys `mlipd keygen DIR` "
+                        "wrote: only clients whose public keys are in DIR/clients are served")
 
 
-def _check_loopback(addresses: list[str], allow_remote: bool) -> None:
+def _check_addresses(addresses: list[str], allow_remote: bool) -> None:
+    """Refuse a malformed or non-loopback address before loading any model."""
+    from mlipd.protocols.zmq_address import parse_zmq_address
+    from mlipd.server.security import check_reach
+
     for a in addresses:
-        if not a.startswith("tcp://") or allow_remote:
-            continue
-        host = a[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise SetupError(f"{a}: binds beyond loopback; pass --allow-remote to mean it")
+        check_reach(parse_zmq_address(a, bind=True), allow_remote=allow_remote)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_wait_ms < 0 or args.stats_every < 0:
         raise SetupError("--max-wait-ms and --stats-every must be >= 0")
-    _check_loopback(args.zmq, args.allow_remote)
+    if args.request_timeout <= 0 or args.shutdown_timeout < 0:
+        raise SetupError("--request-timeout must be > 0 and --shutdown-timeout >= 0")
+    _check_addresses(args.zmq, args.allow_remote)
     template = None
     if args.ipi:
         from mlipd.driver.template import Template
@@ -89,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     server = Server(engine, zmq=args.zmq, ipi=args.ipi, max_batch_atoms=args.max_batch_atoms,
                     max_wait_s=args.max_wait_ms / 1e3, max_pending=args.max_queue,
-                    max_request_atoms=args.max_request_atoms, ipi_template=template)
+                    max_request_atoms=args.max_request_atoms, ipi_template=template,
+                    request_timeout_s=args.request_timeout,
+                    shutdown_timeout_s=args.shutdown_timeout, allow_remote=args.allow_remote,
+                    curve=args.curve)
+    clean = False
     try:
         addresses = server.start()
         sys.stdout.write(" ".join(["READY", *addresses]) + "\n")
@@ -102,6 +127,40 @@ def run(args: argparse.Namespace) -> int:
             if time.monotonic() >= next_stats:
                 log.info("stats: %s", server.metrics.summary())
                 next_stats += period
+        log.info("stopping: no new requests; answering the queued ones")
     finally:
-        server.close()
+        clean = server.close()
+    return 0 if clean else 1
+
+
+# ---------------------------------------------------------------- mlipd stats, mlipd keygen
+
+
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("endpoint", help="the server's ZeroMQ address, as printed in its READY line")
+    p.add_argument("--curve", metavar="DIR", help="client keys for a server run with --curve")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up when the server does not answer within S s (default 10)")
+
+
+def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR",
+                   help="where to write server.key(_secret), client.key(_secret) and "
+                        "clients/client.key (pyzmq's certificate format)")
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    """``mlipd stats ENDPOINT`` (the counters as JSON on stdout) or ``mlipd keygen DIR``."""
+    if args.command == "keygen":
+        from mlipd.server.security import keygen
+
+        for path in keygen(args.directory):
+            sys.stdout.write(f"{path}\n")
+        return 0
+    from mlipd.client import Client
+
+    with Client(args.endpoint, curve=args.curve,
+                connect_timeout_s=args.connect_timeout) as client:
+        stats = client.stats()
+    sys.stdout.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return 0

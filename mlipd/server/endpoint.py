@@ -1,33 +1,63 @@
-"""The ZeroMQ front end: a ROUTER socket polled by the engine loop (``mlipd.server.worker``).
+"""The ZeroMQ front end: a ROUTER socket, served by the engine loop between engine
+calls and by a thread of its own during long ones (``mlipd.server.worker``).
 
-Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload
-frame, a REQ client an empty delimiter before it; both work, the envelope goes
-back unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
-``info``/``ping``/``stats`` are answered at once; compute requests go to the
-scheduler, and their replies are sent by ``flush`` after the engine call. Every
-failure is an error reply; a frame larger than ``max_message_bytes`` makes zmq
-drop that peer's connection (ZMQ_MAXMSGSIZE). All methods run on the loop thread.
+Frames in: ``[routing id(s)..., payload]`` (a DEALER client sends one payload frame,
+a REQ client an empty delimiter before it; both work, the envelope goes back
+unchanged). The payload is a ``mlipd.protocols.zmq_msgs`` request.
+
+Whoever holds ``lock`` uses the socket (its acquire/release is the full memory
+barrier under which libzmq lets a socket migrate between threads): the engine loop
+(no hand-over between threads on the fast path), or, while the loop computes for longer than
+``LEND_AFTER_S`` or after it has ended, this endpoint's own thread, so ``ping``,
+``info``, ``stats`` and ``busy`` are answered during long engine calls (torch cannot
+be interrupted, and a long call must not look like a dead server). Compute requests
+go to the engine worker; their replies are packed on the engine thread when the
+future resolves and sent by whoever holds the socket. A request repeated with the
+same id on the same connection (a client's heartbeat) is answered from the
+``Ledger``: ``pending`` while it is queued or computing, the same reply once
+finished; it is never computed twice.
+
+Every failure is an error reply: bad frames (``protocol``), bad fields
+(``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
+unexpected exception (``internal``). A frame larger than ``max_message_bytes``
+makes zmq drop that peer's connection (ZMQ_MAXMSGSIZE).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
 
-from mlipd.errors import Busy, MlipdError, ProtocolError, UnknownSpecies
+from mlipd.errors import (
+    Busy,
+    MlipdError,
+    ProtocolError,
+    SetupError,
+    UnknownSpecies,
+    ValidationError,
+)
 from mlipd.protocols import zmq_msgs
+from mlipd.protocols.zmq_address import parse_zmq_address
+from mlipd.server.ledger import Entry, Ledger, fingerprint
 from mlipd.server.metrics import Metrics
+from mlipd.server.security import CurveServer, IpcSocket, check_reach
 from mlipd.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 _RECV_BURST = 64  # messages read per wake-up before replies get a turn
+_LINGER_MS = 2000  # replies still queued at close get this long to leave
+_LENT_POLL_S = 0.02  # how often the endpoint's thread looks whether the loop needs help
+_GIVE_BACK_MS = 10  # while lent, the socket is polled this long before checking reclaim
 
 
 def max_message_bytes(max_atoms: int, max_structures: int) -> int:
@@ -38,16 +68,20 @@ def max_message_bytes(max_atoms: int, max_structures: int) -> int:
 class ZmqEndpoint:
     """Serve ``address`` (``tcp://host:port``, port ``*`` or 0 picks one; ``ipc://path``).
 
-    info:  the ``info`` op's value
-    stats: returns the ``stats`` op's value
+    info:    the ``info`` op's value
+    stats:   returns the ``stats`` op's value
     species: atomic numbers the model knows (None: any); others get ``unknown_species``
+    allow_remote: bind beyond loopback
+    curve:   CURVE keys and authenticator (``mlipd.server.security``), or None
+    context: the zmq context (the authenticator must share it)
     """
 
     def __init__(self, address: str, *, worker: EngineWorker, info: Mapping[str, Any],
                  stats: Callable[[], Mapping[str, Any]], metrics: Metrics,
-                 species: frozenset[int] | None = None,
+                 context: zmq.Context, species: frozenset[int] | None = None,
                  max_atoms: int = zmq_msgs.DEFAULT_MAX_ATOMS,
-                 max_structures: int = zmq_msgs.DEFAULT_MAX_STRUCTURES) -> None:
+                 max_structures: int = zmq_msgs.DEFAULT_MAX_STRUCTURES,
+                 allow_remote: bool = False, curve: CurveServer | None = None) -> None:
         self.worker = worker
         self.info = dict(info)
         self.stats = stats
@@ -55,33 +89,87 @@ class ZmqEndpoint:
         self.species = species
         self.max_atoms = max_atoms
         self.max_structures = max_structures
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        self.ledger = Ledger()
+        parsed = parse_zmq_address(address, bind=True)
+        check_reach(parsed, allow_remote=allow_remote)
+        self._ipc = IpcSocket(parsed.path) if parsed.transport == "ipc" else None
+        if self._ipc is not None:
+            self._ipc.check_free()
+        self._sock = context.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_atoms, max_structures))
-        self._sock.setsockopt(zmq.LINGER, 1000)
-        if address.startswith("tcp://") and address.endswith(":0"):
-            address = address[:-2] + ":*"  # zmq spells "any free port" as *
+        self._sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client's reconnect keeps its id
+        if parsed.ipv6:  # only then: IPv4 addresses would be reported v4-mapped
+            self._sock.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            curve.apply(self._sock)
         try:
-            self._sock.bind(address)
+            with self._ipc.owner_only() if self._ipc else contextlib.nullcontext():
+                self._sock.bind(parsed.text)
         except zmq.ZMQError as e:
             self._sock.close(0)
-            self._ctx.term()
-            from mlipd.errors import SetupError
-
             raise SetupError(f"cannot bind ZeroMQ endpoint {address!r}: {e}") from e
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.socket = self._sock
-        self._replies: deque[tuple[list[bytes], int, Future]] = deque()
+        self.lock = threading.Lock()  # held by whoever uses the socket
+        self._give_back = False
+        self._outbox: deque[tuple[list[bytes], bytes]] = deque()
         self._accepting = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve_when_lent,
+                                        name=f"mlipd-zmq-{self.address}", daemon=True)
+        worker.attach(self)
+
+    def start(self) -> None:
+        """Start the thread that serves the socket while the engine loop cannot (call
+        after the worker has started)."""
+        self._thread.start()
 
     def stop_accepting(self) -> None:
-        """New compute requests get ``busy`` from now on; queued ones are still answered."""
+        """New compute requests get ``busy`` from now on; queued ones are still answered,
+        and ``ping``/``info``/``stats`` too."""
         self._accepting = False
 
     def close(self) -> None:
-        """Close the socket (after the loop thread has stopped)."""
-        self._sock.close(linger=1000)
-        self._ctx.term()
+        """Send every reply queued so far, stop the thread, close the socket (call after
+        the engine worker has finished or abandoned its requests)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        with self.lock:  # the loop has lent it for good, or is stuck in the engine
+            self.flush()  # what a late done-callback queued
+            self._sock.close(linger=_LINGER_MS)
+        if self._ipc is not None:
+            self._ipc.remove()
+
+    # ------------------------------------------------------------ who holds the socket
+
+    def lend(self) -> None:
+        """The engine loop lets go of the socket (an engine call, or its end)."""
+        self.lock.release()
+
+    def reclaim(self) -> None:
+        """The engine loop takes the socket back (waits at most one short poll)."""
+        self._give_back = True
+        self.lock.acquire()
+        self._give_back = False
+
+    def _serve_when_lent(self) -> None:
+        while not self._stop.wait(_LENT_POLL_S):
+            if not self.worker.needs_help() or not self.lock.acquire(blocking=False):
+                continue
+            try:
+                while (not self._give_back and not self._stop.is_set()
+                       and self.worker.needs_help()):
+                    if self._sock.poll(_GIVE_BACK_MS, zmq.POLLIN):
+                        self.on_readable()
+                    self.flush()
+            except Exception:  # this thread's one catch-all: log, keep serving
+                log.exception("ZeroMQ endpoint %s: unexpected error", self.address)
+            finally:
+                self.lock.release()
+
+    # ------------------------------------------------------------ I/O (holding the lock)
 
     def on_readable(self) -> None:
         """Read what has arrived (a bounded burst, so replies get their turn)."""
@@ -91,20 +179,20 @@ class ZmqEndpoint:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._handle(frames)
+            if len(frames) < 2:
+                continue  # no routing id: cannot answer
+            envelope = [f.bytes for f in frames[:-1]]
+            try:
+                self._handle(envelope, frames[-1].buffer)
+            except Exception as e:  # any bug in handling: an internal error reply, not silence
+                log.exception("request handling failed")
+                self._error(envelope, None, MlipdError(f"internal error: "
+                                                       f"{type(e).__name__}: {e}"))
 
     def flush(self) -> None:
         """Send the replies of finished requests."""
-        while self._replies:
-            envelope, rid, fut = self._replies.popleft()
-            exc = fut.exception()
-            try:
-                payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
-                           else zmq_msgs.pack_error(rid, exc))
-            except (TypeError, ValueError, OverflowError) as e:  # e.g. extras msgpack cannot hold
-                err = MlipdError(f"cannot encode the result: {e}")
-                self.metrics.on_error(err.code)
-                payload = zmq_msgs.pack_error(rid, err)
+        while self._outbox:
+            envelope, payload = self._outbox.popleft()
             self._send(envelope, payload)
 
     def _send(self, envelope: list[bytes], payload: bytes) -> None:
@@ -117,19 +205,35 @@ class ZmqEndpoint:
         self.metrics.on_error(err.code)
         self._send(envelope, zmq_msgs.pack_error(rid, err))
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
-            return  # no routing id: cannot answer
-        envelope, raw = [f.bytes for f in frames[:-1]], frames[-1].buffer
+    def _handle(self, envelope: list[bytes], raw: memoryview) -> None:
         self.metrics.on_request("zmq")
         try:
-            req = zmq_msgs.unpack_request(raw, max_atoms=self.max_atoms,
-                                          max_structures=self.max_structures)
-        except zmq_msgs.BadRequest as e:
-            self._error(envelope, e.req_id, e)
-            return
+            msg = zmq_msgs.load_request(raw, max_structures=self.max_structures)
         except ProtocolError as e:
             self._error(envelope, None, e)
+            return
+        rid = zmq_msgs.request_id(msg)
+        op = msg.get("op") if isinstance(msg, Mapping) else None
+        key = (tuple(envelope), rid)
+        fp = (0, 0)
+        if rid is not None and isinstance(op, str) and op in zmq_msgs.COMPUTE_OPS:
+            fp = fingerprint(raw)
+            entry = self.ledger.get(key)
+            if entry is not None and entry.fingerprint == fp:
+                self._repeat(envelope, rid, entry)
+                return
+            if entry is not None and entry.reply is None:
+                self._error(envelope, rid, ValidationError(
+                    f"request id {rid} is in use by another request still at work on this "
+                    "connection; give every request its own id"))
+                return
+            if entry is not None:
+                self.ledger.forget(key)  # an id reused for a new request: compute that
+        try:
+            req = zmq_msgs.check_request(msg, max_atoms=self.max_atoms,
+                                         max_structures=self.max_structures)
+        except zmq_msgs.BadRequest as e:
+            self._error(envelope, e.req_id, e)
             return
         self.metrics.on_request(req.op)
         if req.op == "ping":
@@ -139,15 +243,26 @@ class ZmqEndpoint:
         elif req.op == "stats":
             self._send(envelope, zmq_msgs.pack_value(req.id, self.stats()))
         else:
-            self._compute(envelope, req)
+            self._compute(envelope, key, req, fp)
 
-    def _compute(self, envelope: list[bytes], req: zmq_msgs.Request) -> None:
+    def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
+        self.metrics.on_request("repeat")
+        if entry.reply is not None:
+            self._send(envelope, entry.reply)
+            return
+        fut = entry.future
+        state = "computing" if fut is not None and (fut.running() or fut.done()) else "queued"
+        self._send(envelope, zmq_msgs.pack_pending(rid, state=state,
+                                                   waited_s=self.ledger.clock() - entry.arrived))
+
+    def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request,
+                 fp: tuple[int, int]) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
                 if unknown:
                     self._error(envelope, req.id, UnknownSpecies(
-                        f"structure {k}: model does not know atomic numbers {sorted(unknown)}"))
+                        f"structure {k}: model does not know {_names(unknown)}"))
                     return
         if not self._accepting:
             self._error(envelope, req.id, Busy("server is shutting down"))
@@ -157,6 +272,24 @@ class ZmqEndpoint:
         except Busy as e:
             self._error(envelope, req.id, e)
             return
+        self.ledger.start(key, fut, fp)
+        fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
-        # the future resolves on the loop thread, which then calls flush
-        fut.add_done_callback(lambda f: self._replies.append((envelope, req.id, f)))
+    def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:
+        """On the thread that resolved ``fut`` (the engine's): pack, remember, queue."""
+        exc = fut.exception()
+        try:
+            payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
+                       else zmq_msgs.pack_error(rid, exc))
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. extras msgpack cannot hold
+            err = MlipdError(f"cannot encode the result: {e}")
+            self.metrics.on_error(err.code)
+            payload = zmq_msgs.pack_error(rid, err)
+        self.ledger.finish(key, payload)
+        self._outbox.append((envelope, payload))
+
+
+def _names(numbers: set[int]) -> str:
+    from ase.data import chemical_symbols
+
+    return ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(numbers))

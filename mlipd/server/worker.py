@@ -1,16 +1,32 @@
-"""The server loop: one thread owns the engine (torch) and the ZeroMQ sockets.
+"""The engine loop: one thread owns the engine (torch) and runs the scheduler's batches.
 
-Why one thread for both: a ZeroMQ request is then read, batched, computed and
-answered without a single hand-over between threads (each costs a wake-up and a
-GIL switch, which dominated the round trip of small structures). While the
-engine runs, new messages wait in ZeroMQ's own queues and are read together
-afterwards, so concurrent requests share the next engine call.
+Why the ZeroMQ sockets are served by this thread too, between engine calls: a request
+is then read, batched, computed and answered without a single hand-over between
+threads (each costs a wake-up and a GIL switch; on a loaded 2-core machine two
+hand-overs per request made the 8-atom round trip 1-2.5 ms slower, measured). But a
+long engine call must not silence ``ping``: so the loop *lends* its sockets while it
+computes. Each front end (``FrontEnd``) has a lock the loop holds except during
+engine calls, and a thread of its own that takes the socket once the loop has been
+busy for ``LEND_AFTER_S`` (and for good once the loop has ended), answering pings,
+stats, ``busy`` and resends, and queueing new requests, until the loop asks for it
+back (``reclaim``). Short calls never wake that thread.
 
 Other threads (the i-PI links) call ``submit`` and get a
 ``concurrent.futures.Future`` that resolves to that request's ``list[Result]`` or
-raises its ``MlipdError``; a socketpair wakes the loop. An engine error in a
-batch of several requests is retried request by request, so one bad structure
-fails only its own request.
+raises its ``MlipdError``; a socketpair wakes the loop. The future is marked running
+when its batch starts (so a front end can say "queued" or "computing"), and its
+done-callbacks run on this thread. While the engine runs, new requests queue in the
+scheduler and go out together in the next call.
+
+Each request carries a deadline (``request_timeout_s`` after it arrived): a request
+still queued at its deadline fails without an engine call, and the engine checks the
+batch's earliest deadline between its stages (``mlipd.engine.deadline``). An engine
+error in a batch of several requests is retried request by request, so one bad
+structure (or one late request) fails only its own request.
+
+``close`` stops taking requests, computes what is queued while its time lasts,
+answers the rest ``busy``, and reports whether the loop had to be abandoned (an
+engine call that did not return in time).
 """
 
 from __future__ import annotations
@@ -21,24 +37,29 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Protocol
 
 import zmq
 
-from mlipd.errors import Busy, CalculationFailed, MlipdError
+from mlipd.engine.deadline import deadline
+from mlipd.errors import Busy, CalculationFailed, DeadlineExceeded, MlipdError, ServerUnavailable
 from mlipd.server.metrics import Metrics
 from mlipd.server.scheduler import Scheduler, Ticket, flatten, split
 from mlipd.types import Result, Structure
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+LEND_AFTER_S = 0.05  # an engine call this long lends the sockets to their own threads
+
 
 class FrontEnd(Protocol):
-    """A socket the loop polls: ``socket`` readable -> ``on_readable()``; after every
-    batch and wake-up ``flush()`` sends what is ready."""
+    """A socket the loop polls while it holds ``lock``: readable -> ``on_readable()``;
+    after every batch and wake-up ``flush()`` sends what is ready. ``lend()`` releases
+    the socket for an engine call, ``reclaim()`` takes it back (see module docstring)."""
 
     socket: zmq.Socket
 
@@ -46,44 +67,64 @@ class FrontEnd(Protocol):
 
     def flush(self) -> None: ...
 
+    def lend(self) -> None: ...
+
+    def reclaim(self) -> None: ...
+
 
 class EngineWorker:
-    """Owns ``engine`` and the attached front ends on one thread (see module docstring).
+    """Owns ``engine`` on one thread (see module docstring).
 
     engine:    has ``compute(structures, *, virial) -> list[Result]`` (``mlipd.engine``)
     scheduler: the batching policy (``mlipd.server.scheduler.Scheduler``)
+    request_timeout_s: each request's deadline after it arrived
     clock:     seconds, monotonic
     """
 
     def __init__(self, engine, *, scheduler: Scheduler, metrics: Metrics | None = None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.scheduler = scheduler
         self.metrics = metrics if metrics is not None else Metrics()
+        self.request_timeout_s = float(request_timeout_s)
         self.clock = clock
         self._lock = threading.Lock()
         self._stopping = False
+        self._drain_until = float("inf")
+        self._current: list[Ticket] = []  # the batch being run
         self._front_ends: list[FrontEnd] = []
-        self._current: list[Ticket] = []  # the batch being run (failed on a bug)
+        self._running = False  # the loop is between start and its end
+        self.busy_since: float | None = None  # when the running engine call started
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._thread = threading.Thread(target=self._loop, name="mlipd-engine", daemon=True)
 
     def attach(self, front_end: FrontEnd) -> None:
-        """Poll ``front_end`` on the loop thread; call before ``start``."""
+        """Serve ``front_end`` on the loop thread; call before ``start``."""
         if self._thread.is_alive():
             raise RuntimeError("attach front ends before start()")
         self._front_ends.append(front_end)
 
     def start(self) -> None:
+        self._running = True
         self._thread.start()
+
+    def needs_help(self) -> bool:
+        """Whether front ends should serve their sockets themselves now: the loop is in
+        a long engine call, or it has ended (shutdown)."""
+        if not self._running:
+            return True
+        since = self.busy_since
+        return since is not None and self.clock() - since > LEND_AFTER_S
 
     # ------------------------------------------------------------ any thread
 
     def submit(self, source: Hashable, structures: Sequence[Structure], *,
                virial: bool = True) -> Future:
-        """Queue one request; the future gives its results. Raises ``Busy`` when full."""
+        """Queue one request; the future gives its results. Raises ``Busy`` when full
+        or shutting down."""
         fut: Future = Future()
         ticket = Ticket(source=source, structures=tuple(structures), arrived=self.clock(),
                         token=fut, virial=virial)
@@ -107,30 +148,44 @@ class EngineWorker:
             self.scheduler.remove_gated(source)
         self._wake()
 
-    def compute_for(self, source: Hashable, *, timeout_s: float = 3600.0
-                    ) -> Callable[[Sequence[Structure]], list[Result]]:
+    def compute_for(self, source: Hashable) -> Callable[[Sequence[Structure]], list[Result]]:
         """A blocking ``compute(structures) -> results`` for a driver connection."""
 
         def compute(structures: Sequence[Structure]) -> list[Result]:
             fut = self.submit(source, structures, virial=True)
-            try:
-                return fut.result(timeout=timeout_s)
+            try:  # the deadline fails the request; this only guards against a lost future
+                return fut.result(timeout=self.request_timeout_s + 60.0)
             except FutureTimeout as e:
-                raise CalculationFailed(f"no result within {timeout_s} s") from e
+                raise CalculationFailed(f"no result within {self.request_timeout_s} s") from e
 
         return compute
 
-    def close(self, *, timeout_s: float = 60.0) -> None:
-        """Answer every queued request, then stop the loop (engine and sockets stay open)."""
+    def close(self, *, timeout_s: float = 60.0) -> bool:
+        """Stop taking requests, compute what is queued for up to ``timeout_s``, answer
+        the rest ``busy``. True when the loop finished; False when an engine call was
+        still running after ``timeout_s`` (its requests are then answered with an error)."""
         with self._lock:
             self._stopping = True
+            self._drain_until = self.clock() + timeout_s
         self._wake()
         if self._thread.is_alive():
-            self._thread.join(timeout=timeout_s)
-            if self._thread.is_alive():
-                log.warning("engine loop did not finish within %.0f s", timeout_s)
+            self._thread.join(timeout=timeout_s + 1.0)
+        finished = not self._thread.is_alive()
+        if not finished:
+            log.error("engine call still running %.0f s after shutdown began; abandoning it",
+                      timeout_s)
+            err = ServerUnavailable("server stopped before the engine call finished")
+            with self._lock:
+                queued = self._take_all()
+            for t in [*self._current, *queued]:
+                self._finish(t, err)
         self._wake_r.close()
         self._wake_w.close()
+        return finished
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):  # full pipe: a wake is pending
@@ -143,36 +198,56 @@ class EngineWorker:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         for fe in self._front_ends:
             poller.register(fe.socket, zmq.POLLIN)
-        while True:
-            try:
-                if not self._step(poller):
-                    return
-            except Exception as e:  # the loop's one catch-all: fail that batch, keep serving
-                log.exception("engine loop: unexpected error")
-                err = MlipdError(f"internal error: {type(e).__name__}: {e}")  # code "internal"
-                for t in self._current:
-                    if not t.token.done():
+            fe.reclaim()
+        try:
+            while True:
+                try:
+                    if not self._step(poller):
+                        return
+                except Exception as e:  # the loop's one catch-all: fail that batch, go on
+                    log.exception("engine loop: unexpected error")
+                    err = MlipdError(f"internal error: {type(e).__name__}: {e}")  # "internal"
+                    for t in self._current:
                         self._finish(t, err)
-            finally:
-                self._current = []
+                finally:
+                    self._current = []
+        finally:
+            self._running = False
+            for fe in self._front_ends:
+                fe.lend()  # for good: their own threads answer until they close
 
     def _step(self, poller: zmq.Poller) -> bool:
         """One turn: run a due batch, or wait for I/O until one is due. False: stop."""
         with self._lock:
             now = self.clock()
+            late = self._stopping and now > self._drain_until
+            refused = self._take_all() if late else None
+        if refused is not None:
+            if refused:
+                log.warning("shutdown: %d queued requests answered busy", len(refused))
+            for t in refused:
+                self._finish(t, Busy("server is shutting down"))
+            self._flush()
+            return False
+        with self._lock:
+            now = self.clock()
             batch = self.scheduler.take(now, force=self._stopping)
             if batch:
                 self.metrics.on_queue(len(self.scheduler))
-            done = self._stopping and not batch
             due = self.scheduler.deadline()
         if batch:
             self._current = batch
-            self._run(batch)
+            for fe in self._front_ends:
+                fe.lend()
+            try:
+                self._run(batch)
+            finally:
+                self.busy_since = None
+                for fe in self._front_ends:
+                    fe.reclaim()
             self._flush()
             return True
-        if done:  # what arrived meanwhile gets a "shutting down" reply, not silence
-            for fe in self._front_ends:
-                fe.on_readable()
+        if self._stopping:  # drained: what arrived meanwhile is answered by the front ends
             self._flush()
             return False
         timeout_ms = None if due is None else max(1e3 * (due - now), 0.0) + 0.1
@@ -190,15 +265,35 @@ class EngineWorker:
         for fe in self._front_ends:
             fe.flush()
 
+    def _take_all(self) -> list[Ticket]:
+        """Every queued ticket (hold the lock)."""
+        out: list[Ticket] = []
+        while batch := self.scheduler.take(self.clock(), force=True):
+            out += batch
+        self.metrics.on_queue(0)
+        return out
+
     def _run(self, batch: list[Ticket]) -> None:
+        now = self.clock()
+        live = []
+        for t in batch:
+            if now > t.arrived + self.request_timeout_s:
+                self._finish(t, DeadlineExceeded(
+                    f"request waited {now - t.arrived:.3g} s in the queue (deadline "
+                    f"{self.request_timeout_s:g} s, --request-timeout)"))
+            elif t.token.set_running_or_notify_cancel():
+                live.append(t)
+        if not live:
+            return
+        self.busy_since = now
         try:
-            results = self._call(batch)
+            results = self._call(live)
         except MlipdError as e:
-            if len(batch) == 1:
-                self._finish(batch[0], e)
+            if len(live) == 1:
+                self._finish(live[0], e)
                 return
-            log.info("batch of %d requests failed (%s); retrying one by one", len(batch), e)
-            for t in batch:
+            log.info("batch of %d requests failed (%s); retrying one by one", len(live), e)
+            for t in live:
                 try:
                     self._finish(t, self._call([t])[0][1])
                 except MlipdError as e1:
@@ -210,7 +305,8 @@ class EngineWorker:
     def _call(self, batch: list[Ticket]) -> list[tuple[Ticket, list[Result]]]:
         structures = flatten(batch)
         t0 = self.clock()
-        results = self.engine.compute(structures, virial=any(t.virial for t in batch))
+        with deadline(min(t.arrived for t in batch) + self.request_timeout_s):
+            results = self.engine.compute(structures, virial=any(t.virial for t in batch))
         self.metrics.on_engine_call(n_structures=len(structures),
                                     n_atoms=sum(t.n_atoms for t in batch),
                                     seconds=self.clock() - t0)
@@ -220,9 +316,14 @@ class EngineWorker:
 
     def _finish(self, ticket: Ticket, outcome: list[Result] | MlipdError) -> None:
         fut: Future = ticket.token
-        if isinstance(outcome, MlipdError):
-            self.metrics.on_error(outcome.code)
-            fut.set_exception(outcome)
-        else:
-            self.metrics.on_answered(self.clock() - ticket.arrived)
-            fut.set_result(outcome)
+        if fut.done():
+            return
+        try:
+            if isinstance(outcome, MlipdError):
+                fut.set_exception(outcome)
+                self.metrics.on_error(outcome.code)
+            else:
+                fut.set_result(outcome)
+                self.metrics.on_answered(self.clock() - ticket.arrived)
+        except InvalidStateError:  # answered meanwhile by close() (abandoned loop)
+            pass

@@ -4,17 +4,21 @@
 ``path`` exists when rank ``rank`` runs a forward: it then deletes the file and
 either raises ``RuntimeError`` (content ``raise``) or kills its process at once
 (content ``exit``), mid-step, after the first halo exchange. ``ExtrasModel`` returns
-per-atom extras of several shapes.
+per-atom extras of several shapes. ``GatedLJ`` holds every forward while a file exists
+(server tests: a request provably in flight).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mlipd.model_api import ModelOutput
+from mlipd.models.lj import LennardJones
 from mlipd.models.reference import ReferenceMP
 
 
@@ -49,3 +53,39 @@ class ExtrasModel(ReferenceMP):
             "charge": h,
             "dipole": base,
             "quadrupole": torch.stack([base, 2.0 * base], dim=1)})
+
+
+class GatedLJ(LennardJones):
+    """Lennard-Jones that a test can hold mid-request: ``gated:dir=PATH[,LJ options]``.
+
+    Every forward first counts itself in ``PATH/started`` (the number of forwards begun,
+    written atomically), then waits while ``PATH/hold`` exists (at most ``max_s``). A
+    test creates ``hold``, sends a request, waits for ``started`` to count it (the
+    request is then provably inside the engine), does what it tests, and removes
+    ``hold`` to let the engine finish: no timing assumptions.
+    """
+
+    def __init__(self, args: str = "") -> None:
+        from mlipd.models.options import parse_options
+
+        _, opts = parse_options(args, model="gated",
+                                syntax="gated:dir=PATH[,max_s=S,epsilon=..,sigma=..,cutoff=..]",
+                                keys={"dir": str, "max_s": float, "epsilon": float,
+                                      "sigma": float, "cutoff": float})
+        if "dir" not in opts:
+            raise ValueError("gated needs dir=PATH")
+        self.gate = Path(opts.pop("dir"))
+        self.max_s = float(opts.pop("max_s", 300.0))
+        super().__init__(",".join(f"{k}={v}" for k, v in opts.items()))
+        self.spec = replace(self.spec, name="gated")
+
+    def forward(self, graph) -> ModelOutput:
+        started = self.gate / "started"
+        count = int(started.read_text()) + 1 if started.exists() else 1
+        tmp = self.gate / f".started.{os.getpid()}"
+        tmp.write_text(str(count))
+        tmp.replace(started)
+        deadline = time.monotonic() + self.max_s
+        while (self.gate / "hold").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return super().forward(graph)

@@ -1,0 +1,256 @@
+"""A bounded soak of `mlipd serve`: many concurrent clients, random sizes, bad requests
+mixed in, every answer checked.
+
+One real server process (Lennard-Jones, so the engine is cheap and the server's own
+handling dominates); ``clients`` threads, each with its own ``mlipd.client.Client`` and
+a raw DEALER socket, send ``requests`` each. About 85% are valid structures of 4 to
+108 atoms (after the run, each answer is compared with a direct evaluation in this
+process: a difference is a *mismatch*); the rest are faults from ``FAULTS`` (geometry
+the guards refuse, frames the decoder refuses), each with the error code it must get.
+A request with no answer is *lost*. The server's resident memory is read at the start
+(after a warm-up) and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from mlipd.bench.report import Report
+
+DESCRIPTION = "concurrent clients, random sizes, faults mixed in: lost, mismatched, memory"
+SIZES = {"tiny": (8, 12), "quick": (8, 400), "full": (10, 1100)}  # clients, requests each
+FAULT_SHARE = 0.15
+
+
+def _argon(n_rep: tuple[int, int, int], rng: np.random.Generator):
+    from ase.build import bulk
+
+    from mlipd.types import Structure
+
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(n_rep)
+    atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+    return Structure.from_atoms(atoms)
+
+
+def _bad(positions, cell, pbc):
+    from mlipd.types import Structure
+
+    positions = np.asarray(positions, dtype=float)
+    return Structure(numbers=np.full(len(positions), 18), positions=positions,
+                     cell=np.asarray(cell, dtype=float), pbc=np.broadcast_to(pbc, 3))
+
+
+def _frame(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# fault name: (how it is sent: "structure" through the Client or "frame" raw, the
+# structure or frame maker, the error code it must get)
+FAULTS: dict[str, tuple[str, Callable, str]] = {
+    "2 atoms 1e6 Å apart (open)": (
+        "structure", lambda rng: _bad([[0, 0, 0], [1e6, 0, 0]], np.zeros((3, 3)), False),
+        "bad_input"),
+    "cell 12 x 12 x 2e20 Å": (
+        "structure", lambda rng: _bad([[0, 0, 0]], np.diag([12, 12, 2e20]), True), "bad_input"),
+    "nearly singular cell": (
+        "structure", lambda rng: _bad([[0, 0, 0]], [[12, 0, 0], [8.6e9, 12, 0], [0, 0, 12]],
+                                      True), "bad_input"),
+    "1 atom in a 0.05 Å cell": (
+        "structure", lambda rng: _bad([[0, 0, 0]], np.eye(3) * 0.05, True), "bad_input"),
+    "4000 atoms in a 3 Å box": (
+        "structure", lambda rng: _bad(rng.uniform(0, 3, (4000, 3)), np.eye(3) * 3, True),
+        "too_large"),
+    "overlapping atoms": (
+        "structure", lambda rng: _bad([[0, 0, 0], [0, 0, 0], [4, 4, 4]], np.eye(3) * 12, True),
+        "bad_input"),
+    "op sent as a list": (
+        "frame", lambda rng: _frame({"v": 1, "id": 1, "op": ["compute"]}), "bad_input"),
+    "op sent as a map": (
+        "frame", lambda rng: _frame({"v": 1, "id": 1, "op": {"x": 1}}), "bad_input"),
+    "nested empty maps (1.6 MB)": (
+        "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "batch",
+                                     "structures": [[{}] * 4096] * 400}), "protocol"),
+    "not msgpack": ("frame", lambda rng: b"\xc1" + rng.bytes(64), "protocol"),
+    "unknown key": (
+        "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "ping", "evil": 1}), "bad_input"),
+}
+
+
+@dataclass
+class Tally:
+    """What the clients saw (merged across threads under ``lock``)."""
+
+    sent: int = 0
+    ok: int = 0
+    codes: Counter = field(default_factory=Counter)
+    lost: int = 0
+    mismatched: int = 0
+    faults: dict[str, Counter] = field(default_factory=dict)
+    answers: list = field(default_factory=list)  # (structure, result) to check afterwards
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def run(report: Report, *, size: str, device: str) -> None:
+    from mlipd.server.testing import running_server
+
+    clients, per_client = SIZES[size]
+    log = Path(f"/tmp/mlipd-soak-{time.monotonic_ns()}.log")
+    args = ["--model", "lj", "--dtype", "float64", "--device", device,
+            "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "20000"]
+    tally = Tally()
+    # one torch thread in the server: on a small shared machine OpenMP's spinning threads
+    # slowed a 4-atom step 50x (3 ms -> 150 ms, measured under load 9 on 2 cores)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with running_server(args, log=log, env=env) as srv:
+        _warm_up(srv.address)
+        rss = [_rss_mb(srv.proc.pid)]  # at 0, 25, 50, 75 and 100% of the requests sent
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=_client, args=(srv.address, k, per_client, tally))
+                   for k in range(clients)]
+        for t in threads:
+            t.start()
+        total = clients * per_client
+        while any(t.is_alive() for t in threads):
+            if len(rss) < 4 and tally.sent >= total * len(rss) / 4:
+                rss.append(_rss_mb(srv.proc.pid))
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        rss += [rss[-1]] * (4 - len(rss)) + [_rss_mb(srv.proc.pid)]
+        alive = srv.proc.poll() is None
+        exit_code = srv.stop()
+    log.unlink(missing_ok=True)
+    tally.mismatched += _check(tally.answers)
+    answered = tally.ok + sum(tally.codes.values())
+    summary = report.table(
+        "Soak: every request answered, every answer checked",
+        ["clients", "sent", "answered", "ok", "errors by code", "lost", "mismatched",
+         "server RSS at 0/25/50/75/100% (MB)", "wall (s)", "requests/s", "alive, exit"])
+    summary.add(clients, tally.sent, answered, tally.ok,
+                ", ".join(f"{c} {n}" for c, n in sorted(tally.codes.items())) or "none",
+                tally.lost, tally.mismatched, " / ".join(f"{x:.0f}" for x in rss),
+                f"{wall:.1f}", f"{tally.sent / wall:.0f}",
+                f"{'yes' if alive else 'NO'}, {exit_code}")
+    summary.notes.append(
+        f"{1 - FAULT_SHARE:.0%} valid structures (fcc argon, 4-108 atoms, rattled; LJ "
+        "float64) compared with a direct evaluation (energy rel 1e-9, forces 1e-9 eV/Å): "
+        "a difference is a mismatch; faults must get their code. Lost: no answer at all. "
+        f"Run with {clients} client threads in one process, {per_client} requests each.")
+    faults = report.table("Inputs and faults: outcome of each",
+                          ["input", "sent", "expected", "outcomes", "as expected"])
+    for name, (_, _, expected) in FAULTS.items():
+        seen = tally.faults.get(name, Counter())
+        faults.add(name, sum(seen.values()), expected,
+                   ", ".join(f"{c} {n}" for c, n in sorted(seen.items())) or "-",
+                   "yes" if set(seen) <= {expected} else "NO")
+
+
+def _check(answers: list) -> int:
+    """Mismatches among the valid answers, against a direct evaluation."""
+    import torch
+
+    from mlipd.engine import make_engine
+
+    reference = make_engine("lj", dtype="float64")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: more threads only spin (see run)
+    bad = 0
+    try:
+        for s, got in answers:
+            (ref,) = reference.compute([s])
+            good = (abs(got.energy - ref.energy) <= 1e-9 * max(1.0, abs(ref.energy))
+                    and np.allclose(got.forces, ref.forces, rtol=1e-9, atol=1e-9))
+            bad += 0 if good else 1
+    finally:
+        torch.set_num_threads(threads)
+    return bad
+
+
+def _warm_up(address: str) -> None:
+    from mlipd.client import Client
+
+    rng = np.random.default_rng(0)
+    with Client(address) as c:
+        for n in range(1, 5):
+            c.compute(_argon((n, n, n), rng))
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _client(address: str, k: int, count: int, tally: Tally) -> None:
+    import zmq
+
+    from mlipd.client import Client
+    from mlipd.errors import MlipdError, ServerUnavailable
+    from mlipd.protocols import zmq_msgs
+
+    rng = np.random.default_rng(1000 + k)
+    names = list(FAULTS)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(address)
+    try:
+        with Client(address, heartbeat_s=20, timeout_s=300) as client:
+            for _ in range(count):
+                with tally.lock:
+                    tally.sent += 1
+                if rng.random() < FAULT_SHARE:
+                    name = names[int(rng.integers(len(names)))]
+                    how, make, _ = FAULTS[name]
+                    code = _send_fault(client, raw, how, make(rng), zmq_msgs, MlipdError)
+                    with tally.lock:
+                        tally.faults.setdefault(name, Counter())[code] += 1
+                        if code == "lost":
+                            tally.lost += 1
+                        else:
+                            tally.codes[code] += 1
+                    continue
+                s = _argon(tuple(int(x) for x in rng.integers(1, 4, 3)), rng)
+                try:
+                    got = client.compute(s)
+                except ServerUnavailable:
+                    with tally.lock:
+                        tally.lost += 1
+                    continue
+                except MlipdError as e:
+                    with tally.lock:
+                        tally.codes[e.code] += 1
+                        tally.mismatched += 1  # a valid structure must be computed
+                    continue
+                with tally.lock:
+                    tally.ok += 1
+                    tally.answers.append((s, got))
+    finally:
+        raw.close(0)
+        ctx.term()
+
+
+def _send_fault(client, raw, how: str, payload, zmq_msgs, error_type) -> str:
+    """The error code the fault got, "ok" if it was computed, "lost" without answer."""
+    if how == "structure":
+        try:
+            client.compute(payload)
+        except error_type as e:
+            return "lost" if e.code == "unavailable" else e.code
+        return "ok"
+    raw.send(payload)
+    if not raw.poll(60_000):
+        return "lost"
+    msg = zmq_msgs.loads(raw.recv())
+    return "ok" if msg.get("ok") else str(msg["error"]["code"])

@@ -1,0 +1,340 @@
+"""Geometry guards: what a structure may ask of the neighbour list and the model,
+checked on rank 0 before any native code (vesin) or any other rank sees it.
+
+A single request could otherwise kill or stall the process that serves everyone:
+vesin divides by a zero cell count (SIGFPE) when its grid is capped for an extreme
+aspect ratio (two atoms 1e6 Å apart, a flat open structure 3000 Å wide, a
+12 x 12 x 2e20 Å cell) or when cell products overflow (1e300 Å); it loops over
+~1e9 periodic images for one atom in a nearly singular cell; and a tiny cell or a
+dense cluster asks for billions of pairs. Each check below is O(N) vectorised numpy
+(hashed bins; a sort only of the few atoms that share a bucket, all pairs only below
+160 atoms), runs only when the neighbour list is rebuilt (a reused list
+keeps every atom within skin/2 of a checked structure, with the same cell), and
+raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
+mean, ``TooLarge`` (``too_large``) for work beyond a budget.
+
+The checks, in order (``check_structure``):
+1. magnitudes: cell vectors <= ``MAX_LENGTH``, fractional coordinates on periodic
+   axes <= ``MAX_FRACTIONAL`` cells from the origin, coordinates <= ``MAX_COORDINATE``;
+2. the cell: each periodic face height >= 2 x ``min_distance`` (an atom nearer to its
+   own image), and the periodic images of one atom within cutoff + skin,
+   prod(2 ceil(r / h) + 1), <= ``MAX_IMAGES`` (tiny or very skewed cells);
+3. vesin's own cell grid, replicated (``vesin_grid``, vesin 0.6 ``cpu_cell_list.cpp``):
+   no axis capped to zero cells, and its cell-pair visits <= ``MAX_GRID_VISITS``;
+4. pairs: an upper bound on the pairs within cutoff + skin (``pair_bound``, bins as
+   wide as the radius, Cauchy-Schwarz over neighbouring bins) <= ``Limits.max_pairs``;
+5. the minimum interatomic distance (``closest_pair``) >= ``Limits.min_distance``;
+6. at P > 1, the partitioner's dense bin grid (``mlipd.engine.bins``) stays small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlipd.engine.bins import DEFAULT_SUBDIVISIONS, MAX_BINS_PER_AXIS, cell_basis
+from mlipd.errors import TooLarge, ValidationError
+from mlipd.types import Structure
+
+MAX_LENGTH = 1e6  # Å, a cell vector: beyond any simulation, and 1e6 * eps = 2e-10 Å resolution
+MAX_COORDINATE = 1e7  # Å from the origin: float64 then still resolves 2e-9 Å
+MAX_FRACTIONAL = 1e4  # cells from the origin (unwrapped MD coordinates); vesin bins in int32
+MAX_IMAGES = 20_000  # periodic images of one atom: 1-atom cells down to ~h = r / 13
+MAX_GRID_VISITS = 2e8  # vesin cell-pair visits (~ns each): a second or two at most
+VESIN_MAX_CELLS = 1e5  # vesin's MAX_NUMBER_OF_CELLS
+MAX_PARTITION_BINS = 1 << 24  # dense bin grid of the partitioner (float64: 128 MiB)
+MAX_CLOSE_PAIRS = 4_000_000  # candidate pairs of the minimum-distance check
+_BRUTE_FORCE_ATOMS = 160  # up to this, the minimum distance is an all-pairs check
+_P0, _P1 = np.int64(0x9E3779B1), np.int64(0x85EBCA77)  # odd multipliers of the bin key
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+
+DEFAULT_MAX_PAIRS = 2e8  # the bound, ~4-8x the true count: ~300k atoms of dense bulk
+DEFAULT_MIN_DISTANCE = 0.1  # Å: nuclei never come closer; a model would divide by ~0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The budgets of ``check_structures`` (engine options).
+
+    max_pairs:    refuse a structure whose bound on pairs within cutoff + skin exceeds
+                  this (``--max-pairs``); the bound is ~4-8x the true count in bulk
+    min_distance: Å, refuse atoms closer than this (``--min-distance``; 0 turns it off)
+    """
+
+    max_pairs: float = DEFAULT_MAX_PAIRS
+    min_distance: float = DEFAULT_MIN_DISTANCE
+
+    def __post_init__(self) -> None:
+        if not self.max_pairs >= 1 or not self.min_distance >= 0:
+            raise ValueError("max_pairs must be >= 1 and min_distance >= 0")
+
+
+def check_structures(structures: Sequence[Structure], *, radius: float, limits: Limits,
+                     world_size: int = 1) -> None:
+    """Refuse the first structure of a batch that fails a guard (see module docstring);
+    ``radius``: the neighbour lists' cutoff + skin (Å)."""
+    for k, s in enumerate(structures):
+        try:
+            check_structure(s, radius=radius, limits=limits, world_size=world_size)
+        except ValidationError as e:  # TooLarge included: keep the type, name the structure
+            raise type(e)(f"structure {k}: {e}" if len(structures) > 1 else str(e)) from None
+
+
+def check_structure(s: Structure, *, radius: float, limits: Limits,
+                    world_size: int = 1) -> None:
+    pbc = np.asarray(s.pbc, dtype=bool)
+    positions, cell = s.positions, s.cell
+    if np.abs(cell).max() > MAX_LENGTH:  # before any product of cell entries can overflow
+        raise ValidationError(f"cell entry of {np.abs(cell).max():.3g} Å (limit "
+                              f"{MAX_LENGTH:g} Å)")
+    if np.abs(positions).max() > MAX_COORDINATE:
+        raise ValidationError(f"coordinate of {np.abs(positions).max():.3g} Å from the origin "
+                              f"(limit {MAX_COORDINATE:g} Å)")
+    u, h, far = _reduced(positions, cell, pbc)
+    if far > MAX_FRACTIONAL:  # vesin bins fractional coordinates in int32
+        raise ValidationError(f"an atom {far:.3g} cells from the origin "
+                              f"(limit {MAX_FRACTIONAL:g}); wrap the coordinates")
+    _check_cell(h, pbc, radius=radius, min_distance=limits.min_distance)
+    _check_grid(positions, h, pbc, radius=radius)
+    bound = pair_bound(u, h, pbc, radius=radius)
+    if bound > limits.max_pairs:
+        raise TooLarge(f"up to {bound:.3g} atom pairs within {radius:g} Å (budget "
+                       f"{limits.max_pairs:.3g}, --max-pairs): too many atoms too close "
+                       "together, or a cell too small for the cutoff")
+    if limits.min_distance > 0 and s.n_atoms > 1:
+        close = closest_pair(u, h, pbc, cell=cell, below=limits.min_distance)
+        if close is not None:
+            i, j, d = close
+            raise ValidationError(f"atoms {i} and {j} are {d:.3g} Å apart "
+                                  f"(minimum {limits.min_distance:g} Å, --min-distance)")
+    if world_size > 1:
+        bins = partition_bins(u, h, pbc, radius=radius)
+        if bins > MAX_PARTITION_BINS:
+            raise TooLarge(f"the atoms spread over {bins:.3g} partition bins of "
+                           f"{radius / DEFAULT_SUBDIVISIONS:g} Å (limit "
+                           f"{MAX_PARTITION_BINS:.3g}); run it on one rank")
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _reduced(positions: np.ndarray, cell: np.ndarray,
+             pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Reduced coordinates u (as ``mlipd.engine.bins``: fractional and wrapped on periodic
+    axes, Å on open ones), the face heights h (3,) in Å (1 on open axes), and how many
+    cells from the origin the farthest atom was before wrapping."""
+    basis = cell_basis(cell, pbc)
+    if pbc.any():
+        periodic = basis[pbc]
+        gram = np.linalg.det(periodic @ periodic.T)
+        if not gram > 1e-24 * float(np.prod((periodic * periodic).sum(axis=1))):
+            raise ValidationError("periodic cell vectors are linearly dependent (zero volume)")
+    try:
+        inverse = np.linalg.inv(basis)
+    except np.linalg.LinAlgError as e:
+        raise ValidationError(f"cell cannot be inverted: {e}") from None
+    u = _times(positions, inverse)
+    h = 1.0 / np.linalg.norm(inverse, axis=0)
+    if not (np.isfinite(u).all() and np.isfinite(h).all()):
+        raise ValidationError("cell too close to singular for these coordinates")
+    far = float(np.abs(u[:, pbc]).max()) if pbc.any() else 0.0
+    u[:, pbc] -= np.floor(u[:, pbc])
+    return u, h, far
+
+
+def _times(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``a @ m`` for (N, 3) @ (3, 3) as three axpy passes: a BLAS gemm here wakes its
+    thread pool, which on a loaded machine cost 20 ms instead of 0.1 ms (measured)."""
+    out = a[:, :1] * m[0]
+    out += a[:, 1:2] * m[1]
+    out += a[:, 2:] * m[2]
+    return out
+
+
+def _check_cell(h: np.ndarray, pbc: np.ndarray, *, radius: float, min_distance: float) -> None:
+    if not pbc.any():
+        return
+    hp = h[pbc]
+    if hp.min() < 2 * min_distance:
+        raise ValidationError(f"periodic cell face height {hp.min():.3g} Å: an atom would sit "
+                              f"within {2 * min_distance:g} Å of its own image")
+    layers = np.ceil(radius / hp)
+    images = float(np.prod(2 * layers + 1))
+    if images > MAX_IMAGES:
+        raise TooLarge(f"cell face heights {_fmt(hp)} Å against cutoff + skin {radius:g} Å: "
+                       f"{images:.3g} periodic images of every atom (limit {MAX_IMAGES:,}); "
+                       "the cell is too small or too skewed (reduce it, e.g. "
+                       "ase.geometry.minkowski_reduce, or repeat it)")
+
+
+def vesin_grid(positions: np.ndarray, h: np.ndarray, pbc: np.ndarray, *,
+               radius: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """vesin's cell list (``CellList::CellList``, ``BoundingBox::make_bounding_for``):
+    cells per axis and cells searched per axis, or None where its cap would leave an
+    axis with no cell (its integer division by zero). Open axes use the Cartesian extent
+    of the atoms, as vesin does."""
+    d = np.empty(3)
+    for k in range(3):
+        if pbc[k]:
+            d[k] = h[k]
+        else:
+            extent = float(positions[:, k].max() - positions[:, k].min())
+            d[k] = max((1.0 if extent < 1e-6 else extent) * 1.01, 1.0)
+    n = np.maximum(np.trunc(d / radius), 1.0)
+    if float(np.prod(n)) > VESIN_MAX_CELLS:
+        rxy, ryz = n[0] / n[1], n[1] / n[2]
+        z = math.cbrt(VESIN_MAX_CELLS / (rxy * ryz * ryz))
+        y = ryz * math.trunc(z)
+        x = rxy * math.trunc(y)
+        # a margin: C's and numpy's rounding may differ in the last bit near 1
+        if min(x, y, z) < 1.0 + 1e-6:
+            return None
+        n = np.array([math.trunc(x), math.trunc(y), math.trunc(z)], dtype=float)
+    search = np.maximum(np.ceil(radius * n / d), 1.0)
+    if pbc.any() and not pbc.all():
+        search[~pbc] = np.maximum(search[~pbc], n[~pbc] - 1)
+    return n, search
+
+
+def _check_grid(positions: np.ndarray, h: np.ndarray, pbc: np.ndarray, *,
+                radius: float) -> None:
+    grid = vesin_grid(positions, h, pbc, radius=radius)
+    if grid is None:
+        raise ValidationError(
+            f"atoms spread over {_fmt(np.ptp(positions, axis=0))} Å with periodicity "
+            f"{pbc.astype(int).tolist()}: too flat or elongated for the neighbour list's "
+            "grid (vesin); split the structure or give it a cell")
+    n, search = grid
+    visits = float(np.prod(n) * np.prod(2 * search + 1))
+    if visits > MAX_GRID_VISITS:
+        raise TooLarge(f"the neighbour list would visit {visits:.3g} cell pairs (limit "
+                       f"{MAX_GRID_VISITS:.3g}): the atoms spread too far along an open "
+                       "axis of a periodic structure, or the cell is too small")
+
+
+def _fmt(a: np.ndarray) -> str:
+    return " x ".join(f"{x:.3g}" for x in a)
+
+
+# ---------------------------------------------------------------- counting
+
+
+def _buckets(idx: np.ndarray, bits: int) -> np.ndarray:
+    """(N,) bucket in [0, 2**bits) of integer triples (N, 3) (multiplicative hashing);
+    collisions only add work, never hide a pair."""
+    key = idx[:, 0] * _P0 + idx[:, 1] * _P1 + idx[:, 2]  # int64, wraps
+    return ((key.view(np.uint64) * _MIX) >> np.uint64(64 - bits)).astype(np.int64)
+
+
+def _bits(n: int) -> int:
+    """Table size 2**bits >= 8 n: about one atom in eight shares a bucket by chance."""
+    return max(10, int(8 * n - 1).bit_length())
+
+
+def pair_bound(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, radius: float) -> float:
+    """An upper bound on the ordered pairs (i, j, image) within ``radius`` (self pairs
+    included). Bins at least ``radius`` wide: every such pair joins a bin to one of its
+    f = prod(f_k) neighbours (f_k = 3, or the image layers 2 ceil(r / h) + 1 where an axis
+    holds fewer than 3 bins), so the count is sum_b sum_o c_b c_(b+o) <= f sum_b c_b^2
+    (Cauchy-Schwarz). Counts are per hash bucket, which can only raise the sum."""
+    n_atoms = u.shape[0]
+    idx = np.zeros(u.shape, dtype=np.int64)
+    f = 1.0
+    for k in range(3):
+        if pbc[k]:
+            bins = int(h[k] // radius)
+            if bins < 3:
+                f *= 2 * math.ceil(radius / h[k]) + 1
+                continue
+            idx[:, k] = np.minimum((u[:, k] * bins).astype(np.int64), bins - 1)
+        else:
+            lo = float(u[:, k].min())
+            if float(u[:, k].max()) - lo < radius:
+                continue  # one bin holds every atom along this axis
+            idx[:, k] = ((u[:, k] - lo) / radius).astype(np.int64)
+        f *= 3
+    counts = np.bincount(_buckets(idx, _bits(n_atoms))).astype(np.float64)
+    return f * float((counts * counts).sum())
+
+
+def partition_bins(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, radius: float) -> float:
+    """Bins of the partitioner's dense grid (``BinGrid`` with the default subdivisions)."""
+    width = radius / DEFAULT_SUBDIVISIONS
+    total = 1.0
+    for k in range(3):
+        span = h[k] if pbc[k] else float(np.ptp(u[:, k]))
+        n = math.floor(span / width) + (0 if pbc[k] else 1)
+        total *= min(max(n, 1), MAX_BINS_PER_AXIS)
+    return total
+
+
+def closest_pair(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, cell: np.ndarray,
+                 below: float) -> tuple[int, int, float] | None:
+    """Some pair of atoms (i, j, distance Å) nearer than ``below``, or None.
+
+    Needs every periodic face height >= 2 ``below`` (``_check_cell``), so the nearest
+    image of a close pair is the wrapped difference of reduced coordinates. Beyond a few
+    atoms: bins >= 4 ``below`` wide on 4 grids shifted by a quarter bin along the
+    diagonal. Two atoms nearer than ``below`` share a bin on at least one of them (along
+    each axis the 4 grids' bin edges lie ``below`` apart, so at most one grid per axis
+    cuts the pair, and 3 axes cut at most 3 grids). Atoms that share a hash bucket and
+    then a bin get an exact distance; in sane matter no two atoms share a bin."""
+    basis = cell_basis(cell, pbc)
+    n_atoms = u.shape[0]
+    if n_atoms <= _BRUTE_FORCE_ATOMS:
+        i, j = np.triu_indices(n_atoms, k=1)
+        return _closer(u, pbc, basis, i, j, below)
+    per_axis = np.where(pbc, np.maximum(np.floor(h / (4 * below)), 1.0), 1.0 / (4 * below))
+    scaled = u * per_axis
+    scaled[:, ~pbc] -= scaled[:, ~pbc].min(axis=0)
+    wrap = [(k, int(per_axis[k])) for k in np.flatnonzero(pbc)]
+    bits = _bits(n_atoms)
+    for shift in (0.0, 0.25, 0.5, 0.75):
+        idx = np.floor(scaled + shift).astype(np.int64)
+        for k, n in wrap:
+            idx[:, k] %= n
+        bucket = _buckets(idx, bits)
+        shared = np.flatnonzero(np.bincount(bucket)[bucket] > 1)
+        if shared.size == 0:
+            continue
+        i, j = _pairs_within_bins(shared, idx[shared])
+        found = _closer(u, pbc, basis, i, j, below)
+        if found is not None:
+            return found
+    return None
+
+
+def _pairs_within_bins(atoms: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every pair of ``atoms`` in the same bin (``idx``: their (n, 3) bin indices)."""
+    order = np.lexsort(idx.T)
+    atoms, idx = atoms[order], idx[order]
+    new = np.r_[True, (idx[1:] != idx[:-1]).any(axis=1)]
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.r_[starts, atoms.size])
+    total = int((sizes * (sizes - 1) // 2).sum())
+    if total > MAX_CLOSE_PAIRS:
+        raise TooLarge(f"{total:,} atom pairs crowd within a few tenths of an Å "
+                       f"(limit {MAX_CLOSE_PAIRS:,})")
+    end = np.repeat(starts + sizes, sizes)
+    pos = np.arange(atoms.size)
+    partners = end - pos - 1  # later members of the same bin
+    first = np.repeat(pos, partners)
+    offset = np.arange(total) - np.repeat(np.cumsum(partners) - partners, partners)
+    return atoms[first], atoms[first + offset + 1]
+
+
+def _closer(u: np.ndarray, pbc: np.ndarray, basis: np.ndarray, i: np.ndarray, j: np.ndarray,
+            below: float) -> tuple[int, int, float] | None:
+    if i.size == 0:
+        return None
+    du = u[j] - u[i]
+    du[:, pbc] -= np.round(du[:, pbc])
+    x = _times(du, basis)
+    d2 = (x * x).sum(axis=1)
+    k = int(np.argmin(d2))
+    if d2[k] < below * below:
+        return int(i[k]), int(j[k]), math.sqrt(float(d2[k]))
+    return None
