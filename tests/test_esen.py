@@ -9,6 +9,8 @@ and stress) plus its own Normalizer / ElementReferences, on the same model objec
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +18,22 @@ from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_ba
 from fairchem.core.graph.compute import generate_graph
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 from fairchem.core.units.mlip_unit.utils import load_tasks
-from model_cases import check_distributed, four_cases, rel
+from model_cases import (
+    as_structures,
+    check_distributed,
+    check_float32,
+    check_zero_redundancy,
+    four_cases,
+    rel,
+    slab,
+)
 
 from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
 from mlipd.models.esen import ESENModel
 from mlipd.models.esen_graph import max_neighbors_mask
 from mlipd.models.registry import load_model
+from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,11 +149,69 @@ def test_cap_matches_fairchem_graph(max_neighbors):
     assert (counts >= np.minimum(candidates, max_neighbors + 1)).all()
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("ranks", [2, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow)])
 def test_distributed_equals_p1(ckpt, ranks):
+    """The product path (``DistributedEngine``), also on one mixed batch."""
     path = ckpt[1]  # the capped model: the cap is applied per receiver on each rank
     model = load_model(f"esen:{path}").to(torch.float64)
     check_distributed(f"esen:{path}", model, ranks, four_cases(ZS, bulk_reps=2))
+
+
+F64, F32 = torch.float64, torch.float32
+
+
+@pytest.fixture(scope="module")
+def capped(ckpt):
+    """The capped model's factory, the four cases, and its runs at P = 1, 2, 4, 8
+    (float64) and 4 (float32), measured in one spawn of 8 ranks."""
+    factory = functools.partial(ESENModel, str(ckpt[1]))
+    cases = as_structures(four_cases(ZS, bulk_reps=2))
+    runs = [(1, F64), (2, F64), (4, F64), (8, F64), (4, F32)]
+    return factory, cases, measure_runs(factory, list(cases.values()), runs)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_ranks_equal_p1_without_redundancy(capped, ranks):
+    """Results equal P = 1's; FLOPs, element-wise work and halo rows as P = 1 (each
+    rank also makes the per-structure charge/spin/dataset embedding, a few hundred
+    FLOPs); the bulk of 64 atoms split 8 ways, ranks without atoms at P = 8."""
+    factory, cases, runs = capped
+    check_zero_redundancy(factory, cases, ranks, runs=runs)
+
+
+def test_float32_on_four_ranks(capped):
+    """Default precision, distributed, against float64 at P = 1 (measured: <= 4e-8
+    eV/atom, 3e-7 eV/Å, 3e-9 eV/Å³)."""
+    factory, cases, runs = capped
+    check_float32(factory, cases, 4, energy_per_atom=3e-7, forces=2e-6, stress=5e-8, runs=runs)
+
+
+def _thin_slab():
+    """The slab with 3 Å of vacuum: periodic in z, its images would be within the
+    cutoff, so an open z differs from a periodic one."""
+    atoms = slab(ZS)
+    atoms.center(vacuum=1.5, axis=2)
+    return atoms
+
+
+@pytest.mark.parametrize("name", ["slab", "molecule"])
+def test_open_boundaries_equal_fairchem(ckpt, name):
+    """pbc = (T, T, F) and a molecule without a cell against fairchem's own forward."""
+    path = ckpt[0]
+    model = load_model(f"esen:{path}").to(torch.float64)
+    atoms = _thin_slab() if name == "slab" else four_cases(ZS)["molecule"]
+    e, f, _ = _fairchem(model, atoms, path)
+    engine = LocalEngine(model)
+    (got,) = engine.compute([Structure.from_atoms(atoms)])
+    assert got.virial is None
+    assert rel(got.energy, e) <= 1e-8
+    assert rel(got.forces, f) <= 1e-8
+    if name == "slab":  # the comparison can tell open from periodic
+        periodic = atoms.copy()
+        periodic.pbc = True
+        (p,) = engine.compute([Structure.from_atoms(periodic)])
+        assert rel(p.energy, e) > 1e-4
 
 
 def test_bad_options_and_files(tmp_path):

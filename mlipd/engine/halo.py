@@ -94,10 +94,10 @@ def all_to_all_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: lis
 
 def exchange_rows(plan: HaloPlan, owned: torch.Tensor) -> torch.Tensor:
     """Non-differentiable forward of ``Exchange``: (m, ...) -> (n, ...)."""
-    received = all_to_all_rows(owned[plan.send_rows], plan.send_counts, plan.recv_counts,
-                               plan.group, plan.wire)
-    if plan.traffic is not None:
-        plan.traffic.add(plan.n_sent, plan.n_wanted)
+    sent = owned[plan.send_rows]
+    received = all_to_all_rows(sent, plan.send_counts, plan.recv_counts, plan.group, plan.wire)
+    if plan.traffic is not None:  # the buffers' rows, not the plan's counts
+        plan.traffic.add(int(sent.shape[0]), int(received.shape[0]))
     return received[plan.recv_order]
 
 
@@ -107,7 +107,7 @@ def scatter_home_rows(plan: HaloPlan, wanted: torch.Tensor) -> torch.Tensor:
     grouped[plan.recv_order] = wanted
     back = all_to_all_rows(grouped, plan.recv_counts, plan.send_counts, plan.group, plan.wire)
     if plan.traffic is not None:
-        plan.traffic.add(plan.n_wanted, plan.n_sent)
+        plan.traffic.add(int(grouped.shape[0]), int(back.shape[0]))
     out = wanted.new_zeros((plan.n_owned, *wanted.shape[1:]))
     return out.index_add_(0, plan.send_rows, back)
 

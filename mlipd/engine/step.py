@@ -159,7 +159,9 @@ class Step:
                 g_cell = torch.zeros_like(cells) if grads[1] is None else grads[1]
                 vir = -_cell_virial(x, g_x, cells, g_cell, topo.batch)
         self.layout = tuple(ExtraLayout(k, tuple(t.shape[1:])) for k, t in out.extras.items())
-        extras = [t.detach().reshape(n, -1).to(dt) for t in out.extras.values()]
+        # the width from the trailing shape: a rank owning no atoms has (0, ...) rows
+        extras = [t.detach().reshape(n, x.width).to(dt)
+                  for t, x in zip(out.extras.values(), self.layout, strict=True)]
         stats = (n, int(recv.shape[0]), topo.n_local - n)
         return pack(energies.detach(), vir, forces, extras, stats)
 

@@ -16,11 +16,14 @@ gets the value the package gives with ``on_isolated_atoms="ignore"`` (its defaul
 ``CHGNetCalculator`` is to warn and compute that same value).
 
 Every atom, bond, directed edge and angle is computed on one rank only: bonds by
-their owner (``chgnet_graph``, ``chgnet_comm``). Per block, every rank calls, in order:
-AtomConv, BondConv up to its aggregate, sends replica bonds' partial sums home, the
-rest of BondConv on owned bonds, sends the new bond features to the replicas,
-AngleUpdate, then refreshes the halo atoms' features (``graph.exchange``). The bond
-embedding and weights are made by the owner and spread once before block 0.
+their owner (``chgnet_graph``, ``chgnet_comm``), atoms by theirs. Per block, every rank
+calls, in order: AtomConv (messages on its edges, then its per-atom output layers on
+owned rows only), BondConv up to its aggregate, sends replica bonds' partial sums
+home, the rest of BondConv on owned bonds, sends the new bond features to the
+replicas, AngleUpdate, then refreshes the halo atoms' features (``graph.exchange``).
+The bond embedding and weights are made by the owner and spread once before block 0.
+The atom embedding of halo rows is looked up from their species (a table row, no
+arithmetic), where an exchange would cost one more collective.
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ class CHGNetModel(torch.nn.Module):
             n_layers=int(net.n_conv),
             per_atom_extras=("magmoms",),
         )
-        self.counters: dict[str, int] = {}  # sizes of the last forward, for tests and metrics
+        # the last forward's graph sizes and choices, as information (the work done and
+        # the rows moved are measured by mlipd.testing.work and Comm.traffic)
+        self.counters: dict[str, int] = {}
 
     def _should_recompute(self, bg: BondGraph, graph: LocalGraph) -> bool:
         if self.recompute != "auto":
@@ -190,7 +195,8 @@ class CHGNetModel(torch.nn.Module):
         angle_bases = m.angle_basis_expansion(unit[bg.angle_d1], unit[bg.angle_d2])
         b_ag, b_bg, angle_bases = (t.to(graph.dtype) for t in (b_ag, b_bg, angle_bases))
 
-        atom = m.atom_embedding(graph.numbers - 1)  # halo rows too: no exchange before block 0
+        # halo rows too, from their species: a table lookup, cheaper than an exchange
+        atom = m.atom_embedding(graph.numbers - 1)
         bond, w_ag, w_bg = _spread_all(
             bonds, m.bond_embedding(b_ag), m.bond_weights_ag(b_ag), m.bond_weights_bg(b_bg))
         angle = m.angle_embedding(angle_bases)
@@ -199,8 +205,9 @@ class CHGNetModel(torch.nn.Module):
         magmom = None
         for i in range(m.n_conv - 1):
             if i > 0:
-                atom = graph.exchange(atom[:n_own])
-            atom = run(m.atom_conv_layers[i], atom, bond, w_ag, atom_graph, d2u)
+                atom = graph.exchange(atom)
+            atom = run(_atom_conv, m.atom_conv_layers[i], atom, bond, w_ag, atom_graph, d2u,
+                       n_own)
             layer = m.bond_conv_layers[i]
             partial = run(_bond_conv_partial, layer, atom, bond, w_bg, angle, bg)
             owned = run(_bond_conv_finish, layer, bonds.owned(bond), bonds.sum_home(partial))
@@ -208,10 +215,9 @@ class CHGNetModel(torch.nn.Module):
             if i < m.n_conv - 2:  # the last AngleUpdate's output is never read
                 angle = run(m.angle_layers[i], atom, bond, angle, bg.angles)
             else:
-                magmom = torch.abs(m.site_wise(atom[:n_own])).view(-1)
-        atom = graph.exchange(atom[:n_own])
-        atom = run(m.atom_conv_layers[-1], atom, bond, w_ag, atom_graph, d2u)
-        atom = atom[:n_own]
+                magmom = torch.abs(m.site_wise(atom)).view(-1)
+        atom = graph.exchange(atom)
+        atom = run(_atom_conv, m.atom_conv_layers[-1], atom, bond, w_ag, atom_graph, d2u, n_own)
         if m.readout_norm is not None:
             atom = m.readout_norm(atom)
         atom_ref = m.composition_model.fc.weight[0, graph.numbers[:n_own] - 1]
@@ -226,14 +232,31 @@ class CHGNetModel(torch.nn.Module):
             "bond_replicas": bg.n_bonds - bg.n_owned_bonds,
             "short_replicas": int(bg.bond_short[bg.replicas].sum()),
             "angles": bg.n_angles,
-            "atom_exchanges": m.n_conv - 1,
-            "atom_rows_received": (m.n_conv - 1) * (graph.n_local - n_own),
-            "bond_exchanges": bonds.calls,
-            "bond_rows_received": bonds.rows_received,
             "recomputed": int(recompute),
             "bond_graph_built": int(self._built),
         }
         return ModelOutput(site_energy=site, extras={"magmoms": magmom})
+
+
+def _atom_conv(layer, atom: torch.Tensor, bond: torch.Tensor, weights: torch.Tensor,
+               atom_graph: torch.Tensor, d2u: torch.Tensor, n_own: int) -> torch.Tensor:
+    """``AtomConv.forward`` (chgnet/model/layers.py:112-137) on local atoms (n_local, F)
+    -> the owned atoms' new features (n_own, F): messages along the owned directed
+    edges, summed into their centres (always owned), and the per-atom output layers
+    (``mlp_out``, residual, norm) on owned rows only; a halo row is updated by its owner."""
+    centre = torch.index_select(atom, 0, atom_graph[:, 0])
+    neighbour = torch.index_select(atom, 0, atom_graph[:, 1])
+    msg = layer.twoBody_atom(torch.cat([centre, torch.index_select(bond, 0, d2u), neighbour],
+                                       dim=1))
+    msg = msg * torch.index_select(weights, 0, d2u)
+    new = aggregate(msg, atom_graph[:, 0], average=False, num_owner=n_own)
+    if layer.use_mlp_out:
+        new = layer.mlp_out(new)
+    if layer.resnet:
+        new = new + atom[:n_own]
+    if layer.atom_norm is not None:
+        new = layer.atom_norm(new)
+    return new
 
 
 def _bond_conv_partial(layer, atom, bond, w_bg, angle, bg: BondGraph) -> torch.Tensor:

@@ -43,6 +43,8 @@ class BondPlans:
         self.short = torch.nonzero(short).squeeze(1)  # among the replica rows
         self.short_plan = comm.plan_from_keys(owned_keys, skin.bond_keys[rep[short]],
                                               partner[short])
+        # owned bonds that receive a replica's partial sum: the only rows ``sum_home`` adds
+        self.homed = torch.unique(self.short_plan.send_rows)
         self.n_owned = n_own
         self.n_replicas = int(rep.shape[0])
 
@@ -51,15 +53,13 @@ class BondExchange:
     """Owner-computes traffic of one step's bond rows ``[owned | replicas]``.
 
     At one rank (``plans is None``) every bond is owned and nothing communicates. At
-    P > 1 every call is collective: all ranks make it the same number of times.
-    ``calls`` counts the exchanges made and ``rows_received`` the bond rows that
-    arrived here. kept: (U_c,) bool, the skin bonds that are this step's bonds.
+    P > 1 every call is collective: all ranks make it the same number of times (the
+    rows moved are counted by the communicator's ``traffic``). kept: (U_c,) bool, the
+    skin bonds that are this step's bonds.
     """
 
     def __init__(self, plans: BondPlans | None, bg: BondGraph, kept: torch.Tensor,
                  comm=None) -> None:
-        self.calls = 0
-        self.rows_received = 0
         self.n_owned = bg.n_owned_bonds
         self.plans = plans
         self.comm = comm
@@ -67,6 +67,11 @@ class BondExchange:
             return
         self.owned_rows = torch.nonzero(kept[: plans.n_owned]).squeeze(1)
         self.replica_rows = torch.nonzero(kept[plans.n_owned:]).squeeze(1)
+        step_row = torch.full((plans.n_owned,), -1, dtype=torch.long, device=kept.device)
+        step_row[self.owned_rows] = torch.arange(self.owned_rows.shape[0], device=kept.device)
+        homed = step_row[plans.homed]
+        self.homed_step = homed[homed >= 0]  # this step's rows of the homed bonds present
+        self.homed_skin = plans.homed[homed >= 0]
 
     def owned(self, rows: torch.Tensor) -> torch.Tensor:
         """(U, ...) -> the owned rows (n_owned_bonds, ...)."""
@@ -78,23 +83,20 @@ class BondExchange:
         if self.plans is None:
             return partial
         p = self.plans
-        self.calls += 1
         replicas = partial.new_zeros((p.n_replicas, partial.shape[1])).index_copy(
             0, self.replica_rows, partial[self.n_owned:])
         home = self.comm.scatter_home(p.short_plan, replicas[p.short])
-        self.rows_received += sum(p.short_plan.send_counts)  # what peers asked, they send
-        return partial[: self.n_owned] + home[self.owned_rows]
+        # added to the bonds that received a part only (not a dense add over all bonds)
+        return partial[: self.n_owned].index_add(0, self.homed_step, home[self.homed_skin])
 
     def spread(self, owned: torch.Tensor) -> torch.Tensor:
         """(n_owned_bonds, F) -> (U, F): replica rows copied from their owners."""
         if self.plans is None:
             return owned
         p = self.plans
-        self.calls += 1
         full = owned.new_zeros((p.n_owned, owned.shape[1])).index_copy(0, self.owned_rows,
                                                                         owned)
         received = self.comm.exchange(p.all_plan, full)
-        self.rows_received += int(received.shape[0])
         return torch.cat([owned, received[self.replica_rows]])
 
 
