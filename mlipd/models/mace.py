@@ -174,7 +174,7 @@ class MaceModel(torch.nn.Module):
         self.spec = ModelSpec(name="mace", cutoff=float(model.r_max), species=frozenset(zs),
                               n_layers=len(model.interactions))
         self.splits = [SplitInteraction(b) for b in model.interactions]
-        self.pieces = Pieces()
+        self.pieces = Pieces(context=_plain_torchscript)
         self.counters: dict[str, int] = {}
 
     @property
@@ -183,6 +183,10 @@ class MaceModel(torch.nn.Module):
         return self.pieces.recomputed
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
+        with _plain_torchscript():
+            return self._forward(graph)
+
+    def _forward(self, graph: LocalGraph) -> ModelOutput:
         m, n = self.mace, graph.n_owned
         attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers],
                                             len(self.spec.species)).to(graph.dtype)
@@ -223,6 +227,17 @@ class MaceModel(torch.nn.Module):
             # ScaleShiftMACE scales the ZBL term too (models.py 575-577); MACE does not
             return ModelOutput(site_energy=node_e0 + m.scale_shift(inter, heads))
         return ModelOutput(site_energy=node_e0 + inter)
+
+
+def _plain_torchscript():
+    """e3nn runs MACE's linears, tensor products and harmonics as TorchScript. Its profiling
+    executor optimises a function on its second call and again for new input shapes (on
+    CUDA it compiles fused kernels for them): a graph whose edge count changes at every MD
+    step pays that in its first calls, ~1 s each on CPU here (and what made mlipd's warm
+    1,000-atom calls on an H200 4x slower than its cold one). Without the optimisation
+    every call runs the same plan: measured on CPU, the same steady-state step time.
+    Process-wide while it lasts (torch has no per-function switch)."""
+    return torch.jit.optimized_execution(False)
 
 
 def _edges(graph: LocalGraph, *, by_receiver: bool

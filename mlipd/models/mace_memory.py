@@ -11,6 +11,7 @@ recomputation happened rather than trust a flag.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +35,10 @@ class Pieces:
     backward pass may recompute).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, context: Callable[[], Any] = contextlib.nullcontext) -> None:
         self.runs = self.forward_runs = self.in_graph = 0
         self.checkpoint = False
+        self.context = context  # what a recomputation runs under (the forward's own)
 
     def start(self, *, checkpoint: bool) -> Callable[..., Any]:
         self.runs = self.forward_runs = self.in_graph = 0
@@ -59,7 +61,9 @@ class Pieces:
             # no early stop: it ends a recomputation by raising from a saved-tensor hook,
             # and e3nn's TorchScript code turns that exception into a RuntimeError
             with torch.utils.checkpoint.set_checkpoint_early_stop(False):
-                out = torch.utils.checkpoint.checkpoint(body, *args, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(
+                    body, *args, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), self.context()))
         else:
             out = body(*args)
         self.forward_runs += 1
