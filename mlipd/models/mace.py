@@ -57,7 +57,8 @@ from mlipd.models.options import choice, flag, parse_options  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SYNTAX = "mace:PATH[,head=NAME][,recompute=auto|0|1][,chunk=auto|EDGES][,cueq=0|1]"
+SYNTAX = ("mace:PATH[,head=NAME][,recompute=auto|0|1][,chunk=auto|EDGES][,cueq=0|1]"
+          "[,jit=0|1]")
 RECOMPUTE = ("auto", "0", "1")
 
 
@@ -132,6 +133,9 @@ class MaceModel(torch.nn.Module):
     chunk: edges per chunk of messages (0: all at once); ``"auto"`` (default) chunks
         when recomputing, to a fixed budget of per-edge memory
     cueq: cuEquivariance kernels through mace's converter (GPU; untested here)
+    jit: let TorchScript's profiling executor optimise e3nn's code as in mace's own
+        calculator (see ``_torchscript``): ~10% faster steady state on CPU, but the first
+        calls, and on CUDA new shapes, compile; needs ``recompute=0``
 
     ``counters`` describe the last forward; ``recomputed`` counts the pieces the
     backward passes ran again so far (``Pieces``).
@@ -139,16 +143,18 @@ class MaceModel(torch.nn.Module):
 
     def __init__(self, path: str | None = None, *, model: torch.nn.Module | None = None,
                  head: str | None = None, recompute: str = "auto", chunk: int | str = "auto",
-                 cueq: bool = False) -> None:
+                 cueq: bool = False, jit: bool = False) -> None:
         super().__init__()
         if path is not None:
             path, opts = parse_options(path, model="mace", syntax=SYNTAX, positional=True,
                                        keys={"head": str, "recompute": choice(*RECOMPUTE),
-                                             "chunk": chunk_option, "cueq": flag})
+                                             "chunk": chunk_option, "cueq": flag,
+                                             "jit": flag})
             head = opts.get("head", head)
             recompute = opts.get("recompute", recompute)
             chunk = opts.get("chunk", chunk)
             cueq = opts.get("cueq", cueq)
+            jit = opts.get("jit", jit)
             if path is None:
                 raise ValueError(f"mace needs a model file: --model {SYNTAX}")
             model = load_mace_file(path)
@@ -162,19 +168,24 @@ class MaceModel(torch.nn.Module):
                              "e.g. total charge and spin) are not supported")
         if recompute not in RECOMPUTE:
             raise ValueError(f"mace: recompute must be one of {RECOMPUTE}")
+        if jit and recompute != "0":
+            # measured: forces 1e-3 off when a recomputation meets the executor's freshly
+            # optimised graphs (their saved tensors bypass the checkpoint's bookkeeping)
+            raise ValueError("mace: jit=1 needs recompute=0 (TorchScript's optimised graphs "
+                             "and recomputation in backward do not mix)")
         for block in model.interactions:
             check_supported(block)
         if cueq:
             model = to_cueq(model)
         self.mace = model
-        self.recompute, self.chunk = recompute, chunk
+        self.recompute, self.chunk, self.jit = recompute, chunk, bool(jit)
         self.head = default_head(list(getattr(model, "heads", ["Default"])), head)
         zs = [int(z) for z in model.atomic_numbers.tolist()]
         self.register_buffer("z_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="mace", cutoff=float(model.r_max), species=frozenset(zs),
                               n_layers=len(model.interactions))
         self.splits = [SplitInteraction(b) for b in model.interactions]
-        self.pieces = Pieces(context=_plain_torchscript)
+        self.pieces = Pieces(context=self._torchscript)
         self.counters: dict[str, int] = {}
 
     @property
@@ -183,8 +194,20 @@ class MaceModel(torch.nn.Module):
         return self.pieces.recomputed
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
-        with _plain_torchscript():
+        with self._torchscript():
             return self._forward(graph)
+
+    def _torchscript(self):
+        """e3nn runs MACE's linears, tensor products and harmonics as TorchScript. Its
+        profiling executor optimises a function on its second call and again for new
+        input shapes (on CUDA it compiles fused kernels for them): a graph whose edge count
+        changes at every MD step pays that in its first calls, ~1 s at the second call on
+        CPU here (and, on an H200, made mlipd's median of 3 warm 1,000-atom calls 4x its
+        cold one, while MACECalculator, timed later on the same already-optimised
+        modules, escaped it). Without the optimisation (default) every call runs the same
+        plan, ~10% slower in steady state on CPU. Process-wide while a forward or a
+        recomputation runs (torch has no per-function switch)."""
+        return torch.jit.optimized_execution(self.jit)
 
     def _forward(self, graph: LocalGraph) -> ModelOutput:
         m, n = self.mace, graph.n_owned
@@ -195,7 +218,8 @@ class MaceModel(torch.nn.Module):
         rows = torch.arange(n, device=attrs.device)
         recompute = torch.is_grad_enabled() and should_recompute(
             self.recompute, self.mace, graph)
-        chunk = choose_chunk(self.chunk, self.mace, recompute=recompute, dtype=graph.dtype)
+        chunk = choose_chunk(self.chunk, self.mace, recompute=recompute, dtype=graph.dtype,
+                             device=graph.receivers.device)
         senders, receivers, vectors = _edges(graph, by_receiver=chunk > 0)
         bounds = chunk_bounds(receivers, n, chunk)
         run = self.pieces.start(checkpoint=recompute)
@@ -227,17 +251,6 @@ class MaceModel(torch.nn.Module):
             # ScaleShiftMACE scales the ZBL term too (models.py 575-577); MACE does not
             return ModelOutput(site_energy=node_e0 + m.scale_shift(inter, heads))
         return ModelOutput(site_energy=node_e0 + inter)
-
-
-def _plain_torchscript():
-    """e3nn runs MACE's linears, tensor products and harmonics as TorchScript. Its profiling
-    executor optimises a function on its second call and again for new input shapes (on
-    CUDA it compiles fused kernels for them): a graph whose edge count changes at every MD
-    step pays that in its first calls, ~1 s each on CPU here (and what made mlipd's warm
-    1,000-atom calls on an H200 4x slower than its cold one). Without the optimisation
-    every call runs the same plan: measured on CPU, the same steady-state step time.
-    Process-wide while it lasts (torch has no per-function switch)."""
-    return torch.jit.optimized_execution(False)
 
 
 def _edges(graph: LocalGraph, *, by_receiver: bool

@@ -22,9 +22,15 @@ import torch.utils.checkpoint
 from mlipd.memory import available_bytes
 from mlipd.model_api import LocalGraph
 
-# per-edge tensors of one chunk's messages (forward and backward of the piece): ~256 MiB
+# GPU, recomputing: the per-edge tensors of one chunk's messages take ~256 MiB
 CHUNK_BYTES = 1 << 28
-MIN_CHUNK_EDGES = 1024
+# CPU: a chunk's largest per-edge tensor (the tensor product's output) stays below glibc's
+# largest mmap threshold (32 MiB), so its blocks are reused from the heap rather than
+# mapped afresh and faulted in page by page at every call. Measured (the 700k-parameter
+# MACE, 216 atoms, 17,280 edges, 1 thread): stored activations 5.3 s per step without
+# chunks, 2.6 s with 1,024-edge chunks (MACECalculator: 4.8 s); recomputed 3.7 s.
+CPU_CHUNK_TENSOR_BYTES = 24 << 20
+MIN_CHUNK_EDGES = 256
 
 
 class Pieces:
@@ -86,7 +92,9 @@ def edge_floats(model: torch.nn.Module) -> list[int]:
 
 def stored_activation_bytes(model: torch.nn.Module, n_edges: int, dtype: torch.dtype) -> int:
     """Estimated activations of a forward without recomputation (per-edge terms only:
-    with ~20-100 neighbours per atom the per-atom terms are a few per cent)."""
+    with ~20-100 neighbours per atom the per-atom terms are a few per cent). For the
+    700k-parameter MACE: 106 kB per edge in float32, against a measured peak of 7.7 MiB
+    per atom at 80 edges per atom (96 kB per edge)."""
     itemsize = torch.finfo(dtype).bits // 8
     return itemsize * n_edges * sum(edge_floats(model))
 
@@ -107,15 +115,20 @@ def should_recompute(option: str, model: torch.nn.Module, graph: LocalGraph) -> 
 
 
 def choose_chunk(option: int | str, model: torch.nn.Module, *, recompute: bool,
-                 dtype: torch.dtype) -> int:
-    """Edges per chunk (0: none). ``auto``: chunks of ~``CHUNK_BYTES`` of per-edge
-    tensors when recomputing (without it, autograd keeps every chunk's tensors anyway,
-    so chunks would only add work)."""
+                 dtype: torch.dtype, device: torch.device) -> int:
+    """Edges per chunk (0: none). ``auto``: on a CPU, chunks whose largest per-edge tensor
+    takes ``CPU_CHUNK_TENSOR_BYTES``; on a GPU, chunks of ~``CHUNK_BYTES`` of per-edge
+    tensors when recomputing, none otherwise (autograd then keeps every chunk's tensors
+    anyway, and how small chunks fare on a GPU was not measured)."""
     if option != "auto":
         return int(option)
+    itemsize = torch.finfo(dtype).bits // 8
+    if device.type == "cpu":
+        widest = max(int(b.conv_tp.irreps_out.dim) for b in model.interactions)
+        return max(MIN_CHUNK_EDGES, CPU_CHUNK_TENSOR_BYTES // (itemsize * widest))
     if not recompute:
         return 0
-    per_edge = max(edge_floats(model)) * (torch.finfo(dtype).bits // 8)
+    per_edge = max(edge_floats(model)) * itemsize
     return max(MIN_CHUNK_EDGES, CHUNK_BYTES // max(per_edge, 1))
 
 
