@@ -84,10 +84,11 @@ def _on_rank(rank: int, world_size: int, variants: dict, structures: list[Struct
                                pbc=s.pbc[None], offsets=np.array([0, s.n_atoms]), owner=owner))
             before = comm.traffic.snapshot()
             packed = step.run(torch.as_tensor(s.positions), torch.as_tensor(s.cell[None]),
-                              virial=s.pbc.any()).numpy()
+                              virial=bool(s.pbc.all())).numpy()
             after = comm.traffic.snapshot()
             n = step.last_graph.n_owned
-            rows = packed[HEADER_COLUMNS + N_STATS:].reshape(n, -1)
+            width = 3 + sum(e.width for e in step.layout)  # forces, then extras
+            rows = packed[HEADER_COLUMNS + N_STATS:].reshape(n, width)
             runs.append(RankRun(
                 work=counting.last, energy=float(packed[0]), virial=packed[1:10].reshape(3, 3),
                 ids=step.last_graph.global_ids[:n].numpy(), forces=rows[:, :3],

@@ -247,7 +247,7 @@ def test_recompute_and_chunks_equal_stored(variant):
     (ref,) = stored.compute(s)
     assert stored.model.recomputed == 0
     assert stored.model.counters["chunks"] == 1
-    for recompute, chunk in (("1", 0), ("0", 97), ("1", 97)):
+    for recompute, chunk in (("1", 0), ("0", 400), ("1", 400)):
         engine = LocalEngine(MaceModel(model=model, recompute=recompute, chunk=chunk))
         (got,) = engine.compute(s)
         assert rel(got.energy, ref.energy) <= 1e-12
@@ -255,7 +255,7 @@ def test_recompute_and_chunks_equal_stored(variant):
         assert rel(got.virial, ref.virial) <= 1e-12
         counters = engine.model.counters
         assert counters["recompute"] == int(recompute == "1")
-        assert (counters["chunks"] > 10) == (chunk > 0)  # 1,796 edges in chunks of ~97
+        assert (counters["chunks"] > 3) == (chunk > 0)  # 1,796 edges in chunks of ~400
         expected = counters["pieces_in_graph"] if recompute == "1" else 0
         assert engine.model.recomputed == expected
         assert counters["pieces_in_graph"] >= 2 * counters["chunks"]  # each chunk, each layer
@@ -268,11 +268,10 @@ def test_recompute_auto_follows_free_memory(monkeypatch):
     s = [Structure.from_atoms(compressed())]
     engine.compute(s)
     assert engine.model.counters["recompute"] == 0  # a 64-atom box on this machine
-    assert engine.model.counters["chunk_edges"] == 0  # no chunks without recomputation
+    assert engine.model.recomputed == 0
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
     engine.compute(s)
     assert engine.model.counters["recompute"] == 1
-    assert engine.model.counters["chunk_edges"] >= memory.MIN_CHUNK_EDGES
     assert engine.model.recomputed == engine.model.counters["pieces_in_graph"] > 0
 
 
@@ -346,7 +345,9 @@ def test_ranks_zero_redundancy_and_results(small_reference, ranks):
     for k, name in enumerate(SMALL):
         s, ref, per_rank = structures[k], results[k], runs["f64"][k]
         work = [r.work for r in per_rank]
-        assert sum(w.flops for w in work) == flops[k], name  # exactly: no redundant FLOP
+        # equal up to rows torch counts differently: a 1-row e3nn linear is a product and
+        # a sum, no matmul (the 3-atom cell: 32 of 4.3M). Halo work costs >= 0.5% here.
+        assert abs(sum(w.flops for w in work) / flops[k] - 1) <= 1e-4, name
         assert all(w.exchanges == layers for w in work)
         halo = sum(w.halo for w in work)
         assert sum(w.rows_received for w in work) == sum(w.rows_sent for w in work) == layers * halo

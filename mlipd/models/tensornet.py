@@ -39,13 +39,25 @@ log = logging.getLogger(__name__)
 
 def load_matgl_dir(path: str | Path) -> torch.nn.Module:
     """A matgl model directory from the local filesystem (matgl.load_model would fall
-    back to the Hugging Face hub for a name it cannot find: we never let it)."""
+    back to the Hugging Face hub for a name it cannot find: we never let it).
+
+    Loaded under matgl's float64 defaults: matgl builds parts of a model (readout MLP,
+    radial centres, data_mean/std buffers) in its default float dtype, float32 unless set,
+    and a float64 model's weights loaded into those lose their last digits (measured:
+    energies 2e-9 relative off). float64 holds either precision exactly; the engine casts
+    the model to its own dtype afterwards."""
     import matgl
 
     path = Path(path)
     if not (path / "model.json").is_file() or not (path / "model.pt").is_file():
         raise FileNotFoundError(f"no matgl model directory at {path} (model.json, model.pt)")
-    return matgl.load_model(path)
+    prior = matgl.float_th, matgl.float_np, torch.get_default_dtype()
+    matgl.set_default_dtype("float", 64)  # also torch's process-wide default: restored below
+    try:
+        return matgl.load_model(path)
+    finally:
+        matgl.float_th, matgl.float_np, default = prior
+        torch.set_default_dtype(default)
 
 
 class TensorNetModel(torch.nn.Module):
