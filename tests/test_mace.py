@@ -309,6 +309,21 @@ def test_cueq_without_the_package_is_refused(tmp_path):
         load_model(f"mace:{path},cueq=1")
 
 
+def test_cueq_equals_e3nn():
+    """``cueq=1`` (mace's converter; cuEquivariance's CPU fallbacks here, the (ir, mul)
+    layout) through the split interactions, chunks and recomputation."""
+    pytest.importorskip("cuequivariance_torch")
+    model = build_mace()
+    s = [Structure.from_atoms(compressed())]
+    (ref,) = LocalEngine(MaceModel(model=model)).compute(s)
+    engine = LocalEngine(MaceModel(model=model, cueq=True, recompute="1", chunk=300))
+    (got,) = engine.compute(s)
+    assert engine.model.mace is not model  # a converted copy
+    assert rel(got.forces, ref.forces) <= 1e-12
+    assert rel(got.virial, ref.virial) <= 1e-12
+    assert engine.model.recomputed == engine.model.counters["pieces_in_graph"] > 0
+
+
 # --- P in {2, 4, 8}: zero redundancy by measured work, results equal to P = 1 ----------------
 SMALL = {"bulk": lambda: bulk_box(ZS, reps=3), "slab": lambda: slab(ZS),
          "triclinic": lambda: small_triclinic(ZS), "molecule": lambda: molecule(ZS)}
