@@ -233,13 +233,14 @@ class MaceModel(torch.nn.Module):
         for i, (split, product) in enumerate(zip(self.splits, m.products, strict=True)):
             payload, receiver, sc, residual = run(_node, split, feats, own)
             payload = graph.exchange(payload)  # the senders' rows, from their owners
-            parts = [run(split.edges, payload, receiver, edge_attrs[e0:e1], edge_feats[e0:e1],
-                         None if cutoff is None else cutoff[e0:e1], senders[e0:e1],
-                         receivers[e0:e1], r0, r1 - r0)
-                     for r0, r1, e0, e1 in bounds]
-            message = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            density = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-            feats = run(_finish, split, product, message, density, sc, residual, own)
+            # the rest is per receiver: messages, the maps after them and the product of a
+            # range of rows at a time (the product's per-atom intermediates are large too)
+            feats = torch.cat([
+                run(_rows, split, product, payload, receiver, edge_attrs[e0:e1],
+                    edge_feats[e0:e1], None if cutoff is None else cutoff[e0:e1],
+                    senders[e0:e1], receivers[e0:e1], r0, r1,
+                    *(None if t is None else t[r0:r1] for t in (sc, residual)), own[r0:r1])
+                for r0, r1, e0, e1 in bounds])
             if len(m.readouts) > 1 or i == last:  # one readout per layer, or one at the end
                 readout = m.readouts[i if len(m.readouts) > 1 else 0]
                 energies.append(run(_readout, readout, feats, heads, rows))
@@ -285,7 +286,11 @@ def _node(split: SplitInteraction, feats, attrs):
     return out.payload, out.receiver, out.sc, out.residual
 
 
-def _finish(split: SplitInteraction, product, message, density, sc, residual, attrs):
+def _rows(split: SplitInteraction, product, payload, receiver, edge_attrs, edge_feats, cutoff,
+          senders, receivers, first: int, end: int, sc, residual, attrs):
+    """Rows ``first .. end - 1`` of an interaction and its product, from their edges."""
+    message, density = split.edges(payload, receiver, edge_attrs, edge_feats, cutoff, senders,
+                                   receivers, first, end - first)
     feats, sc = split.finish(message, density, sc, residual, attrs)
     return _product(product, feats, sc, attrs)
 

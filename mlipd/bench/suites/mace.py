@@ -33,11 +33,12 @@ from mlipd.bench.timing import Timing
 
 DESCRIPTION = ("MACE peak memory per atom and step time: mlipd stored/recomputed/chunked vs "
                "MACECalculator")
-SIZES = {"tiny": [64], "quick": [216], "full": [2000, 8000]}
+SIZES = {"tiny": [64], "quick": [216], "full": [1000, 2000, 8000]}
 REPEATS = {"tiny": 1, "quick": 3, "full": 3}
 CONTENDERS = {  # name -> mlipd options (None: MACECalculator)
     "MACECalculator": None,
     "mlipd stored": "recompute=0,chunk=0",
+    "mlipd chunked": "recompute=0,chunk=auto",
     "mlipd recomputed": "recompute=1,chunk=0",
     "mlipd recomputed+chunked": "recompute=1,chunk=auto",
 }
@@ -95,9 +96,13 @@ def run(report: Report, *, size: str, device: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mace.model"
         torch.save(build_model(size), path)
+        package = None  # (atoms, bytes per atom) of the package's largest measured size
         for n in SIZES[size]:
             rows = _measure(str(path), n, size=size, dev=dev)
-            _add_rows(table, n, rows)
+            _add_rows(table, n, rows, package)
+            ref = rows.get("MACECalculator")
+            if ref is not None and ref[3] is None:
+                package = (n, ref[1] / n)
             for name, (_, mem, timing, err) in rows.items():
                 if err is None:
                     _point(mem_plot, name, n, mem / n / 2**20)
@@ -105,9 +110,14 @@ def run(report: Report, *, size: str, device: str) -> None:
     table.notes += [
         "Memory: the process's peak resident set during its steps minus its resident set "
         "before them (GPU: torch.cuda.max_memory_allocated), divided by the atoms.",
-        "mlipd stored: recompute=0; recomputed: recompute=1 (activation checkpointing, "
-        "pieces run again in backward); +chunked: chunk=auto (messages of ~256 MiB of "
-        "edges at a time). Goal (issue 12): memory <= 0.5x the package at <= 1.5x its time.",
+        "mlipd stored: recompute=0,chunk=0 (activations stored, all edges at once); chunked: "
+        "chunk=auto (receivers' edges, messages and products a range of rows at a time: on "
+        "a CPU ~1,200 edges, on a GPU ~256 MiB of per-edge tensors); recomputed: "
+        "recompute=1 (activation checkpointing: pieces run again in backward). Goal "
+        "(issue 12): memory <= 0.5x the package at <= 1.5x its time.",
+        "Every process runs glibc's default malloc (mlipd drive/serve raise its mmap "
+        "threshold, see mlipd/malloc.py; set MLIPD_KEEP_FREED_MEMORY=0 for memory-bound "
+        "runs).",
         f"Load: {_loads()} (other sessions share this machine; steps are interleaved so "
         "a load change hits every contender alike).",
     ]
@@ -131,32 +141,76 @@ def _loads() -> str:
         return "unknown"
 
 
-def _add_rows(table, n: int, rows: dict) -> None:
+def _add_rows(table, n: int, rows: dict, package: tuple[int, float] | None) -> None:
+    """One row per contender; ratios against the package at the same size, or, where the
+    package could not run, memory against its per-atom memory at its largest measured
+    size (marked: activations grow with the edges, so per atom it stays about flat)."""
     ref = rows.get("MACECalculator")
+    measured = ref is not None and ref[3] is None
     for name, (edges, mem, timing, err) in rows.items():
         if err is not None:
             table.add(n, edges or "-", name, err, "-", "-", "-")
             continue
         mem_ratio = time_ratio = "-"
-        if ref is not None and ref[3] is None and name != "MACECalculator":
+        if measured and name != "MACECalculator":
             mem_ratio = f"{mem / ref[1]:.2f}"
             time_ratio = f"{timing.median / ref[2].median:.2f}"
+        elif package is not None and name != "MACECalculator":
+            mem_ratio = f"{mem / n / package[1]:.2f} (vs its MiB/atom at {package[0]})"
         table.add(n, edges, name, f"{mem / n / 2**20:.3f}", timing.cell(), mem_ratio, time_ratio)
+
+
+def _predicted_bytes(name: str, model: torch.nn.Module, n_edges: int) -> int:
+    """A contender's activations by estimate (``mace_memory``; measured within ~15% at
+    216 atoms): all of them stored, one interaction's at a time (recomputed), or one
+    chunk's (recomputed+chunked: small)."""
+    from mlipd.models.mace_memory import edge_floats, stored_activation_bytes
+
+    if CONTENDERS[name] is None or "recompute=0" in CONTENDERS[name]:
+        return stored_activation_bytes(model, n_edges, torch.float32)
+    if "chunk=0" in CONTENDERS[name]:
+        return int(1.2 * 4 * n_edges * max(edge_floats(model)))
+    return 0
+
+
+def _too_big(model_path: str, n: int, dev: torch.device) -> dict[str, str]:
+    """Contenders whose estimated memory exceeds 80% of what the device has free now:
+    skipped with a note (on a shared machine, running them would only end in its OOM
+    killer or in swapping for everyone)."""
+    from mlipd.bench.systems import oxide
+    from mlipd.engine.neighbors import neighbor_list
+    from mlipd.memory import available_bytes
+    from mlipd.types import Structure
+
+    free = available_bytes(dev)
+    if free is None:
+        return {}
+    model = torch.load(model_path, map_location="cpu", weights_only=False)
+    edges = len(neighbor_list(Structure.from_atoms(oxide(n)), float(model.r_max)))
+    out = {}
+    for name in CONTENDERS:
+        need = _predicted_bytes(name, model, edges)
+        if need > 0.8 * free:
+            out[name] = (f"skipped: needs ~{need / 2**30:.0f} GiB by estimate, "
+                         f"{free / 2**30:.0f} GiB free")
+    return out
 
 
 def _measure(model_path: str, n: int, *, size: str, dev: torch.device) -> dict:
     """{contender: (edges, peak bytes, Timing, error or None)} for ``n`` atoms."""
     ctx = mp.get_context("spawn")
     cap = _memory_cap(len(CONTENDERS)) if dev.type == "cpu" else None
+    errors: dict[str, str] = _too_big(model_path, n, dev)
     workers = {}
     for name, options in CONTENDERS.items():
+        if name in errors:
+            continue
         parent, child = ctx.Pipe()
         job = Job(model_path, options, n, str(dev), torch.get_num_threads(), cap)
         proc = ctx.Process(target=_worker, args=(child, job), daemon=True, name=f"bench-{name}")
         proc.start()
         workers[name] = (proc, parent)
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    errors: dict[str, str] = {}
     edges: dict[str, int] = {}
     try:
         for k in range(-1, REPEATS[size]):  # k = -1: the warm-up step
@@ -170,11 +224,11 @@ def _measure(model_path: str, n: int, *, size: str, dev: torch.device) -> dict:
                     times[name].append(reply[1])
                     edges[name] = reply[2]
         out = {}
-        for name, (_, conn) in workers.items():
+        for name in CONTENDERS:
             if name in errors:
                 out[name] = (edges.get(name), None, None, errors[name])
                 continue
-            reply = _ask(conn, ("peak", 0))
+            reply = _ask(workers[name][1], ("peak", 0))
             out[name] = (edges[name], reply[1], Timing(tuple(times[name])), None)
         return out
     finally:
