@@ -38,6 +38,8 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
                  "mlipd halo", "ghosts 1 cutoff", "ghosts 25 Å"],
     "soak": ["| 8 |", "| 2 atoms 1e6 Å apart (open) |", "| overlapping atoms |",
              "| not msgpack |", "bad_input"],
+    "mace": ["MACECalculator", "mlipd stored", "mlipd chunked", "mlipd recomputed",
+             "mlipd recomputed+chunked", "MiB per atom"],
 }
 E3NN_SUITES = {"esen", "sevennet"}  # their packages live in .venv-e3nn (tests/conftest.py)
 FAILED = re.compile(r"failed|not run|out of memory|limit|died|deadline|\bnan\b", re.IGNORECASE)

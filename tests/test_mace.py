@@ -6,7 +6,9 @@ are real mace-torch modules, evaluated by mace's own MACECalculator for referenc
 
 from __future__ import annotations
 
+import copy
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,9 +18,11 @@ import mace  # noqa: F401  (plain imports sort first: mace before e3nn, see the 
 import numpy as np
 import pytest
 import torch
+from distributed_work import assemble, run_variants
 from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator
+from mace.modules import blocks
 from model_cases import (
     bulk_box,
     check_distributed,
@@ -26,13 +30,15 @@ from model_cases import (
     four_cases,
     molecule,
     rel,
+    slab,
     small_triclinic,
 )
 
 from mlipd.engine.local import LocalEngine
-from mlipd.errors import SetupError, UnknownSpecies
+from mlipd.errors import ModelUnavailable, SetupError, UnknownSpecies
 from mlipd.models.mace import MaceModel
 from mlipd.models.registry import load_model
+from mlipd.testing.work import measure_work
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,7 +110,7 @@ def compressed():
 
 
 CASES = {"compressed": compressed, "triclinic": lambda: small_triclinic(ZS),
-         "molecule": lambda: molecule(ZS)}
+         "molecule": lambda: molecule(ZS), "slab": lambda: slab(ZS)}
 
 
 @pytest.mark.parametrize("scale_shift", [True, False], ids=["ScaleShiftMACE", "MACE"])
@@ -112,11 +118,11 @@ CASES = {"compressed": compressed, "triclinic": lambda: small_triclinic(ZS),
 def test_equals_mace_calculator(scale_shift, zbl):
     model = build_mace(scale_shift=scale_shift, zbl=zbl)
     engine = LocalEngine(MaceModel(model=model))
-    for name, make in CASES.items():
+    for make in CASES.values():
         atoms = make()
         (got,) = engine.compute([Structure.from_atoms(atoms)])
-        compare_to_ase(got, reference(model, atoms), rtol=1e-8)
-        assert (got.virial is None) == (name == "molecule")
+        compare_to_ase(got, reference(model, atoms), rtol=1e-8)  # slab: energy and forces
+        assert (got.virial is None) == (not atoms.pbc.all())
 
 
 def test_zbl_term_is_exercised():
@@ -128,15 +134,20 @@ def test_zbl_term_is_exercised():
         assert rel(with_zbl.compute(s)[0].energy, without.compute(s)[0].energy) > 1e-5
 
 
-@pytest.mark.parametrize("variant", [
-    dict(layers=3, correlation=3),
-    dict(layers=1, hidden="8x0e"),
-    dict(first="RealAgnosticInteractionBlock", distance_transform="Agnesi"),
-    dict(hidden="8x0e+8x1o+8x2e", inter="RealAgnosticResidualNonLinearInteractionBlock",
-         first="RealAgnosticResidualNonLinearInteractionBlock"),
-    dict(first="RealAgnosticDensityInteractionBlock",
-         inter="RealAgnosticDensityResidualInteractionBlock", zbl=False),
-], ids=["L3-corr3", "L1", "agnesi-plainfirst", "nonlinear-L2", "density"])
+VARIANTS = {
+    "L3-corr3": dict(layers=3, correlation=3),
+    "L1": dict(layers=1, hidden="8x0e"),
+    "agnesi-plainfirst": dict(first="RealAgnosticInteractionBlock", distance_transform="Agnesi"),
+    "nonlinear-L2": dict(hidden="8x0e+8x1o+8x2e",
+                         inter="RealAgnosticResidualNonLinearInteractionBlock",
+                         first="RealAgnosticResidualNonLinearInteractionBlock"),
+    "density": dict(first="RealAgnosticDensityInteractionBlock",
+                    inter="RealAgnosticDensityResidualInteractionBlock", zbl=False),
+    "attention": dict(inter="RealAgnosticAttResidualInteractionBlock"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_variants_equal_mace_calculator(variant):
     model = build_mace(**variant)
     engine = LocalEngine(MaceModel(model=model))
@@ -208,6 +219,172 @@ def test_unknown_species_is_a_clear_error():
     atoms = small_triclinic([26])
     with pytest.raises(UnknownSpecies, match="26"):
         engine.compute([Structure.from_atoms(atoms)])
+
+
+def test_unsupported_interaction_is_refused():
+    class Custom(blocks.RealAgnosticResidualInteractionBlock):
+        pass
+
+    model = copy.deepcopy(build_mace())
+    model.interactions[1].__class__ = Custom  # its forward could differ from the split's
+    with pytest.raises(ValueError, match="Custom is not supported"):
+        MaceModel(model=model)
+
+
+# --- memory: recomputation in backward and edge chunks ---------------------------------------
+@pytest.mark.parametrize("variant", ["residual", "plain-first", "nonlinear", "density",
+                                     "attention"])
+def test_recompute_and_chunks_equal_stored(variant):
+    """P = 1, float64: recomputed activations and chunked messages give the stored result to
+    1e-12, and the backward pass really ran every recordable piece again (counted in the
+    pieces' bodies, not a flag)."""
+    kw = {"residual": {}, "plain-first": VARIANTS["agnesi-plainfirst"],
+          "nonlinear": VARIANTS["nonlinear-L2"], "density": VARIANTS["density"],
+          "attention": VARIANTS["attention"]}[variant]
+    model = build_mace(**kw)
+    s = [Structure.from_atoms(compressed())]
+    stored = LocalEngine(MaceModel(model=model, recompute="0", chunk=0))
+    (ref,) = stored.compute(s)
+    assert stored.model.recomputed == 0
+    assert stored.model.counters["chunks"] == 1
+    for recompute, chunk in (("1", 0), ("0", 400), ("1", 400)):
+        engine = LocalEngine(MaceModel(model=model, recompute=recompute, chunk=chunk))
+        (got,) = engine.compute(s)
+        assert rel(got.energy, ref.energy) <= 1e-12
+        assert rel(got.forces, ref.forces) <= 1e-12
+        assert rel(got.virial, ref.virial) <= 1e-12
+        counters = engine.model.counters
+        assert counters["recompute"] == int(recompute == "1")
+        assert (counters["chunks"] > 3) == (chunk > 0)  # 1,796 edges in chunks of ~400
+        expected = counters["pieces_in_graph"] if recompute == "1" else 0
+        assert engine.model.recomputed == expected
+        assert counters["pieces_in_graph"] >= 2 * counters["chunks"]  # each chunk, each layer
+
+
+def test_recompute_auto_follows_free_memory(monkeypatch):
+    import mlipd.models.mace_memory as memory
+
+    engine = LocalEngine(MaceModel(model=build_mace()))  # recompute=auto, chunk=auto
+    s = [Structure.from_atoms(compressed())]
+    engine.compute(s)
+    assert engine.model.counters["recompute"] == 0  # a 64-atom box on this machine
+    assert engine.model.recomputed == 0
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    engine.compute(s)
+    assert engine.model.counters["recompute"] == 1
+    assert engine.model.recomputed == engine.model.counters["pieces_in_graph"] > 0
+
+
+def test_memory_options(tmp_path):
+    path = tmp_path / "tiny.model"
+    torch.save(build_mace(), path)
+    m = load_model(f"mace:{path},recompute=1,chunk=500")
+    assert (m.recompute, m.chunk) == ("1", 500)
+    for bad, msg in (("recompute=yes", "bad value 'yes' for recompute"),
+                     ("chunk=-3", "bad value '-3' for chunk"), ("chunks=4", "unknown option"),
+                     ("jit=1", "jit=1 needs recompute=0")):
+        with pytest.raises(SetupError, match=msg):
+            load_model(f"mace:{path},{bad}")
+
+
+def test_jit_option_equals_default():
+    """``jit=1`` (TorchScript's optimising executor, as in MACECalculator) gives the same
+    numbers, also from its second call on, when the executor has optimised its graphs."""
+    model = build_mace()
+    s = [Structure.from_atoms(compressed())]
+    (ref,) = LocalEngine(MaceModel(model=model)).compute(s)
+    engine = LocalEngine(MaceModel(model=model, recompute="0", jit=True))
+    for _ in range(3):
+        (got,) = engine.compute(s)
+        assert rel(got.forces, ref.forces) <= 1e-12
+        assert rel(got.virial, ref.virial) <= 1e-12
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuequivariance_torch") is not None,
+                    reason="tests the refusal without cuequivariance-torch")
+def test_cueq_without_the_package_is_refused(tmp_path):
+    path = tmp_path / "tiny.model"
+    torch.save(build_mace(), path)
+    with pytest.raises(ModelUnavailable, match=r"pip install 'mlipd\[cueq\]'"):
+        load_model(f"mace:{path},cueq=1")
+
+
+def test_cueq_equals_e3nn():
+    """``cueq=1`` (mace's converter; cuEquivariance's CPU fallbacks here, the (ir, mul)
+    layout) through the split interactions, chunks and recomputation."""
+    pytest.importorskip("cuequivariance_torch")
+    model = build_mace()
+    s = [Structure.from_atoms(compressed())]
+    (ref,) = LocalEngine(MaceModel(model=model)).compute(s)
+    engine = LocalEngine(MaceModel(model=model, cueq=True, recompute="1", chunk=300))
+    (got,) = engine.compute(s)
+    assert engine.model.mace is not model  # a converted copy
+    assert rel(got.forces, ref.forces) <= 1e-12
+    assert rel(got.virial, ref.virial) <= 1e-12
+    assert engine.model.recomputed == engine.model.counters["pieces_in_graph"] > 0
+
+
+# --- P in {2, 4, 8}: zero redundancy by measured work, results equal to P = 1 ----------------
+SMALL = {"bulk": lambda: bulk_box(ZS, reps=3), "slab": lambda: slab(ZS),
+         "triclinic": lambda: small_triclinic(ZS), "molecule": lambda: molecule(ZS)}
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    """The model file, the small structures, and P = 1's results and forward FLOPs."""
+    path = tmp_path_factory.mktemp("mace") / "tiny.model"
+    model = build_mace()
+    torch.save(model, path)
+    structures = [Structure.from_atoms(make()) for make in SMALL.values()]
+    engine = LocalEngine(MaceModel(model=model))
+    results = [engine.compute([s])[0] for s in structures]
+    flops = [w[0].flops for w in measure_work(functools.partial(MaceModel, str(path)),
+                                              structures, 1)]
+    return str(path), structures, results, flops
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_ranks_zero_redundancy_and_results(small_reference, ranks):
+    """Forward FLOPs summed over ranks equal P = 1's (node maps on owned atoms only, each
+    edge once), every exchange moves exactly the halo rows, and the results equal P = 1's
+    to 1e-10. At P = 2 also: recomputed + chunked activations equal stored ones to 1e-12 and
+    their backward communicates no more; float32 within float32's tolerance."""
+    path, structures, results, flops = small_reference
+    layers = len(build_mace().interactions)
+    variants = {"f64": (functools.partial(MaceModel, path), torch.float64)}
+    if ranks == 2:
+        variants["recompute"] = (functools.partial(MaceModel, f"{path},recompute=1,chunk=97"),
+                                 torch.float64)
+        variants["f32"] = (functools.partial(MaceModel, path), torch.float32)
+    runs = run_variants(variants, structures, ranks)
+    for k, name in enumerate(SMALL):
+        s, ref, per_rank = structures[k], results[k], runs["f64"][k]
+        work = [r.work for r in per_rank]
+        # equal up to rows torch counts differently: a 1-row e3nn linear is a product and
+        # a sum, no matmul (the 3-atom cell: 32 of 4.3M). Halo work costs >= 0.5% here.
+        assert abs(sum(w.flops for w in work) / flops[k] - 1) <= 1e-4, name
+        assert all(w.exchanges == layers for w in work)
+        halo = sum(w.halo for w in work)
+        assert sum(w.rows_received for w in work) == sum(w.rows_sent for w in work) == layers * halo
+        if name == "bulk":
+            assert all(w.owned > 0 for w in work)
+            assert halo > 0
+        energy, forces, virial = assemble(per_rank, s.n_atoms)
+        assert rel(energy, ref.energy) <= 1e-10, name
+        assert rel(forces, ref.forces) <= 1e-10, name
+        if ref.virial is not None:
+            assert rel(virial, ref.virial) <= 1e-10, name
+        if ranks != 2:
+            continue
+        got = assemble(runs["recompute"][k], s.n_atoms)
+        for a, b in zip(got, (energy, forces, virial), strict=True):
+            assert rel(a, b) <= 1e-12, name
+        for stored, recomputed in zip(per_rank, runs["recompute"][k], strict=True):
+            assert recomputed.step_traffic == stored.step_traffic  # no recompute communicates
+            assert recomputed.recomputed == recomputed.counters["pieces_in_graph"] > 0
+        e32, f32, _ = assemble(runs["f32"][k], s.n_atoms)
+        assert rel(e32, ref.energy) <= 1e-5, name
+        assert rel(f32, ref.forces) <= 1e-4, name
 
 
 # --- P > 1: the distributed engine equals P = 1 to 1e-10, with zero redundancy ------------

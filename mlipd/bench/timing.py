@@ -70,8 +70,8 @@ class Timing:
 
     def ratio(self, other: Timing, digits: int = 2) -> str:
         """``other``'s median over this one's (how many times faster this one is)."""
-        if not (self.ok and other.ok):
-            return "-"
+        if not (self.ok and other.ok) or self.median <= 0:
+            return "-"  # a block timed below the clock's resolution has no ratio
         return f"{other.median / self.median:.{digits}f}"
 
 

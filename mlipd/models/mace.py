@@ -3,21 +3,27 @@
 The adapter reuses the model's own modules and weights (embedding, spherical
 harmonics, radial basis, ZBL pair term, interactions, products, readouts,
 scale_shift) and writes only the layer loop of ``MACE.forward`` /
-``ScaleShiftMACE.forward`` (mace/modules/models.py 276-439 and 455-621 in 0.3.16)
-with one ``graph.exchange`` before every interaction but the first:
+``ScaleShiftMACE.forward`` (mace/modules/models.py 276-439 and 455-621 in 0.3.16),
+with each interaction cut where it reads other atoms (``mace_interactions``):
 
-* interaction 0 reads the senders' node embedding, a per-species linear map that
-  every rank computes for its halo atoms from their species: no exchange;
-* interaction i >= 1 reads the senders' ``node_feats`` (the output of product i-1):
-  the only tensor that crosses ranks, [n_halo, hidden_irreps.dim];
-* products, readouts, E0, ZBL and scale_shift are per owned atom.
+* the interaction's per-node maps (``linear_up``, the skip connection, ...) run on
+  owned atoms; the rows its messages read at the senders are exchanged (one
+  ``graph.exchange`` per interaction, the only tensor that crosses ranks);
+* every edge's message is computed once, on the rank owning its receiver;
+* the maps after the messages, products, readouts, E0, ZBL and scale_shift run per
+  owned atom.
+So forward work summed over ranks equals one rank's (tested by counted FLOPs).
 
-Every edge is evaluated once, on the rank owning its receiver. The interactions'
-per-node linear maps (``skip_tp``, ``linear_up``) also run on the halo rows, because
-the exchange sits before the interaction as a whole (its variants differ inside);
-that is O(n_halo) node work, no edge work. Multi-head models use the head that
-MACECalculator would pick (``default_head``).
+Memory (``recompute``, ``chunk``): with recomputation, autograd keeps only the inputs
+of each piece (per-node maps, a chunk of edges' messages, the product) and the
+backward pass runs the piece again (``torch.utils.checkpoint``); the exchanges sit
+between pieces, so a recompute never communicates. Edge chunking computes the messages
+of a range of receivers at a time (edges sorted by receiver), so that with
+recomputation the per-edge tensors of one chunk are all that is alive.
+``cueq=1`` converts the model with mace's own ``convert_e3nn_cueq`` (cuEquivariance
+kernels; needs ``cuequivariance-torch``, the ``mlipd[cueq]`` extra).
 
+Multi-head models use the head that MACECalculator would pick (``default_head``).
 A model file is code: it is a pickled ``torch.nn.Module`` and loading it runs
 whatever it contains, so it must come from a trusted source.
 """
@@ -43,12 +49,27 @@ if _PRIOR is None:
 else:
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = _PRIOR
 
+from mlipd.errors import ModelUnavailable  # noqa: E402
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index  # noqa: E402
-from mlipd.models.options import parse_options  # noqa: E402
+from mlipd.models.mace_interactions import SplitInteraction, check_supported  # noqa: E402
+from mlipd.models.mace_memory import Pieces, choose_chunk, chunk_bounds, should_recompute  # noqa: E402
+from mlipd.models.options import choice, flag, parse_options  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SYNTAX = "mace:PATH[,head=NAME]"
+SYNTAX = ("mace:PATH[,head=NAME][,recompute=auto|0|1][,chunk=auto|EDGES][,cueq=0|1]"
+          "[,jit=0|1]")
+RECOMPUTE = ("auto", "0", "1")
+
+
+def chunk_option(text: str) -> int | str:
+    """``auto`` or a number of edges per chunk (0: no chunking)."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise ValueError("expected auto or a number of edges >= 0")
+    return value
 
 
 def load_mace_file(path: str | Path) -> torch.nn.Module:
@@ -63,6 +84,24 @@ def load_mace_file(path: str | Path) -> torch.nn.Module:
     if not isinstance(obj, torch.nn.Module):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a MACE model")
     return obj
+
+
+def to_cueq(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with cuEquivariance kernels, by mace's own converter (a new module with
+    the same weights); fused convolutions when CUDA is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("cuequivariance_torch") is None:
+        raise ModelUnavailable("mace: cueq=1 needs cuequivariance-torch "
+                               "(pip install 'mlipd[cueq]')")
+    from mace.cli.convert_e3nn_cueq import run
+
+    prior = torch.get_default_dtype()  # the converter sets the process default dtype
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return run(model, device=device, return_model=True).to("cpu")
+    finally:
+        torch.set_default_dtype(prior)
 
 
 def default_head(heads: list[str], head: str | None) -> int:
@@ -84,19 +123,38 @@ def default_head(heads: list[str], head: str | None) -> int:
 class MaceModel(torch.nn.Module):
     """A MACE or ScaleShiftMACE model as an mlipd model.
 
-    ``MaceModel("model.model")`` or ``MaceModel("model.model,head=NAME")`` loads a file
-    (the CLI's ``mace:PATH[,head=NAME]``); ``MaceModel(model=module)`` wraps a module in
-    memory (the same object, not a copy). Multi-head models use the head that
-    MACECalculator would pick (see ``default_head``).
+    ``MaceModel("model.model")`` or ``MaceModel("model.model,head=NAME,recompute=1")``
+    loads a file (the CLI's ``mace:...``, see ``SYNTAX``); ``MaceModel(model=module)``
+    wraps a module in memory (the same object, not a copy, unless ``cueq``).
+
+    recompute: ``"1"`` keeps only each piece's inputs for backward and runs it again
+        there; ``"0"`` stores activations; ``"auto"`` (default) recomputes when the
+        estimated stored activations exceed half of the free memory (``mace_memory``)
+    chunk: edges per chunk of messages (0: all at once); ``"auto"`` (default) chunks
+        when recomputing, to a fixed budget of per-edge memory
+    cueq: cuEquivariance kernels through mace's converter (GPU; untested here)
+    jit: let TorchScript's profiling executor optimise e3nn's code as in mace's own
+        calculator (see ``_torchscript``): ~10% faster steady state on CPU, but the first
+        calls, and on CUDA new shapes, compile; needs ``recompute=0``
+
+    ``counters`` describe the last forward; ``recomputed`` counts the pieces the
+    backward passes ran again so far (``Pieces``).
     """
 
     def __init__(self, path: str | None = None, *, model: torch.nn.Module | None = None,
-                 head: str | None = None) -> None:
+                 head: str | None = None, recompute: str = "auto", chunk: int | str = "auto",
+                 cueq: bool = False, jit: bool = False) -> None:
         super().__init__()
         if path is not None:
             path, opts = parse_options(path, model="mace", syntax=SYNTAX, positional=True,
-                                       keys={"head": str})
+                                       keys={"head": str, "recompute": choice(*RECOMPUTE),
+                                             "chunk": chunk_option, "cueq": flag,
+                                             "jit": flag})
             head = opts.get("head", head)
+            recompute = opts.get("recompute", recompute)
+            chunk = opts.get("chunk", chunk)
+            cueq = opts.get("cueq", cueq)
+            jit = opts.get("jit", jit)
             if path is None:
                 raise ValueError(f"mace needs a model file: --model {SYNTAX}")
             model = load_mace_file(path)
@@ -108,57 +166,137 @@ class MaceModel(torch.nn.Module):
         if hasattr(model, "joint_embedding"):
             raise ValueError("mace: models with extra per-structure embeddings (embedding_specs, "
                              "e.g. total charge and spin) are not supported")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"mace: recompute must be one of {RECOMPUTE}")
+        if jit and recompute != "0":
+            # measured: forces 1e-3 off when a recomputation meets the executor's freshly
+            # optimised graphs (their saved tensors bypass the checkpoint's bookkeeping)
+            raise ValueError("mace: jit=1 needs recompute=0 (TorchScript's optimised graphs "
+                             "and recomputation in backward do not mix)")
+        for block in model.interactions:
+            check_supported(block)
+        if cueq:
+            model = to_cueq(model)
         self.mace = model
+        self.recompute, self.chunk, self.jit = recompute, chunk, bool(jit)
         self.head = default_head(list(getattr(model, "heads", ["Default"])), head)
         zs = [int(z) for z in model.atomic_numbers.tolist()]
         self.register_buffer("z_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="mace", cutoff=float(model.r_max), species=frozenset(zs),
                               n_layers=len(model.interactions))
+        self.splits = [SplitInteraction(b) for b in model.interactions]
+        self.pieces = Pieces(context=self._torchscript)
+        self.counters: dict[str, int] = {}
+
+    @property
+    def recomputed(self) -> int:
+        """Pieces run again by backward passes since the last forward began."""
+        return self.pieces.recomputed
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
+        with self._torchscript():
+            return self._forward(graph)
+
+    def _torchscript(self):
+        """e3nn runs MACE's linears, tensor products and harmonics as TorchScript. Its
+        profiling executor optimises a function on its second call and again for new
+        input shapes (on CUDA it compiles fused kernels for them): a graph whose edge count
+        changes at every MD step pays that in its first calls, ~1 s at the second call on
+        CPU here (and, on an H200, made mlipd's median of 3 warm 1,000-atom calls 4x its
+        cold one, while MACECalculator, timed later on the same already-optimised
+        modules, escaped it). Without the optimisation (default) every call runs the same
+        plan, ~10% slower in steady state on CPU. Process-wide while a forward or a
+        recomputation runs (torch has no per-function switch)."""
+        return torch.jit.optimized_execution(self.jit)
+
+    def _forward(self, graph: LocalGraph) -> ModelOutput:
         m, n = self.mace, graph.n_owned
-        dtype = graph.dtype
         attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers],
-                                            len(self.spec.species)).to(dtype)
-        own_attrs = attrs[:n]
+                                            len(self.spec.species)).to(graph.dtype)
+        own = attrs[:n]
         heads = torch.full((n,), self.head, dtype=torch.long, device=attrs.device)
         rows = torch.arange(n, device=attrs.device)
-        # MACE's edge_index is [sender, receiver] and its vector points from the sender
-        # to the receiver (modules/utils.py get_edge_vectors_and_lengths): the opposite
-        # of graph.edge_vectors(), which matters for odd-l harmonics.
-        edge_index = torch.stack([graph.senders, graph.receivers])
-        vectors = -graph.edge_vectors()
-        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+        recompute = torch.is_grad_enabled() and should_recompute(
+            self.recompute, self.mace, graph)
+        chunk = choose_chunk(self.chunk, self.mace, recompute=recompute, dtype=graph.dtype,
+                             device=graph.receivers.device)
+        senders, receivers, vectors = _edges(graph, by_receiver=chunk > 0)
+        bounds = chunk_bounds(receivers, n, chunk)
+        run = self.pieces.start(checkpoint=recompute)
+        edge_index = torch.stack([senders, receivers])
+        edge_attrs, edge_feats, cutoff, pair = run(_edge_basis, m, vectors, attrs, edge_index, n)
 
-        node_e0 = m.atomic_energies_fn(own_attrs)[rows, heads]
-        edge_attrs = m.spherical_harmonics(vectors)
-        edge_feats, cutoff = m.radial_embedding(lengths, attrs, edge_index, m.atomic_numbers)
-        if hasattr(m, "pair_repulsion"):
-            # ZBL scatters into receivers, which are owned: the halo rows stay zero
-            pair = m.pair_repulsion_fn(lengths, attrs, edge_index, m.atomic_numbers)[:n]
-        else:
-            pair = torch.zeros_like(node_e0)
-
-        feats = m.node_embedding(attrs)  # halo rows from their species: no exchange
-        per_layer = []
-        for i, (interaction, product) in enumerate(zip(m.interactions, m.products, strict=True)):
-            if i > 0:
-                feats = graph.exchange(feats)  # product i-1 of the senders, from their owners
-            feats, sc = interaction(node_attrs=attrs, node_feats=feats, edge_attrs=edge_attrs,
-                                    edge_feats=edge_feats, edge_index=edge_index,
-                                    cutoff=cutoff, first_layer=(i == 0))
-            feats = _product(product, feats[:n], None if sc is None else sc[:n], own_attrs)
-            per_layer.append(feats)
-
-        readout_es = [
-            readout(per_layer[-1 if len(m.readouts) == 1 else i], heads)[rows, heads]
-            for i, readout in enumerate(m.readouts)
-        ]
-        inter = pair + torch.stack(readout_es).sum(0)
+        node_e0 = m.atomic_energies_fn(own)[rows, heads]
+        feats = run(m.node_embedding, own)
+        energies = [node_e0, pair]
+        last = len(self.splits) - 1
+        for i, (split, product) in enumerate(zip(self.splits, m.products, strict=True)):
+            payload, receiver, sc, residual = run(_node, split, feats, own)
+            payload = graph.exchange(payload)  # the senders' rows, from their owners
+            # the rest is per receiver: messages, the maps after them and the product of a
+            # range of rows at a time (the product's per-atom intermediates are large too)
+            feats = torch.cat([
+                run(_rows, split, product, payload, receiver, edge_attrs[e0:e1],
+                    edge_feats[e0:e1], None if cutoff is None else cutoff[e0:e1],
+                    senders[e0:e1], receivers[e0:e1], r0, r1,
+                    *(None if t is None else t[r0:r1] for t in (sc, residual)), own[r0:r1])
+                for r0, r1, e0, e1 in bounds])
+            if len(m.readouts) > 1 or i == last:  # one readout per layer, or one at the end
+                readout = m.readouts[i if len(m.readouts) > 1 else 0]
+                energies.append(run(_readout, readout, feats, heads, rows))
+        self.counters = {"atoms": n, "edges": int(receivers.shape[0]),
+                         "recompute": int(recompute), "chunk_edges": chunk,
+                         "chunks": len(bounds), **self.pieces.counters()}
+        inter = torch.stack(energies[1:]).sum(0)
         if hasattr(m, "scale_shift"):
             # ScaleShiftMACE scales the ZBL term too (models.py 575-577); MACE does not
             return ModelOutput(site_energy=node_e0 + m.scale_shift(inter, heads))
         return ModelOutput(site_energy=node_e0 + inter)
+
+
+def _edges(graph: LocalGraph, *, by_receiver: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Senders, receivers and MACE's edge vectors (E, 3), sorted by receiver for chunks.
+    MACE's vector points from the sender to the receiver (modules/utils.py
+    get_edge_vectors_and_lengths): the opposite of graph.edge_vectors(), which matters
+    for odd-l harmonics."""
+    senders, receivers, vectors = graph.senders, graph.receivers, -graph.edge_vectors()
+    if by_receiver:
+        order = torch.argsort(receivers, stable=True)
+        senders, receivers, vectors = senders[order], receivers[order], vectors[order]
+    return senders, receivers, vectors
+
+
+def _edge_basis(m, vectors, attrs, edge_index, n_owned: int):
+    """Spherical harmonics, radial basis (and cutoff), and ZBL's site energies of the
+    owned atoms (zeros without ZBL): (edge_attrs, edge_feats, cutoff or None, pair)."""
+    lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+    edge_attrs = m.spherical_harmonics(vectors)
+    edge_feats, cutoff = m.radial_embedding(lengths, attrs, edge_index, m.atomic_numbers)
+    if hasattr(m, "pair_repulsion"):
+        # ZBL scatters into receivers, which are owned: the halo rows stay zero
+        pair = m.pair_repulsion_fn(lengths, attrs, edge_index, m.atomic_numbers)[:n_owned]
+    else:
+        pair = attrs.new_zeros(n_owned)
+    return edge_attrs, edge_feats, cutoff, pair
+
+
+def _node(split: SplitInteraction, feats, attrs):
+    out = split.node(feats, attrs)
+    return out.payload, out.receiver, out.sc, out.residual
+
+
+def _rows(split: SplitInteraction, product, payload, receiver, edge_attrs, edge_feats, cutoff,
+          senders, receivers, first: int, end: int, sc, residual, attrs):
+    """Rows ``first .. end - 1`` of an interaction and its product, from their edges."""
+    message, density = split.edges(payload, receiver, edge_attrs, edge_feats, cutoff, senders,
+                                   receivers, first, end - first)
+    feats, sc = split.finish(message, density, sc, residual, attrs)
+    return _product(product, feats, sc, attrs)
+
+
+def _readout(readout, feats, heads, rows):
+    return readout(feats, heads)[rows, heads]
 
 
 def _product(product: torch.nn.Module, feats: torch.Tensor, sc: torch.Tensor | None,

@@ -5,18 +5,18 @@ model.pt, state.pt; NAME a model of matgl's Hugging Face org in matgl's cache
 (``tensornet:TensorNet-MatPES-PBE-v2025.1-PES``, see ``mlipd.models.pretrained``).
 
 The adapter reuses matgl's modules and weights (bond expansion, tensor embedding,
-interactions, output norm, readout, ZBL parameters, element references) and writes
-only the loop of ``TensorNet.forward_features`` (matgl/models/_tensornet.py, PyG
-branch) plus ``Potential.forward``'s energy (matgl/apps/pes.py). Exchanges:
+interactions, output norm, readout, element references) and writes only the loop of
+``TensorNet.forward_features`` (matgl/models/_tensornet.py, PyG branch) plus
+``Potential.forward``'s energy (matgl/apps/pes.py), split where the layers read other
+atoms, so that every rank does node work on its owned atoms only:
 
-* the embedding reads only the neighbours' *species* (``x = emb(z)``, then
-  ``x[edge_index[1]]`` in TensorEmbedding.forward), which every rank has for its
-  halo: no exchange before it;
-* but it *aggregates* over neighbours (``aggregate(msg, edge_index[0])``), so the
-  embedded tensor X of a halo atom needs that atom's own neighbours: X is exchanged
-  before the first interaction, and again before every later one, since
-  TensorNetInteraction.message reads ``x_I[dst]`` (dst = edge_index[1], the sender).
-  nblocks exchanges of (n_halo, units, 3, 3) per step.
+* embedding: its messages read both ends' *species* (``emb(z)``), known for every
+  atom, so the edge part needs no exchange; its node update runs on owned atoms;
+* interaction: the node part before the messages (normalise X, decompose, three
+  linears) runs on owned atoms; the parts the messages read from the senders are
+  exchanged (``tensornet_parts``: 10 numbers per channel); messages are summed into
+  owned receivers, and the node part after them runs on owned atoms.
+  nblocks exchanges of (n_halo, units, 10) per step.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import torch
 from ase.data import atomic_numbers
 from matgl.apps.pes import Potential
 from matgl.models import TensorNet
-from matgl.utils.maths import decompose_tensor, tensor_norm
+from matgl.utils.cutoff import cosine_cutoff
+from matgl.utils.maths import decompose_tensor, new_radial_tensor, tensor_norm
 
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index
 from mlipd.models.options import flag, parse_options
+from mlipd.models.tensornet_parts import aggregate, edge_parts, pack, spread, unpack
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,13 @@ SYNTAX = "tensornet:DIR|NAME[,offline=1]"
 def load_matgl_dir(path: str | Path, *, offline: bool = False) -> torch.nn.Module:
     """A matgl model directory from the local filesystem, or a published name
     (``materialyze/NAME``) from matgl's cache (``mlipd.models.pretrained``: downloaded by
-    matgl only when allowed; matgl.load_model alone would wait on the hub)."""
+    matgl only when allowed; matgl.load_model alone would wait on the hub).
+
+    Loaded under matgl's float64 defaults: matgl builds parts of a model (readout MLP,
+    radial centres, data_mean/std buffers) in its default float dtype, float32 unless set,
+    and a float64 model's weights loaded into those lose their last digits (measured:
+    energies 2e-9 relative off). float64 holds either precision exactly; the engine casts
+    the model to its own dtype afterwards."""
     import matgl
 
     from mlipd.models.pretrained import looks_like_path, matgl_dir
@@ -52,7 +60,13 @@ def load_matgl_dir(path: str | Path, *, offline: bool = False) -> torch.nn.Modul
     path = Path(path)
     if not (path / "model.json").is_file() or not (path / "model.pt").is_file():
         raise FileNotFoundError(f"no matgl model directory at {path} (model.json, model.pt)")
-    return matgl.load_model(path)
+    prior = matgl.float_th, matgl.float_np, torch.get_default_dtype()
+    matgl.set_default_dtype("float", 64)  # also torch's process-wide default: restored below
+    try:
+        return matgl.load_model(path)
+    finally:
+        matgl.float_th, matgl.float_np, default = prior
+        torch.set_default_dtype(default)
 
 
 class TensorNetModel(torch.nn.Module):
@@ -100,17 +114,16 @@ class TensorNetModel(torch.nn.Module):
     def forward(self, graph: LocalGraph) -> ModelOutput:
         pot, net, n = self.potential, self.potential.model, graph.n_owned
         types = self.type_index[graph.numbers]
-        # matgl aggregates into edge_index[0] and reads edge_index[1]; its bond vector is
-        # x[edge_index[1]] - x[edge_index[0]] + offset, i.e. graph.edge_vectors()
-        edge_index = torch.stack([graph.receivers, graph.senders])
+        # matgl aggregates into edge_index[0] (our receivers) and reads edge_index[1] (our
+        # senders); its bond vector x[edge_index[1]] - x[edge_index[0]] + offset is
+        # graph.edge_vectors()
+        recv, send = graph.receivers, graph.senders
         vec = graph.edge_vectors()
         dist = torch.norm(vec, dim=1)
         edge_attr = net.bond_expansion(dist)
-        x, _ = net.tensor_embedding(types, edge_index, edge_attr, dist, vec, None)
-        x = x[:n]
+        x = _embed(net.tensor_embedding, types, recv, send, edge_attr, dist, vec, n)
         for layer in net.layers:
-            x = graph.exchange(x)  # halo X from its owner (see the module docstring)
-            x = layer(edge_index, dist, edge_attr, x)[:n]
+            x = _interact(layer, x, recv, send, dist, edge_attr, graph.exchange)
         scalars, skew, traceless = decompose_tensor(x)
         feats = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), -1)
         feats = net.linear(net.out_norm(feats))
@@ -120,3 +133,61 @@ class TensorNetModel(torch.nn.Module):
         if pot.element_refs is not None:
             site = site + pot.element_refs.property_offset[types[:n]]
         return ModelOutput(site_energy=site)
+
+
+def _channels(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A matgl tensor linear: mixes channels of (n, units, 3, 3)."""
+    return linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _embed(emb, types, recv, send, edge_attr, dist, vec, n_owned: int) -> torch.Tensor:
+    """``TensorEmbedding.forward`` (matgl/layers/_embedding.py) for the owned atoms:
+    edge messages into owned receivers, then the node update on owned rows only."""
+    cut = cosine_cutoff(dist, emb.cutoff).view(-1, 1)
+    w = torch.stack([emb.distance_proj1(edge_attr) * cut, emb.distance_proj2(edge_attr) * cut,
+                     emb.distance_proj3(edge_attr) * cut], dim=-1)        # (E, u, 3)
+    unit = vec / torch.norm(vec, dim=1, keepdim=True).clamp(min=1e-6)
+    z = emb.emb2(torch.cat([emb.emb(types[recv]), emb.emb(types[send])], dim=-1))  # (E, u)
+    msg = (z[..., None] * spread(w)) * edge_parts(unit)[:, None, :]
+    scalars, skew, traceless = unpack(aggregate(msg, recv, n_owned))
+    norm = emb.init_norm(tensor_norm(scalars + skew + traceless))
+    scalars = _channels(emb.linears_tensor[0], scalars)
+    skew = _channels(emb.linears_tensor[1], skew)
+    traceless = _channels(emb.linears_tensor[2], traceless)
+    for linear in emb.linears_scalar:
+        norm = emb.act(linear(norm))
+    norm = norm.reshape(norm.shape[0], emb.units, 3)
+    scalars, skew, traceless = new_radial_tensor(scalars, skew, traceless,
+                                                 norm[..., 0], norm[..., 1], norm[..., 2])
+    return scalars + skew + traceless
+
+
+def _interact(layer, x, recv, send, dist, edge_attr, exchange) -> torch.Tensor:
+    """``TensorNetInteraction.forward`` (matgl/layers/_graph_convolution.py) on owned
+    rows ``x`` (n_owned, u, 3, 3): the senders' parts come through ``exchange``."""
+    n = x.shape[0]
+    cut = cosine_cutoff(dist, layer.cutoff)
+    for linear in layer.linears_scalar:
+        edge_attr = layer.act(linear(edge_attr))
+    w = (edge_attr * cut.view(-1, 1)).reshape(edge_attr.shape[0], layer.units, 3)
+    x = x / (tensor_norm(x) + 1)[..., None, None]
+    scalars, skew, traceless = decompose_tensor(x)
+    scalars = _channels(layer.linears_tensor[0], scalars)
+    skew = _channels(layer.linears_tensor[1], skew)
+    traceless = _channels(layer.linears_tensor[2], traceless)
+    y = scalars + skew + traceless
+    parts = exchange(pack(scalars, skew, traceless))    # (n_local, u, 10): senders' parts
+    i_m, a_m, s_m = unpack(aggregate(spread(w) * parts[send], recv, n))
+    msg = i_m + a_m + s_m
+    if layer.equivariance_invariance_group == "O(3)":
+        scalars, skew, traceless = decompose_tensor(torch.matmul(msg, y) + torch.matmul(y, msg))
+    elif layer.equivariance_invariance_group == "SO(3)":
+        scalars, skew, traceless = decompose_tensor(2 * torch.matmul(y, msg))
+    else:
+        raise ValueError("equivariance_invariance_group must be 'O(3)' or 'SO(3)'")
+    normp1 = (tensor_norm(scalars + skew + traceless) + 1)[..., None, None]
+    scalars = _channels(layer.linears_tensor[3], scalars / normp1)
+    skew = _channels(layer.linears_tensor[4], skew / normp1)
+    traceless = _channels(layer.linears_tensor[5], traceless / normp1)
+    dx = scalars + skew + traceless
+    return x + dx + torch.matmul(dx, dx)

@@ -1,0 +1,99 @@
+"""A model on P real gloo ranks: results and measured work from one start of the ranks.
+
+Starting ranks that import a model package dominates small-system tests, so one spawn
+serves several checks: each rank runs the engine's step (forward and backward) for every
+variant (a model factory and a dtype) and every structure, and returns its partial
+energy and virial, its owned atoms' forces, the ``Work`` of the forward
+(``mlipd.testing.work``: FLOPs by FlopCounterMode, rows the exchanges moved), the rows
+moved by the whole step (backward included) and the model's ``recomputed`` counter.
+
+    runs = run_variants({"f64": (factory, torch.float64)}, structures, ranks=4)
+    energy, forces, virial = assemble(runs["f64"][k], n_atoms)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlipd.testing.work import CountingModel, Work
+from mlipd.types import Structure
+
+
+@dataclass(frozen=True)
+class RankRun:
+    """One rank's step on one structure."""
+
+    work: Work
+    energy: float
+    virial: np.ndarray  # (3, 3) this rank's part
+    ids: np.ndarray  # (n_owned,) global ids of the owned atoms
+    forces: np.ndarray  # (n_owned, 3)
+    step_traffic: tuple[int, int, int]  # rows sent, received, exchanges: forward + backward
+    recomputed: int | None  # pieces the backward ran again (models that count them)
+    counters: dict  # the model's ``counters`` after the forward, if it has them
+
+
+def run_variants(variants: dict[str, tuple[Callable, torch.dtype]],
+                 structures: Sequence[Structure], ranks: int, *, timeout_s: float = 600.0
+                 ) -> dict[str, list[list[RankRun]]]:
+    """{variant: per structure, per rank ``RankRun``}; each structure alone is split over
+    all ranks (recursive coordinate bisection)."""
+    from mlipd.testing.ranks import run_on_ranks
+
+    per_rank = run_on_ranks(_on_rank, ranks, variants, list(structures), timeout_s=timeout_s)
+    return {name: [[per_rank[r][name][k] for r in range(ranks)] for k in range(len(structures))]
+            for name in variants}
+
+
+def assemble(runs: list[RankRun], n_atoms: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Energy, forces (n_atoms, 3) and virial (3, 3) of a structure from its ranks' runs;
+    each atom must be owned by exactly one rank."""
+    forces = np.full((n_atoms, 3), np.nan)
+    seen = np.zeros(n_atoms, int)
+    for r in runs:
+        forces[r.ids] = r.forces
+        np.add.at(seen, r.ids, 1)
+    assert (seen == 1).all(), "an atom owned by no rank or by several"
+    return sum(r.energy for r in runs), forces, sum(r.virial for r in runs)
+
+
+def _on_rank(rank: int, world_size: int, variants: dict, structures: list[Structure]) -> dict:
+    from mlipd.engine.comm import Comm
+    from mlipd.engine.local import for_inference
+    from mlipd.engine.partition import Geometry, partition_batch
+    from mlipd.engine.ranks import sync_weights
+    from mlipd.engine.step import HEADER_COLUMNS, N_STATS, Frame, Step
+
+    cpu = torch.device("cpu")
+    comm = Comm()
+    out = {}
+    for name, (factory, dtype) in variants.items():
+        model = for_inference(factory(), cpu, dtype)
+        sync_weights(model)
+        counting = CountingModel(model)
+        step = Step(counting, comm, device=cpu, dtype=dtype, skin=0.0)
+        runs = []
+        for s in structures:
+            owner = partition_batch([Geometry(s.positions, s.cell, s.pbc)], world_size,
+                                    radius=step.radius, method="rcb")
+            step.rebuild(Frame(numbers=s.numbers, positions=s.positions, cells=s.cell[None],
+                               pbc=s.pbc[None], offsets=np.array([0, s.n_atoms]), owner=owner))
+            before = comm.traffic.snapshot()
+            packed = step.run(torch.as_tensor(s.positions), torch.as_tensor(s.cell[None]),
+                              virial=bool(s.pbc.all())).numpy()
+            after = comm.traffic.snapshot()
+            n = step.last_graph.n_owned
+            width = 3 + sum(e.width for e in step.layout)  # forces, then extras
+            rows = packed[HEADER_COLUMNS + N_STATS:].reshape(n, width)
+            runs.append(RankRun(
+                work=counting.last, energy=float(packed[0]), virial=packed[1:10].reshape(3, 3),
+                ids=step.last_graph.global_ids[:n].numpy(), forces=rows[:, :3],
+                step_traffic=tuple(a - b for a, b in zip(after, before, strict=True)),
+                recomputed=getattr(model, "recomputed", None),
+                counters=dict(getattr(model, "counters", {}))))
+        out[name] = runs
+    return out
