@@ -97,3 +97,38 @@ def _on_rank(rank: int, world_size: int, variants: dict, structures: list[Struct
                 counters=dict(getattr(model, "counters", {}))))
         out[name] = runs
     return out
+
+
+def check_work_and_results(per_rank: list[RankRun], structure: Structure, ref, flops: float,
+                           exchanges: int, name: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """The zero-redundancy and equality checks of one structure split over ranks: forward
+    FLOPs summed over ranks equal P = 1's ``flops`` (up to rows torch counts differently:
+    a 1-row matmul may be no matmul), every rank made ``exchanges`` exchanges moving
+    exactly the halo rows, and energy, forces and virial equal P = 1's ``ref`` to 1e-10.
+    Returns the assembled (energy, forces, virial)."""
+    from model_cases import rel
+
+    work = [r.work for r in per_rank]
+    assert abs(sum(w.flops for w in work) / flops - 1) <= 1e-4, name
+    assert all(w.exchanges == exchanges for w in work), name
+    halo = sum(w.halo for w in work)
+    assert sum(w.rows_received for w in work) == sum(w.rows_sent for w in work) == (
+        exchanges * halo), name
+    if name == "bulk":
+        assert all(w.owned > 0 for w in work)
+        assert halo > 0
+    energy, forces, virial = assemble(per_rank, structure.n_atoms)
+    assert rel(energy, ref.energy) <= 1e-10, name
+    assert rel(forces, ref.forces) <= 1e-10, name
+    if ref.virial is not None:
+        assert rel(virial, ref.virial) <= 1e-10, name
+    return energy, forces, virial
+
+
+def check_float32_run(per_rank: list[RankRun], structure: Structure, ref, name: str) -> None:
+    """A float32 run split over ranks is within float32's tolerance of the float64 ``ref``."""
+    from model_cases import rel
+
+    energy, forces, _ = assemble(per_rank, structure.n_atoms)
+    assert rel(energy, ref.energy) <= 1e-5, name
+    assert rel(forces, ref.forces) <= 1e-4, name

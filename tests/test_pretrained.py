@@ -85,6 +85,11 @@ def test_mace_off_file_is_where_mace_off_loads_it(cache_home):
     (got,) = LocalEngine(model).compute([Structure.from_atoms(atoms)])
     (ref,) = LocalEngine(MaceModel(model=tiny_mace())).compute([Structure.from_atoms(atoms)])
     assert got.energy == pytest.approx(ref.energy, rel=1e-12)
+    # the memory options of mace: reach the model behind a name too
+    lean = LocalEngine(load_model("mace-off:small,recompute=1,chunk=20"))
+    (low,) = lean.compute([Structure.from_atoms(atoms)])
+    assert lean.model.counters["recompute"] == 1 and lean.model.counters["chunks"] > 1
+    assert low.energy == pytest.approx(ref.energy, rel=1e-5)
 
 
 def test_resolving_leaves_torch_load_safe(cache_home):

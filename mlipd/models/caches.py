@@ -75,6 +75,8 @@ def _module_dicts(source: Path, names: tuple[str, ...]) -> dict[str, dict]:
 # --- mace-torch ------------------------------------------------------------------------------
 MACE_SOURCE = "mace/calculators/foundations_models.py"
 MACE_BUNDLED = "mace/calculators/foundations_models/mace-mpa-0-medium.model"
+# the options of every MACE model name (mlipd.models.mace.MaceModel), in --model syntax
+MACE_OPTIONS = "[,head=NAME][,recompute=auto|0|1][,chunk=auto|EDGES][,cueq=0|1][,jit=0|1]"
 MACE_DEFAULTS = {"mace-mp": "medium-mpa-0", "mace-off": "medium"}  # mace_mp(), mace_off()
 
 

@@ -47,12 +47,12 @@ ENTRIES = (
     Entry("chgnet", "chgnet[:VERSION|PATH][,recompute=auto|0|1]", "chgnet",
           "CHGNet; pretrained versions ship in the package (default 0.3.0)",
           bundled=("0.3.0", "0.2.0", "r2scan")),
-    Entry("mace", "mace:PATH[,head=NAME]", "mace-torch",
+    Entry("mace", "mace:PATH" + caches.MACE_OPTIONS, "mace-torch",
           "a MACE / ScaleShiftMACE model file"),
-    Entry("mace-mp", "mace-mp[:NAME][,head=NAME][,offline=1]", "mace-torch",
+    Entry("mace-mp", "mace-mp[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]", "mace-torch",
           f"MACE-MP foundation models from mace's cache (default "
           f"{caches.MACE_DEFAULTS['mace-mp']})", files=_mace_mp),
-    Entry("mace-off", "mace-off[:NAME][,head=NAME][,offline=1]", "mace-torch",
+    Entry("mace-off", "mace-off[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]", "mace-torch",
           f"MACE-OFF23 organic models from mace's cache (default "
           f"{caches.MACE_DEFAULTS['mace-off']})", files=_mace_off),
     Entry("tensornet", "tensornet:DIR|NAME[,offline=1]", "matgl",

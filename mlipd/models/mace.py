@@ -51,14 +51,14 @@ else:
 
 from mlipd.errors import ModelUnavailable  # noqa: E402
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index  # noqa: E402
+from mlipd.models.caches import MACE_OPTIONS  # noqa: E402
 from mlipd.models.mace_interactions import SplitInteraction, check_supported  # noqa: E402
 from mlipd.models.mace_memory import Pieces, choose_chunk, chunk_bounds, should_recompute  # noqa: E402
 from mlipd.models.options import choice, flag, parse_options  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SYNTAX = ("mace:PATH[,head=NAME][,recompute=auto|0|1][,chunk=auto|EDGES][,cueq=0|1]"
-          "[,jit=0|1]")
+SYNTAX = "mace:PATH" + MACE_OPTIONS
 RECOMPUTE = ("auto", "0", "1")
 
 
@@ -70,6 +70,10 @@ def chunk_option(text: str) -> int | str:
     if value < 0:
         raise ValueError("expected auto or a number of edges >= 0")
     return value
+
+
+OPTION_KEYS = {"head": str, "recompute": choice(*RECOMPUTE), "chunk": chunk_option,
+               "cueq": flag, "jit": flag}  # MaceModel's keyword arguments
 
 
 def load_mace_file(path: str | Path) -> torch.nn.Module:
@@ -147,9 +151,7 @@ class MaceModel(torch.nn.Module):
         super().__init__()
         if path is not None:
             path, opts = parse_options(path, model="mace", syntax=SYNTAX, positional=True,
-                                       keys={"head": str, "recompute": choice(*RECOMPUTE),
-                                             "chunk": chunk_option, "cueq": flag,
-                                             "jit": flag})
+                                       keys=OPTION_KEYS)
             head = opts.get("head", head)
             recompute = opts.get("recompute", recompute)
             chunk = opts.get("chunk", chunk)

@@ -163,27 +163,27 @@ def _weights_only_off() -> Iterator[None]:
         yield
 
 
-MACE_MP_SYNTAX = "mace-mp[:NAME][,head=NAME][,offline=1]"
-MACE_OFF_SYNTAX = "mace-off[:NAME][,head=NAME][,offline=1]"
+MACE_MP_SYNTAX = "mace-mp[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]"
+MACE_OFF_SYNTAX = "mace-off[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]"
 
 
 def _mace(family: str, syntax: str, arg: str | None) -> torch.nn.Module:
-    name, opts = parse_options(arg, model=family, syntax=syntax, positional=True,
-                               keys={"head": str, "offline": flag})
-    path = mace_file(family, name, offline=opts.get("offline", False))
-    from mlipd.models.mace import MaceModel, load_mace_file
+    from mlipd.models.mace import OPTION_KEYS, MaceModel, load_mace_file
 
+    name, opts = parse_options(arg, model=family, syntax=syntax, positional=True,
+                               keys={**OPTION_KEYS, "offline": flag})
+    path = mace_file(family, name, offline=opts.pop("offline", False))
     log.info("%s:%s from %s", family, name or caches.MACE_DEFAULTS[family], path)
-    return MaceModel(model=load_mace_file(path), head=opts.get("head"))
+    return MaceModel(model=load_mace_file(path), **opts)
 
 
 def mace_mp(arg: str | None = None) -> torch.nn.Module:
-    """``--model mace-mp[:NAME][,head=NAME][,offline=1]`` (entry point ``mace-mp``)."""
+    """``--model mace-mp[:NAME][,OPTIONS][,offline=1]`` (entry point ``mace-mp``)."""
     return _mace("mace-mp", MACE_MP_SYNTAX, arg)
 
 
 def mace_off(arg: str | None = None) -> torch.nn.Module:
-    """``--model mace-off[:NAME][,head=NAME][,offline=1]`` (entry point ``mace-off``)."""
+    """``--model mace-off[:NAME][,OPTIONS][,offline=1]`` (entry point ``mace-off``)."""
     return _mace("mace-off", MACE_OFF_SYNTAX, arg)
 
 
