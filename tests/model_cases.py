@@ -138,6 +138,7 @@ def check_zero_redundancy(factory: Callable, cases: Mapping[str, Atoms | Structu
                           rtol: float = 0.01, result_rtol: float = 1e-10,
                           dtype: torch.dtype = torch.float64,
                           model_traffic: Callable[[list[Work]], tuple[int, int]] | None = None,
+                          rank_constant: tuple[int, int] = (0, 0),
                           ) -> list[Measured]:
     """``factory()``'s model on ``ranks`` real gloo ranks (each structure of ``cases``
     partitioned alone) against P = 1, by work measured in every rank's forward
@@ -152,7 +153,10 @@ def check_zero_redundancy(factory: Callable, cases: Mapping[str, Atoms | Structu
       over all ranks;
     * the model's own exchanges (all other traffic): none, or per ``model_traffic(work)``
       -> (exchanges each rank makes, rows received summed over ranks) from the ranks'
-      ``Work`` (e.g. CHGNet's bond exchanges, from its bond counts).
+      ``Work`` (e.g. CHGNet's bond exchanges, from its bond counts);
+    * ``rank_constant``: (FLOPs, elements) every rank spends whatever it holds (work on
+      weights, e.g. e3nn's normalisation of its radial networks' weights in every forward,
+      measured on a rank that owns no atoms), allowed once per extra rank.
 
     A structure of >= 4 atoms per rank must really be split: every rank owns atoms and
     has a halo. ``runs``: ``measure_runs(factory, cases, ...)`` holding (1, dtype) and
@@ -176,9 +180,9 @@ def check_zero_redundancy(factory: Callable, cases: Mapping[str, Atoms | Structu
             assert all(w.owned > 0 for w in works), (name, [w.owned for w in works])
             assert all(w.halo > 0 for w in works) or ranks == 1, name
         assert w1.flops > 0 or w1.elements > 0, f"{name}: no work measured at P = 1"
-        for what in ("flops", "elements"):
+        for what, constant in zip(("flops", "elements"), rank_constant, strict=True):
             total, base = sum(getattr(w, what) for w in works), getattr(w1, what)
-            assert abs(total - base) <= rtol * base, (
+            assert abs(total - (ranks - 1) * constant - base) <= rtol * base, (
                 f"{name}: {what} summed over {ranks} ranks {total} vs {base} at P = 1 "
                 f"(x{total / max(base, 1):.4f}); per rank {[getattr(w, what) for w in works]}")
         for w in works:

@@ -7,6 +7,7 @@ e3nn>=0.5 environment (``.venv-e3nn``, see scripts/setup.sh).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from functools import cache
 
@@ -16,7 +17,18 @@ import sevenn._keys as KEY
 import sevenn.util
 import torch
 from ase import Atoms
-from model_cases import bulk_box, check_distributed, molecule, rel, slab, small_triclinic
+from model_cases import (
+    as_structures,
+    bulk_box,
+    check_distributed,
+    check_float32,
+    check_zero_redundancy,
+    four_cases,
+    molecule,
+    rel,
+    slab,
+    small_triclinic,
+)
 from sevenn.atom_graph_data import AtomGraphData
 from sevenn.calculator import SevenNetCalculator
 from sevenn.train.dataload import unlabeled_atoms_to_graph
@@ -28,6 +40,7 @@ from mlipd.models import caches
 from mlipd.models.pretrained import sevennet_checkpoint
 from mlipd.models.registry import load_model
 from mlipd.models.sevennet import SevenNetModel
+from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
 pytestmark = [pytest.mark.e3nn, pytest.mark.timeout(600)]
@@ -161,6 +174,39 @@ def test_distributed_equals_single(ranks, one_torch_thread):
     structures = {"bulk": bulk_box(ZS, reps=3), "triclinic": small_triclinic(ZS),
                   "slab": slab(ZS), "molecule": molecule(ZS)}
     check_distributed("sevennet", adapter(), ranks, structures)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """SevenNet-0's factory, the four cases (a bulk of 64 atoms) and its runs at P = 1, 2,
+    4, 8 (float64) and 4 (float32), measured in one spawn of 8 ranks."""
+    factory = functools.partial(SevenNetModel, "7net-0")
+    structures = as_structures(four_cases(ZS, bulk_reps=2))
+    runs = [(1, torch.float64), (2, torch.float64), (4, torch.float64), (8, torch.float64),
+            (4, torch.float32)]
+    return factory, structures, measure_runs(factory, list(structures.values()), runs)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_ranks_equal_p1_without_redundancy(measured, ranks):
+    """Results equal P = 1's to 1e-10; forward FLOPs, element-wise work and halo rows
+    summed over ranks as P = 1's (work measured in every rank's forward, not counters),
+    besides what every rank does to the weights whatever it holds: e3nn divides its radial
+    networks' weights by their fan-in in every forward (~250k elements per rank here),
+    measured on the ranks that own nothing at P = 8 in the 3-atom cell."""
+    factory, structures, runs = measured
+    idle = [w for w in runs[(8, torch.float64)][1].work if w.owned == 0]
+    assert idle, "P = 8 on the 3-atom cell leaves ranks without atoms"
+    constant = (min(w.flops for w in idle), min(w.elements for w in idle))
+    assert constant[1] < 300_000  # weights only: no atom or edge rows
+    check_zero_redundancy(factory, structures, ranks, runs=runs, rank_constant=constant)
+
+
+def test_float32_on_four_ranks(measured):
+    """Default precision, distributed, against float64 at P = 1."""
+    factory, structures, runs = measured
+    check_float32(factory, structures, 4, energy_per_atom=1e-6, forces=1e-4, stress=1e-5,
+                  runs=runs)
 
 
 def test_drives_real_ipi(processes, short_tmp):

@@ -19,10 +19,13 @@ atom). So:
   ``graph.edge_vectors()``. Every edge is evaluated once, on its receiver's owner.
 * before the convolution of block t >= 1 the senders' ``self_interaction_1`` output is
   exchanged: the tensor sevenn's own LAMMPS parallel model communicates (``_comm_size``),
-  [n_halo, irreps_x.dim] per block. Per-atom work runs on owned rows only.
+  [n_halo, irreps_x.dim] per block. Per-atom work runs on owned rows only, the
+  convolution's sum and normalisation included (``_convolve``: sevenn's gather makes a
+  row for every local atom).
 * block 0's convolution input depends on the species alone (one-hot embedding, then
-  ``self_interaction_1``): it is computed for each species once and looked up for owned
-  and halo atoms, so block 0 needs neither an exchange nor node work on halo rows.
+  ``self_interaction_1``): it is computed once for each species present and looked up
+  for owned and halo atoms, so block 0 needs neither an exchange nor node work on halo
+  rows.
 * the readout and sevenn's species-wise (or modality-wise) shift and scale give the
   site energy; the engine takes forces and stress from it, as sevenn's
   ``ForceStressOutputFromEdge`` does from the edge vectors.
@@ -131,35 +134,33 @@ class SevenNetModel(torch.nn.Module):
             data = self.seven._modules["one_hot_modality"](data)
         return data
 
-    def _species_features(self, dtype: torch.dtype, device: torch.device):
-        """(embedding, self_interaction_1 of block 0) of every species: block 0 reads
-        nothing else, so owned and halo rows are looked up here."""
-        types = torch.arange(self.n_types, device=device)
-        data = self._node_data(torch.eye(self.n_types, dtype=dtype, device=device), types)
-        embed = self.seven._modules["onehot_to_feature_x"](data)[KEY.NODE_FEATURE]
-        data = self._node_data(embed, types)
-        return embed, self.blocks[0][1](data)[KEY.NODE_FEATURE]
+    def _species_features(self, present: torch.Tensor, dtype: torch.dtype):
+        """(embedding, self_interaction_1 of block 0) of the species ``present`` among the
+        local atoms (not all of the model's: SevenNet-0 knows 89, more rows than a small
+        subgraph has atoms, and every rank would make them): block 0 reads nothing else,
+        so owned and halo rows are looked up here."""
+        onehot = torch.nn.functional.one_hot(present, self.n_types).to(dtype)
+        embed = self.seven._modules["onehot_to_feature_x"](
+            self._node_data(onehot, present))[KEY.NODE_FEATURE]
+        return embed, self.blocks[0][1](self._node_data(embed, present))[KEY.NODE_FEATURE]
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         n, mods = graph.n_owned, self.seven._modules
         types = self.type_index[graph.numbers]
         own = types[:n]
         edges = mods["edge_embedding"]({KEY.EDGE_VEC: graph.edge_vectors()})
-        edge_index = torch.stack([graph.receivers, graph.senders])  # [receiver, sender]
-        embed, first = self._species_features(graph.dtype, types.device)
+        present, which = torch.unique(types, return_inverse=True)
+        embed, first = self._species_features(present, graph.dtype)
 
-        x = embed[own]
+        x = embed[which[:n]]
         for t, (intro, linear_1, conv, linear_2, outro, gate) in enumerate(self.blocks):
             data = intro(self._node_data(x, own))
             if t == 0:
-                x_local = first[types]  # a function of the species: no exchange
+                x_local = first[which]  # a function of the species: no exchange
             else:
                 data = linear_1(data)
                 x_local = graph.exchange(data[KEY.NODE_FEATURE])  # senders' features
-            msg = conv({KEY.NODE_FEATURE: x_local, KEY.EDGE_IDX: edge_index,
-                        KEY.EDGE_ATTR: edges[KEY.EDGE_ATTR],
-                        KEY.EDGE_EMBEDDING: edges[KEY.EDGE_EMBEDDING]})
-            data[KEY.NODE_FEATURE] = msg[KEY.NODE_FEATURE][:n]  # receivers are owned rows
+            data[KEY.NODE_FEATURE] = _convolve(conv, x_local, graph, edges, n)
             x = gate(outro(linear_2(data)))[KEY.NODE_FEATURE]
 
         data = self._node_data(x, own)
@@ -167,3 +168,15 @@ class SevenNetModel(torch.nn.Module):
                     "rescale_atomic_energy"):
             data = mods[key](data)
         return ModelOutput(site_energy=data[KEY.ATOMIC_ENERGY].reshape(-1))
+
+
+def _convolve(conv: IrrepsConvolution, x_local: torch.Tensor, graph: LocalGraph, edges: dict,
+              n_owned: int) -> torch.Tensor:
+    """``IrrepsConvolution.forward`` (sevenn/nn/convolution.py) with its messages summed
+    into the owned receivers only: sevenn's ``message_gather`` makes a row (and divides it)
+    for every local atom, halo rows included, which would be node work thrown away."""
+    weight = conv.weight_nn(edges[conv.key_weight_input])
+    message = conv.convolution(x_local[graph.senders], edges[conv.key_filter], weight)
+    out = message.new_zeros((n_owned, message.shape[1]))
+    out.index_add_(0, graph.receivers, message)  # receivers are owned rows
+    return out.div(conv.denominator)
