@@ -132,3 +132,19 @@ def check_float32_run(per_rank: list[RankRun], structure: Structure, ref, name: 
     energy, forces, _ = assemble(per_rank, structure.n_atoms)
     assert rel(energy, ref.energy) <= 1e-5, name
     assert rel(forces, ref.forces) <= 1e-4, name
+
+
+def p1_reference(model_class: Callable, path: str, model, structures: Sequence[Structure]
+                 ) -> tuple[str, list[Structure], list, list[int]]:
+    """(path, structures, P = 1's results of ``model`` in a ``LocalEngine``, the forward
+    FLOPs of ``model_class(path)`` at P = 1) for the zero-redundancy tests."""
+    import functools
+
+    from mlipd.engine.local import LocalEngine
+    from mlipd.testing.work import measure_work
+
+    engine = LocalEngine(model)
+    results = [engine.compute([s])[0] for s in structures]
+    flops = [w[0].flops for w in measure_work(functools.partial(model_class, path),
+                                              structures, 1)]
+    return path, list(structures), results, flops

@@ -18,7 +18,13 @@ import mace  # noqa: F401  (plain imports sort first: mace before e3nn, see the 
 import numpy as np
 import pytest
 import torch
-from distributed_work import assemble, check_float32_run, check_work_and_results, run_variants
+from distributed_work import (
+    assemble,
+    check_float32_run,
+    check_work_and_results,
+    p1_reference,
+    run_variants,
+)
 from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator
@@ -38,7 +44,6 @@ from mlipd.engine.local import LocalEngine
 from mlipd.errors import ModelUnavailable, SetupError, UnknownSpecies
 from mlipd.models.mace import MaceModel
 from mlipd.models.registry import load_model
-from mlipd.testing.work import measure_work
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -336,11 +341,7 @@ def small_reference(tmp_path_factory):
     model = build_mace()
     torch.save(model, path)
     structures = [Structure.from_atoms(make()) for make in SMALL.values()]
-    engine = LocalEngine(MaceModel(model=model))
-    results = [engine.compute([s])[0] for s in structures]
-    flops = [w[0].flops for w in measure_work(functools.partial(MaceModel, str(path)),
-                                              structures, 1)]
-    return str(path), structures, results, flops
+    return p1_reference(MaceModel, str(path), MaceModel(model=model), structures)
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])

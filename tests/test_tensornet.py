@@ -13,7 +13,7 @@ import matgl
 import numpy as np
 import pytest
 import torch
-from distributed_work import check_float32_run, check_work_and_results, run_variants
+from distributed_work import check_float32_run, check_work_and_results, p1_reference, run_variants
 from matgl.apps.pes import Potential
 from matgl.ext.ase import PESCalculator
 from matgl.models import TensorNet
@@ -32,7 +32,6 @@ from mlipd.engine.local import LocalEngine
 from mlipd.errors import SetupError
 from mlipd.models.registry import load_model
 from mlipd.models.tensornet import TensorNetModel
-from mlipd.testing.work import measure_work
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -154,11 +153,7 @@ def small_reference(tmp_path_factory):
     pot = build_potential()
     pot.save(path)
     structures = [Structure.from_atoms(make()) for make in SMALL.values()]
-    engine = LocalEngine(TensorNetModel(potential=pot))
-    results = [engine.compute([s])[0] for s in structures]
-    flops = [w[0].flops for w in measure_work(functools.partial(TensorNetModel, str(path)),
-                                              structures, 1)]
-    return str(path), structures, results, flops
+    return p1_reference(TensorNetModel, str(path), TensorNetModel(potential=pot), structures)
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
