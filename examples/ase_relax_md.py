@@ -24,17 +24,10 @@ from ase import units
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.optimize import FIRE
 
 from mlipd.calculator import MlipdCalculator
-
-
-def thermal_momenta(atoms, *, temperature_k: float, seed: int) -> None:
-    """Maxwell-Boltzmann momenta at ``temperature_k``, total momentum zero."""
-    rng = np.random.default_rng(seed)
-    masses = atoms.get_masses()[:, None]
-    momenta = rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * temperature_k)
-    atoms.set_momenta(momenta - masses * momenta.sum(axis=0) / masses.sum())
 
 
 def main(argv=None) -> int:
@@ -77,7 +70,9 @@ def main(argv=None) -> int:
         atoms.write(out / "relaxed.extxyz")
         calls_relax = calc.engine.calls
 
-        thermal_momenta(atoms, temperature_k=args.temperature, seed=0)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature,
+                                     rng=np.random.default_rng(0))
+        Stationary(atoms)  # no drift of the centre of mass
         md = Langevin(atoms, timestep=2 * units.fs, temperature_K=args.temperature,
                       friction=0.02 / units.fs, fixcm=False, rng=np.random.default_rng(1))
         trace = {"time_fs": [], "epot": [], "temperature": []}

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from ase import units
 from ase.build import bulk
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
 from mlipd.calculator import MlipdCalculator
@@ -42,14 +43,6 @@ def oxide(repeat: int, seed: int = 0):
     atoms.numbers[cations[1::2]] = 28
     atoms.rattle(0.05, seed=seed)
     return atoms
-
-
-def thermal_momenta(atoms, *, temperature_k: float, seed: int) -> None:
-    """Maxwell-Boltzmann momenta at ``temperature_k``, total momentum zero."""
-    rng = np.random.default_rng(seed)
-    masses = atoms.get_masses()[:, None]
-    momenta = rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * temperature_k)
-    atoms.set_momenta(momenta - masses * momenta.sum(axis=0) / masses.sum())
 
 
 def main(argv=None) -> int:
@@ -71,7 +64,8 @@ def main(argv=None) -> int:
 
     atoms = oxide(args.repeat)
     n = len(atoms)
-    thermal_momenta(atoms, temperature_k=300, seed=1)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))
+    Stationary(atoms)  # no drift of the centre of mass
     t0 = time.perf_counter()
     with MlipdCalculator(model=args.model, device=args.device, dtype=args.dtype,
                          ranks=args.ranks) as calc:

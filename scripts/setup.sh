@@ -33,8 +33,8 @@ print('$VENV: mlipd', mlipd.__version__, 'torch', torch.__version__)"
 
 case "$WHICH" in
   examples) make_env .venv examples "chgnet, ipi, matplotlib" ;;
-  main) make_env .venv test "chgnet, mace, matgl, ipi" ;;
+  main) make_env .venv test "chgnet, mace, matgl, ipi, cuequivariance_torch" ;;
   e3nn) make_env .venv-e3nn test-e3nn "sevenn, fairchem.core, ipi" ;;
-  all) make_env .venv test "chgnet, mace, matgl, ipi"
+  all) make_env .venv test "chgnet, mace, matgl, ipi, cuequivariance_torch"
        make_env .venv-e3nn test-e3nn "sevenn, fairchem.core, ipi" ;;
 esac

@@ -9,6 +9,7 @@ held by a file, so "in flight" is an event the model reports, not a guess.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -102,6 +103,20 @@ def test_op_of_any_type_gets_an_error_reply(srv, op):
     assert reply["error"]["code"] == "bad_input"
     with Client(srv.address) as c:
         answered_correctly(c)
+
+
+@contextlib.contextmanager
+def running_and_queued(address: str, gate: Gate):
+    """Two connections: request 1 in the engine (held at ``gate``), request 2 queued
+    behind it (seen in the server's stats)."""
+    with Dealer(address) as running, Dealer(address) as queued:
+        running.send(zm.pack_request(1, "compute", [argon(seed=1)]))
+        gate.wait_started(1)
+        queued.send(zm.pack_request(2, "compute", [argon(seed=2)]))
+        with Client(address) as c:
+            while c.stats()["queue_depth"] < 1:
+                time.sleep(0.01)
+        yield running, queued
 
 
 def test_a_frame_of_nested_empty_maps_is_refused_cheaply(srv):
@@ -229,13 +244,7 @@ def test_requests_over_their_deadline_get_an_error_and_the_server_goes_on(tmp_pa
                         log=tmp_path / "s.log", env=plugin_env(tmp_path)) as s:
         gate.hold()
         try:
-            with Dealer(s.address) as running, Dealer(s.address) as queued:
-                running.send(zm.pack_request(1, "compute", [argon(seed=1)]))
-                gate.wait_started(1)
-                queued.send(zm.pack_request(2, "compute", [argon(seed=2)]))
-                with Client(s.address) as c:
-                    while c.stats()["queue_depth"] < 1:
-                        time.sleep(0.01)
+            with running_and_queued(s.address, gate) as (running, queued):
                 time.sleep(1.2)  # both deadlines pass while the engine is held
                 gate.release()
                 for d, rid in ((running, 1), (queued, 2)):
@@ -354,13 +363,7 @@ def test_shutdown_abandons_a_stuck_engine_call_with_answers_and_exit_1(tmp_path)
                         log=tmp_path / "s.log", env=plugin_env(tmp_path)) as s:
         gate.hold()
         try:
-            with Dealer(s.address) as running, Dealer(s.address) as queued:
-                running.send(zm.pack_request(1, "compute", [argon(seed=1)]))
-                gate.wait_started(1)
-                queued.send(zm.pack_request(2, "compute", [argon(seed=2)]))
-                with Client(s.address) as c:
-                    while c.stats()["queue_depth"] < 1:
-                        time.sleep(0.01)
+            with running_and_queued(s.address, gate) as (running, queued):
                 s.proc.send_signal(signal.SIGTERM)
                 codes = [d.recv(timeout_s=60)["error"]["code"] for d in (running, queued)]
             assert s.proc.wait(timeout=60) == 1
