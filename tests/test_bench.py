@@ -38,6 +38,8 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
                  "mlipd halo", "ghosts 1 cutoff", "ghosts 25 Å"],
     "soak": ["| 8 |", "| 2 atoms 1e6 Å apart (open) |", "| overlapping atoms |",
              "| not msgpack |", "bad_input"],
+    "clients": ["| C |", "| Fortran |", "| Python |", "| 8 |", "| LAMMPS + mlipd |",
+                "| ASE + MlipdCalculator |", "| ASE + CHGNetCalculator |"],
     "mace": ["MACECalculator", "mlipd stored", "mlipd chunked", "mlipd recomputed",
              "mlipd recomputed+chunked", "MiB per atom"],
 }
