@@ -17,7 +17,8 @@ from ase import Atoms
 from ase.data import atomic_masses, atomic_numbers
 
 from mlipd.calculator import MlipdCalculator
-from mlipd.errors import ServerUnavailable, SetupError
+from mlipd.client import Client
+from mlipd.errors import SetupError, ValidationError
 from mlipd.lammps import couple, new_lammps
 from mlipd.server.testing import running_server
 
@@ -171,46 +172,55 @@ def test_two_ranks_equal_one_rank(system, in_process, one_torch_thread):
     np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
 
 
-def test_endpoint_form_equals_in_process_form(system, in_process, tmp_path):
-    _, _, data = system
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
     args = ["--model", MODEL["model"], "--dtype", MODEL["dtype"], "--device", "cpu",
             "--zmq", "tcp://127.0.0.1:0"]
-    with running_server(args, log=tmp_path / "serve.log") as srv:
-        lmp = lammps_with(data)
-        coupling = couple(lmp, elements=ELEMENTS, endpoint=srv.address, timeout_s=120)
-        try:
-            lmp.command("run 0")
-            got = lammps_results(lmp)
-        finally:
-            coupling.close()
-            lmp.close()
+    with running_server(args, log=tmp_path_factory.mktemp("serve") / "serve.log") as srv:
+        yield srv
+
+
+def test_endpoint_form_equals_in_process_form(system, in_process, server):
+    _, _, data = system
+    lmp = lammps_with(data)
+    coupling = couple(lmp, elements=ELEMENTS, endpoint=server.address, timeout_s=120)
+    try:
+        lmp.command("run 0")
+        got = lammps_results(lmp)
+    finally:
+        coupling.close()
+        lmp.close()
     one, _, _ = in_process
     assert got["energy"] == pytest.approx(one["energy"], rel=1e-12)
     np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
 
 
-def test_a_failed_evaluation_stops_the_run(system, tmp_path):
-    _, _, data = system
-    args = ["--model", MODEL["model"], "--device", "cpu", "--zmq", "tcp://127.0.0.1:0"]
-    with running_server(args, log=tmp_path / "serve.log") as srv:
-        lmp = lammps_with(data, velocities=True)
-        coupling = couple(lmp, elements=ELEMENTS, endpoint=srv.address, timeout_s=5,
-                          heartbeat_s=1)
+def test_a_failed_evaluation_stops_the_run(system, server):
+    atoms, ids, data = system
+    lmp = lammps_with(data, velocities=True)
+    coupling = couple(lmp, elements=ELEMENTS, endpoint=server.address, timeout_s=60)
+    try:
         lmp.commands_string("fix nve all nve\nrun 2")
         assert coupling.calls == 3  # set-up and two steps
         assert coupling.error is None
-        srv.stop()
-        try:
-            with pytest.raises(Exception, match="Fix halt condition for fix-id mlipd_halt"):
-                lmp.command("run 5")
-            assert lmp.extract_global("ntimestep") == 3  # stopped at the failed step
-            assert isinstance(coupling.error, ServerUnavailable)
-            with pytest.raises(ServerUnavailable):
-                coupling.check()
-        finally:
-            coupling.close()
-            lmp.close()
+        # atom 2 onto atom 1 (0.05 Å apart): the server refuses the geometry (bad_input)
+        x = [float(v) for v in atoms.positions[list(ids).index(1)]]
+        lmp.command(f"set atom 2 x {x[0] + 0.05!r} y {x[1]!r} z {x[2]!r} image 0 0 0")
+        with pytest.raises(Exception, match="Fix halt condition for fix-id mlipd_halt"):
+            lmp.command("run 5")
+        # run 2 ended at step 2; the new run's set-up failed there, its first step (3)
+        # failed too and the halt stopped the run at its end
+        assert lmp.extract_global("ntimestep") == 3
+        assert isinstance(coupling.error, ValidationError)
+        assert "--min-distance" in str(coupling.error)
+        with pytest.raises(ValidationError):
+            coupling.check()
+    finally:
+        coupling.close()
+        lmp.close()
+    with Client(server.address) as c:  # the server still serves
+        assert c.ping()["pong"] is True
 
 
 def test_couple_refuses_what_it_cannot_do(system):
