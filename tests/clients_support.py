@@ -8,8 +8,11 @@ A piece that cannot be built fails the tests with the build's log; nothing is sk
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +206,67 @@ def check_curve(probe: Path, curve_server, workdir: Path) -> None:
                     key_dir=workdir / "no-such-dir", timeout_s=2.0)
     assert "cannot read CURVE certificate" in run.line("connect"), run.lines
     assert "CURVE: denied a client whose public key" in srv.log_text()
+
+
+def check_heartbeat(probe: Path, workdir: Path) -> None:
+    """A request longer than the heartbeat: the client resends its id, hears `pending`,
+    waits, and gets the one result (computed once). A server that dies mid-request: the
+    client says it is gone after one heartbeat of silence."""
+    from helpers_server import Gate, plugin_env
+
+    gate = Gate(workdir / "gate")
+    env = dict(os.environ, MLIPD_HEARTBEAT_S="0.5")
+    structure = fidelity_structures()[0]
+    with running_server(["--model", gate.model, "--zmq", "tcp://127.0.0.1:0"],
+                        log=workdir / "serve.log", env=plugin_env(workdir)) as srv, \
+            Client(srv.address) as stats:
+        gate.hold()
+        argv = _probe_argv(probe, srv.address, [structure], workdir / "slow", timeout_s=120)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            gate.wait_started(1)
+            # resent every heartbeat/4 = 0.125 s: 16 repeats span 4 heartbeats of a
+            # computation that has not answered yet
+            _wait_for(lambda: stats.stats()["requests"].get("repeat", 0) >= 16)
+            gate.release()
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, out
+        assert stats.stats()["engine_calls"] == 1  # every resend answered, none recomputed
+        gate.hold()
+        argv = _probe_argv(probe, srv.address, [structure], workdir / "gone", timeout_s=120)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            gate.wait_started(2)
+            srv.stop(sig=signal.SIGKILL)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            gate.release()
+    assert proc.returncode == 1, out
+    assert f"error -7 unavailable: {srv.address}: nothing heard for 0.5 s" in out, out
+
+
+def _probe_argv(probe: Path, endpoint: str, structures, workdir: Path, *, timeout_s: float):
+    from mlipd.bench.compiled import write_structures
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_structures(workdir / "in.bin", structures)
+    return [str(probe), endpoint, repr(timeout_s), "single", str(workdir / "in.bin"),
+            str(workdir / "out.bin")]
+
+
+def _wait_for(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- the MD examples

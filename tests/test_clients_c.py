@@ -14,6 +14,7 @@ from clients_support import (  # noqa: E402
     check_batch,
     check_curve,
     check_equals_python_client,
+    check_heartbeat,
     check_md_example,
     check_missing_server,
     check_nan_is_bad_input,
@@ -47,6 +48,10 @@ def test_oversized_request_is_too_large_before_sending(probe, reference_server, 
 
 def test_missing_server_fails_within_timeout_naming_the_endpoint(probe, tmp_path):
     check_missing_server(probe, tmp_path)
+
+
+def test_heartbeat_waits_for_a_slow_request_and_notices_a_dead_server(probe, tmp_path):
+    check_heartbeat(probe, tmp_path)
 
 
 def test_curve_with_an_authorised_and_an_unauthorised_key(probe, curve_server, tmp_path):

@@ -9,7 +9,8 @@
  * float64 positions[3n], int32 has_cell, float64 cell[9], int32 pbc[3].
  * OUT: per structure float64 energy, forces[3n], virial[9] (NaN: none).
  * Prints `ok`, or `error CODE TEXT` for the first failed call (exit 1); a failed
- * connect prints `connect CODE TEXT` (exit 2).
+ * connect prints `connect CODE TEXT` (exit 2). MLIPD_HEARTBEAT_S in the environment sets
+ * the client's heartbeat (mlipd_set_heartbeat).
  */
 #include <mlipd_client.h>
 
@@ -72,6 +73,11 @@ int main(int argc, char **argv) {
     if (c == NULL) {
         printf("connect %d %s\n", mlipd_last_error_code(), mlipd_last_error());
         return 2;
+    }
+    const char *heartbeat = getenv("MLIPD_HEARTBEAT_S");
+    if (heartbeat != NULL && mlipd_set_heartbeat(c, atof(heartbeat)) != MLIPD_OK) {
+        printf("error %d %s\n", mlipd_error_code(c), mlipd_error(c));
+        return 1;
     }
     double *energy = malloc(sizeof(double) * (size_t)count);
     double *forces = malloc(sizeof(double) * 3 * (size_t)total);

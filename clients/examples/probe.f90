@@ -3,14 +3,15 @@
 !
 !   mlipd_probe_fortran ENDPOINT TIMEOUT_S MODE IN OUT [KEY_DIR]
 !
-! MODE single, batch or repeat:R; file formats, output lines and exit codes as probe.c.
+! MODE single, batch or repeat:R; file formats, output lines, exit codes and the
+! MLIPD_HEARTBEAT_S environment variable as probe.c.
 program mlipd_probe
   use, intrinsic :: iso_c_binding, only: c_double, c_int
   use mlipd
   implicit none
   type(mlipd_client) :: client
   character(len=4096) :: endpoint, mode, in_path, out_path, key_dir, arg
-  real(c_double) :: timeout_s
+  real(c_double) :: timeout_s, heartbeat_s
   integer(c_int) :: count, has
   integer(c_int), allocatable :: n(:), numbers(:), pbc_in(:, :), has_cell(:)
   real(c_double), allocatable :: positions(:, :), cells(:, :, :), energies(:), forces(:, :)
@@ -63,6 +64,16 @@ program mlipd_probe
   if (ierr /= MLIPD_OK) then
     print '(a, i0, 2a)', "connect ", ierr, " ", mlipd_error(client)
     stop 2
+  end if
+
+  call get_environment_variable("MLIPD_HEARTBEAT_S", arg, status=r)
+  if (r == 0) then
+    read (arg, *) heartbeat_s
+    ierr = mlipd_set_heartbeat(client, heartbeat_s)
+    if (ierr /= MLIPD_OK) then
+      print '(a, i0, 2a)', "error ", ierr, " ", mlipd_error(client)
+      stop 1
+    end if
   end if
 
   if (trim(mode) == "batch") then
