@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("clients_support")  # before its import: shared assertions
@@ -19,6 +20,7 @@ from clients_support import (  # noqa: E402
     check_missing_server,
     check_nan_is_bad_input,
     check_too_large_before_sending,
+    python_results,
 )
 
 pytest_plugins = ("clients_support",)
@@ -86,6 +88,74 @@ def test_installed_library_links_through_pkg_config(clients, reference_server, t
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.split() == ["0", "reference", "float64", "5", "200", "0"]
+
+
+THREADS = r"""
+#include <mlipd_client.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+/* 4 threads, one client each, 10 computes of one argon pair per thread at once; and a
+   fifth thread whose connect fails: its error text is its own */
+static const char *endpoint;
+static double energies[4];
+static int status[4];
+static char bad_error[512], good_error[512];
+static void *work(void *arg) {
+    int k = (int)(long)arg, numbers[2] = {18, 18};
+    double x[6] = {0, 0, 0, 3.6 + 0.1 * k, 0, 0}, f[6];
+    mlipd_client *c = mlipd_connect(endpoint, 30.0);
+    if (!c) { status[k] = -100; return NULL; }
+    for (int i = 0; i < 10 && status[k] == 0; i++)
+        status[k] = mlipd_compute(c, 2, numbers, x, NULL, NULL, &energies[k], f, NULL);
+    snprintf(good_error, sizeof good_error, "%s", mlipd_last_error());
+    mlipd_close(c);
+    return NULL;
+}
+static void *fail(void *arg) {
+    (void)arg;
+    if (mlipd_connect("no-scheme", 1.0) == NULL)
+        snprintf(bad_error, sizeof bad_error, "%s", mlipd_last_error());
+    return NULL;
+}
+int main(int argc, char **argv) {
+    pthread_t t[5];
+    endpoint = argv[1];
+    for (long k = 0; k < 4; k++) pthread_create(&t[k], NULL, work, (void *)k);
+    pthread_create(&t[4], NULL, fail, NULL);
+    for (int k = 0; k < 5; k++) pthread_join(t[k], NULL);
+    for (int k = 0; k < 4; k++) printf("%d %.17g\n", status[k], energies[k]);
+    printf("bad: %s\ngood: [%s]\n", bad_error, good_error);
+    return 0;
+}
+"""
+
+
+def test_one_client_per_thread(clients, reference_server, tmp_path):
+    from mlipd.types import Structure
+
+    (tmp_path / "threads.c").write_text(THREADS)
+    env = {"PKG_CONFIG_PATH": clients.pkg_config_path, "PATH": "/usr/bin:/bin"}
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "mlipd-client"], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    libdir = next(f[2:] for f in flags if f.startswith("-L"))
+    subprocess.run(["cc", "-pthread", "-o", str(tmp_path / "threads"),
+                    str(tmp_path / "threads.c"), *flags, f"-Wl,-rpath,{libdir}"],
+                   check=True, capture_output=True, timeout=120)
+    out = subprocess.run([str(tmp_path / "threads"), reference_server.address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    want = python_results(reference_server.address, [
+        Structure(numbers=[18, 18], positions=[[0, 0, 0], [3.6 + 0.1 * k, 0, 0]],
+                  cell=np.zeros((3, 3)), pbc=[False] * 3) for k in range(4)])
+    for k in range(4):
+        rc, energy = lines[k].split()
+        assert rc == "0", lines
+        # concurrent requests may share one engine call: float64 round-off of a batch
+        assert float(energy) == pytest.approx(want[k].energy, rel=1e-12, abs=1e-12)
+    assert lines[4].startswith("bad: setup: no-scheme: not a ZeroMQ endpoint"), lines
+    assert lines[5] == "good: []", lines  # the failed connect's text stayed in its thread
 
 
 def test_md_example_conserves_energy(clients, chgnet_server):
