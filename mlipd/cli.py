@@ -97,6 +97,11 @@ def run(args: argparse.Namespace, *, world=None) -> int:
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from mlipd.quiet import quiet_third_party, show_third_party
+
+    if verbose:  # the model packages' own warnings and log lines, here and in children
+        show_third_party()
+    quiet_third_party()
     args.world = world
     try:
         if args.command == "models":

@@ -4,7 +4,8 @@ Every rank computes on one device; several ranks may share a GPU. With one GPU p
 rank the ranks talk over NCCL; when ranks share a device (more ranks than GPUs, CPU
 ranks, or ``backend="gloo"`` asked for) they use gloo, staging GPU rows through host
 memory (``mlipd.engine.comm``). Rank 0 (the caller's process, the front end) drives;
-the others run ``follower_main`` until rank 0 stops them. Launch across nodes with
+the others run ``follower_main`` until rank 0 stops them (spawned ranks start in
+``mlipd.engine.rank_main``). Launch across nodes with
 torchrun or srun (``mlipd.launch``).
 """
 
@@ -106,8 +107,9 @@ def rank_step(config: RankConfig, local_rank: int) -> Step:
 
 def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float, host: str,
                   port: int, local_rank: int, threads: int | None = None,
-                  errors=None) -> int:
-    """A non-zero rank from start to stop; returns its exit code."""
+                  report: Callable[[str], None] | None = None) -> int:
+    """A non-zero rank from start to stop; returns its exit code. ``report`` gets one
+    line (``rank R: Type: message``) when the rank fails."""
     keep_freed_memory()  # as rank 0's mlipd serve/drive process (see mlipd.malloc)
     if threads:
         torch.set_num_threads(threads)
@@ -120,23 +122,12 @@ def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float,
         RankLoop(rank_step(config, local_rank)).follow()
     except Exception as e:  # this rank's one top-level handler: report, then exit 1
         log.exception("rank %d failed", rank)
-        if errors is not None:
-            errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-            errors.close()
-            errors.join_thread()
+        if report is not None:
+            report(f"rank {rank}: {type(e).__name__}: {e}")
         # exit at once: closing our sockets is what unblocks the peers' collectives
         os._exit(1)
     dist.destroy_process_group()
     return 0
-
-
-def spawned_follower(rank: int, world_size: int, backend: str, host: str, port: int,
-                     timeout_s: float, threads: int | None, errors) -> None:
-    """Target of a spawned rank process (multiprocessing needs a module-level function)."""
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
-    follower_main(rank, world_size, backend=backend, timeout_s=timeout_s, host=host, port=port,
-                  local_rank=rank, threads=threads, errors=errors)
 
 
 def config_for(model: str | Callable, *, dtype: torch.dtype, skin: float,
