@@ -17,15 +17,16 @@ and respawned before the next request, which succeeds. Collectives time out afte
 
 Spawned ranks are processes of their own program (``mlipd.engine.rank_main``), not
 ``multiprocessing`` children, so a script without ``if __name__ == "__main__":``
-works. A monitor thread on rank 0 watches them through their process handles
+works. While ranks start, rank 0 waits for each to announce itself in the store,
+watching their handles, and only then joins the group (with a short connection
+bound), so a rank that dies at start-up is an error at once, not after
+``timeout_s``. A monitor thread on rank 0 watches them through their process handles
 (``mlipd.engine.rank_procs``) every ``WATCH_PERIOD_S``: a rank that exited (any code,
 any signal) is logged at once and the other ranks are killed, so a collective rank 0
 may sit in fails now; a rank whose heartbeat (written from a thread of its own into
 shared memory) is older than ``heartbeat_s`` (stopped, swapped out, hung with the GIL
 held) is killed, with the same effect. The next request finds the ranks gone and
-starts new ones. While ranks start, rank 0 joins the process group in a thread and
-watches the handles too, so a rank that dies at start-up is an error at once, not
-after ``timeout_s``. Under torchrun or srun (``world=``) ranks cannot be respawned:
+starts new ones. Under torchrun or srun (``world=``) ranks cannot be respawned:
 the engine stays broken and every request fails, so the front end should exit and
 let the launcher restart the job.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -47,6 +49,7 @@ from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
 from mlipd.engine.rank_procs import RankProcesses, describe_exit
 from mlipd.engine.ranks import (
+    JOINED_KEY,
     World,
     config_for,
     init_process_group,
@@ -62,6 +65,8 @@ from mlipd.types import Result, Structure
 log = logging.getLogger(__name__)
 
 WATCH_PERIOD_S = 0.25  # how often rank 0 looks at its ranks' handles and heartbeats
+JOIN_POLL_S = 0.02  # how often rank 0 looks for starting ranks (and their handles)
+CONNECT_TIMEOUT_S = 5.0  # the group's connection, once every rank is about to join
 DEFAULT_HEARTBEAT_S = 10.0  # silence after which rank 0 kills and replaces a rank
 
 
@@ -179,31 +184,25 @@ class DistributedEngine:
         self._start_monitor()
 
     def _join_watching(self, store: dist.Store) -> None:
-        """Rank 0's side of the rendezvous, in a thread, while this one watches the
-        ranks: one that exits meanwhile is an error now, not after ``timeout_s``. (A
-        join abandoned that way ends in its thread when its own timeout passes.)"""
-        outcome: list[BaseException | None] = []
-
-        def join() -> None:
-            try:
-                init_process_group(backend=self._config.backend, rank=0,
-                                   world_size=self._ranks, timeout_s=self._timeout_s,
-                                   store=store)
-                outcome.append(None)
-            except Exception as e:  # noqa: BLE001 - handed to the waiting thread
-                outcome.append(e)
-
-        thread = threading.Thread(target=join, name="mlipd-rank-join", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(WATCH_PERIOD_S)
+        """Rank 0's side of the rendezvous. First wait, watching the ranks' handles,
+        until every rank is about to join (``JOINED_KEY``; importing torch takes
+        seconds): a rank that exits meanwhile is an error now, not after ``timeout_s``.
+        Then join with a short connection bound, as a rank may still die in the few
+        milliseconds between its key and its connection."""
+        keys = [f"{JOINED_KEY}{r}" for r in range(1, self._ranks)]
+        end = time.monotonic() + self._timeout_s
+        while not store.check(keys):
             lost = self._procs.lost()
-            if lost is not None and thread.is_alive():
+            if lost is not None:
                 errors = self._procs.errors()
                 raise RuntimeError(f"{lost} while the ranks were starting"
                                    + (f": {'; '.join(errors)}" if errors else ""))
-        if outcome and outcome[0] is not None:
-            raise outcome[0]
+            if time.monotonic() > end:
+                raise RuntimeError(f"the ranks did not start within {self._timeout_s:g} s")
+            time.sleep(JOIN_POLL_S)
+        init_process_group(backend=self._config.backend, rank=0, world_size=self._ranks,
+                           timeout_s=self._timeout_s, store=store,
+                           connect_timeout_s=min(CONNECT_TIMEOUT_S, self._timeout_s))
 
     def _start_monitor(self) -> None:
         self._monitor_stop = threading.Event()
@@ -369,4 +368,5 @@ class DistributedEngine:
             self._start()
         except (RuntimeError, MlipdError) as e:
             self._teardown()
+            log.error("could not restart the ranks (%s); trying again at the next request", e)
             raise CalculationFailed(f"could not restart ranks: {e}") from e

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from mlipd.engine.comm import Comm
 from mlipd.engine.devices import local_device, pick_backend
@@ -84,17 +85,30 @@ def sync_weights(model) -> None:
                 dist.broadcast(t, src=0)
 
 
+JOINED_KEY = "mlipd/joined/"  # + rank: set in rank 0's store just before a rank joins
+
+
 def init_process_group(*, backend: str, rank: int, world_size: int, timeout_s: float,
                        host: str | None = None, port: int | None = None,
-                       store: dist.Store | None = None) -> None:
+                       store: dist.Store | None = None,
+                       connect_timeout_s: float | None = None) -> None:
     """Join the group through rank 0's TCPStore at host:port (hosted by rank 0, unless
-    rank 0 passes the ``store`` it already hosts)."""
+    rank 0 passes the ``store`` it already hosts). A rank other than 0 first sets
+    ``JOINED_KEY + rank``, so a rank 0 that watches its ranks knows when to join.
+    ``connect_timeout_s``: a shorter bound on the connection itself (collectives then
+    get ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
                               wait_for_workers=False)
+    if rank != 0:
+        store.set(f"{JOINED_KEY}{rank}", str(os.getpid()))
+    short = connect_timeout_s is not None and hasattr(c10d, "_set_pg_timeout")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+                            timeout=datetime.timedelta(seconds=connect_timeout_s)
+                            if short else timeout)
+    if short:
+        c10d._set_pg_timeout(timeout)
 
 
 def rank_step(config: RankConfig, local_rank: int) -> Step:
