@@ -119,12 +119,7 @@ def run_kills(tmp_path: Path, kills: int, seed: int) -> None:
         assert "was killed by SIGKILL" in s.log_text()
 
 
-@pytest.mark.timeout(240)
-def test_five_rank_kills_each_answered_within_seconds(tmp_path):
-    run_kills(tmp_path, kills=5, seed=1)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_thirty_rank_kills_at_random_moments(tmp_path):
+@pytest.mark.timeout(600)
+def test_thirty_rank_kills_each_answered_within_seconds(tmp_path):
+    """~40 s on 2 loaded cores (half the kills cost a restart of a rank process)."""
     run_kills(tmp_path, kills=30, seed=2)
