@@ -66,7 +66,7 @@ class Progress:
                  time.monotonic() - self._t0)
 
     def _tick(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, self.tick_s)):
             if time.monotonic() - self._last.at >= self.tick_s:
                 log.info("%s %.0f s: still at: %s", self.label, time.monotonic() - self._t0,
                          self._last.text)
