@@ -14,6 +14,7 @@ the heartbeat slots and the pipe a failure is reported through).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -40,8 +41,10 @@ def _beat(beats: mmap.mmap, rank: int, parent: int) -> None:
 
 def _reporter(fd: int):
     def report(text: str) -> None:
-        # one write below PIPE_BUF: atomic, so ranks sharing the pipe never interleave
-        os.write(fd, (text.replace("\n", " ")[:2000] + "\n").encode(errors="replace"))
+        # one write below PIPE_BUF: atomic, so ranks sharing the pipe never interleave;
+        # rank 0 may be gone (EPIPE): the rank exits anyway
+        with contextlib.suppress(OSError):
+            os.write(fd, (text.replace("\n", " ")[:2000] + "\n").encode(errors="replace"))
     return report
 
 

@@ -134,12 +134,15 @@ def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float,
         if config.device(local_rank).type == "cuda":
             torch.cuda.set_device(config.device(local_rank))
         RankLoop(rank_step(config, local_rank)).follow()
-    except Exception as e:  # this rank's one top-level handler: report, then exit 1
-        log.exception("rank %d failed", rank)
-        if report is not None:
-            report(f"rank {rank}: {type(e).__name__}: {e}")
-        # exit at once: closing our sockets is what unblocks the peers' collectives
-        os._exit(1)
+    except Exception as e:  # noqa: BLE001 - this rank's one top-level handler: report, exit 1
+        try:
+            log.exception("rank %d failed", rank)
+            if report is not None:
+                report(f"rank {rank}: {type(e).__name__}: {e}")
+        finally:
+            # exit at once: closing our sockets is what unblocks the peers' collectives
+            # (and an interpreter exit with a process group alive may never end)
+            os._exit(1)
     dist.destroy_process_group()
     return 0
 
