@@ -69,8 +69,10 @@ class RankProcesses:
         self._errors_r, errors_w = os.pipe()
         fcntl.fcntl(self._errors_r, fcntl.F_SETFL, os.O_NONBLOCK)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [MLIPD_ROOT, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+        if Path(MLIPD_ROOT).name not in ("site-packages", "dist-packages"):
+            # a checkout (or a path the script added): the ranks import this same mlipd
+            env["PYTHONPATH"] = os.pathsep.join(
+                [MLIPD_ROOT, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
         fds = (self._beats_file.fileno(), errors_w)
         self.procs: list[subprocess.Popen] = []
         try:
