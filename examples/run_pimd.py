@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import string
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
     print(f"mean temperature:      {data[:, 3].mean():.1f} K (last {data[-1, 3]:.1f} K)")
     print(f"wall time:             {wall:.1f} s total, {wall / max(steps, 1):.3f} s/step "
           f"(incl. start-up)")
+    batch = re.search(r"batch size (\d+)", (out / "mlipd.log").read_text(errors="replace"))
+    print(f"i-PI batch_size:       {batch.group(1) if batch else 'unknown'} "
+          "(the beads of a step in one message, one engine call)")
     plot(data, out / "pimd_si.png", title=f"i-PI PIMD, Si64, {args.beads} beads, {args.model}")
     print(f"plot:                  {out / 'pimd_si.png'}")
     return 0

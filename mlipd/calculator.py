@@ -8,9 +8,11 @@ behind a running ``mlipd serve``.
 Only adapter code lives here: the engine is ``mlipd.engine.make_engine``, the network
 ``mlipd.client.Client``, and any object with ``compute(structure, *, virial) -> Result``
 and ``close()`` can stand in for either (``backend=``). Atoms are checked before any
-engine or network call. Several ranks are spawned processes (``multiprocessing``'s
-spawn), so a script that asks for ``ranks > 1`` needs the usual
-``if __name__ == "__main__":`` guard.
+engine or network call. Several ranks are processes of mlipd's own program
+(``mlipd.engine.rank_main``): they never import the calling script, so a script needs
+no ``if __name__ == "__main__":`` guard. Warnings of the model packages (TorchScript,
+e3nn, ...) raised inside the calculator's calls are ignored unless ``verbose=True``
+(``mlipd.quiet``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, CalculatorSetupError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from mlipd.quiet import quieted
 from mlipd.types import Result, Structure
 
 log = logging.getLogger(__name__)
@@ -49,22 +52,31 @@ class EngineBackend:
 
 
 class MlipdCalculator(Calculator):
-    """energy, free_energy (eV), forces (N, 3) eV/Å, stress (6,) eV/Å³ (cells periodic in
-    3D) and the model's per-atom extras (e.g. CHGNet's ``magmoms`` (N,) μB) in ``results``.
+    """An ASE calculator running a machine-learned potential through mlipd.
 
+        from mlipd.calculator import MlipdCalculator
+        atoms.calc = MlipdCalculator(model="chgnet")            # engine in this process
+        atoms.calc = MlipdCalculator(model="mace-mp", ranks=2)  # partitioned over 2 ranks
+        atoms.calc = MlipdCalculator("tcp://127.0.0.1:5555")    # a running `mlipd serve`
+        atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
+
+    Results: energy, free_energy (eV), forces (N, 3) eV/Å, stress (6,) eV/Å³ (cells
+    periodic in 3D) and the model's per-atom extras (e.g. CHGNet's ``magmoms`` (N,) μB).
     One engine call per structure, whichever property ASE asks for first: forces and
-    the virial come from the same backward pass, so the virial is always computed for
-    3D-periodic cells and a later ``get_stress`` costs nothing.
+    the virial come from the same backward pass, so a later ``get_stress`` costs
+    nothing. ``close()`` (or ``with``) stops the engine and its rank processes.
 
-    Give one of:
+    Give exactly one of:
     endpoint: a server's ZeroMQ address; other keyword options (``timeout_s``,
               ``heartbeat_s``, ``connect_timeout_s``, ``curve``) go to
               ``mlipd.client.Client``
-    model:    run the engine in this process: ``model`` (as ``--model``), ``device``
-              (auto, cpu, cuda, cuda:N), ``dtype`` (float32 default, float64), ``ranks``
-              (spawned processes the structure is partitioned across), ``threads``
-              (intra-op threads per rank), ``devices`` (rank r on the r-th)
+    model:    run the engine in this process: ``model`` (as ``--model``; ``mlipd
+              models`` lists them), ``device`` (auto, cpu, cuda, cuda:N), ``dtype``
+              (float32 default, float64), ``ranks`` (processes the structure is
+              partitioned across; no ``__main__`` guard needed), ``threads`` (intra-op
+              threads per rank), ``devices`` (rank r on the r-th)
     backend:  any object with ``compute(structure, *, virial)`` and ``close()``
+    verbose:  show the model packages' own warnings (hidden by default)
     label, atoms, directory: ASE's own Calculator options
     """
 
@@ -74,8 +86,12 @@ class MlipdCalculator(Calculator):
     def __init__(self, endpoint: str | None = None, *, model: str | None = None,
                  device: str | None = None, dtype: str | None = None, ranks: int | None = None,
                  threads: int | None = None, devices: list[str] | None = None,
-                 backend: Backend | None = None, label: str | None = None, atoms: Any = None,
-                 directory: str = ".", **client_options: Any) -> None:
+                 backend: Backend | None = None, verbose: bool = False,
+                 label: str | None = None, atoms: Any = None, directory: str = ".",
+                 **client_options: Any) -> None:
+        """See the class docstring: ``MlipdCalculator(endpoint)``,
+        ``MlipdCalculator(model=NAME, ...)`` or ``MlipdCalculator(backend=...)``."""
+        self.verbose = verbose
         super().__init__(label=label, atoms=atoms, directory=directory)
         if sum(x is not None for x in (endpoint, model, backend)) != 1:
             raise CalculatorSetupError("give either an endpoint, model=NAME or backend= "
@@ -98,8 +114,9 @@ class MlipdCalculator(Calculator):
         elif model is not None:
             from mlipd.engine.api import describe, make_engine
 
-            engine = make_engine(model, device=device or "auto", dtype=dtype,
-                                 ranks=ranks or 1, threads=threads, devices=devices)
+            with quieted(not verbose):
+                engine = make_engine(model, device=device or "auto", dtype=dtype,
+                                     ranks=ranks or 1, threads=threads, devices=devices)
             log.info("engine in this process: %s", describe(engine))
             backend = EngineBackend(engine)
         self.backend = backend
@@ -115,7 +132,8 @@ class MlipdCalculator(Calculator):
         periodic = bool(self.atoms.pbc.all())
         if "stress" in properties and not periodic:
             raise CalculatorSetupError("stress needs a cell periodic in all three directions")
-        result = self.backend.compute(structure, virial=periodic)
+        with quieted(not self.verbose):
+            result = self.backend.compute(structure, virial=periodic)
         self.results = {"energy": result.energy, "free_energy": result.energy,
                         "forces": np.array(result.forces)}
         if result.virial is not None and periodic:

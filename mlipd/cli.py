@@ -1,19 +1,38 @@
-"""Command line: ``mlipd drive``, ``mlipd serve``, ``mlipd models``.
-
-Only ``main`` parses arguments and turns errors into exit codes.
-"""
+"""The ``mlipd`` command line: its parser and ``main``, which turns errors into exit
+codes (the text users see is ``DESCRIPTION`` and ``EXAMPLES``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 
 from mlipd.errors import MlipdError, SetupError
 
 log = logging.getLogger("mlipd")
+
+DESCRIPTION = """\
+mlipd computes energies, forces and stresses with machine-learned interatomic
+potentials (CHGNet, MACE, TensorNet, eSEN, SevenNet), for one structure or a batch,
+on one device or partitioned over several ranks. Simulation codes reach it as an
+i-PI / ASE socket client (drive) or through a long-running ZeroMQ server (serve);
+Python scripts use mlipd.calculator.MlipdCalculator directly."""
+
+EXAMPLES = """\
+examples:
+  mlipd models                                  every model name, its package and files
+  mlipd drive --address unix:si --structure init.xyz --model chgnet
+                                                forces for i-PI listening on /tmp/ipi_si
+  mlipd serve --model mace-mp --zmq tcp://127.0.0.1:5555
+                                                a server for mlipd.client.Client
+  mlipd bench latency --quick                   ms per call, mlipd vs the model package
+  mlipd COMMAND --help                          the options of one command
+
+exit status: 0 done, 1 failed while running, 2 bad options or set-up (unknown model,
+missing file), 130 interrupted"""
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -43,10 +62,16 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     add_robustness_options(p)
 
 
+def _para(text: str) -> str:
+    """One paragraph wrapped for a help screen (raw formatters keep line breaks)."""
+    return textwrap.fill(text, 79)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mlipd import __version__
 
-    parser = argparse.ArgumentParser(prog="mlipd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlipd", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mlipd {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v: debug); also after the command")
@@ -72,13 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(serve)
     add_serve(serve)
 
-    sub.add_parser("models", parents=[after],
-                   help="list every model: syntax, package, cached files")
+    raw = argparse.RawDescriptionHelpFormatter
+    sub.add_parser("models", parents=[after], formatter_class=raw,
+                   help="list every model: syntax, package, cached files",
+                   description=_para("Every --model name: what it takes (NAME[:ARG][,OPTIONS]), "
+                               "the package it needs and whether it is installed, and for "
+                               "published names whether each file is where its package "
+                               "looks for it. Imports no model package."),
+                   epilog="example:\n  mlipd models | less")
 
     from mlipd.server.cli import add_keygen_arguments, add_stats_arguments
 
-    add_stats_arguments(sub.add_parser("stats", help="print a running server's counters"))
-    add_keygen_arguments(sub.add_parser("keygen", help="write CURVE keys for serve --curve"))
+    add_stats_arguments(sub.add_parser(
+        "stats", formatter_class=raw, help="print a running server's counters",
+        description=_para("Ask a running `mlipd serve` for its counters (requests, errors by "
+                    "code, batches, queue, latencies, rank restarts) and print them."),
+        epilog="example:\n  mlipd stats tcp://127.0.0.1:5555"))
+    add_keygen_arguments(sub.add_parser(
+        "keygen", formatter_class=raw, help="write CURVE keys for serve --curve",
+        description=_para("Write a server key pair and a client key pair for ZeroMQ's CURVE "
+                    "encryption and authentication (serve --curve DIR, Client(curve=DIR))."),
+        epilog="example:\n  mlipd keygen keys && mlipd serve --curve keys --zmq "
+               "tcp://0.0.0.0:5555"))
 
     from mlipd.bench.cli import add_arguments as add_bench
 
@@ -97,6 +137,11 @@ def run(args: argparse.Namespace, *, world=None) -> int:
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from mlipd.quiet import quiet_third_party, show_third_party
+
+    if verbose:  # the model packages' own warnings and log lines, here and in children
+        show_third_party()
+    quiet_third_party()
     args.world = world
     try:
         if args.command == "models":

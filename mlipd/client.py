@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -37,6 +37,9 @@ from mlipd.errors import (
 from mlipd.protocols import zmq_msgs
 from mlipd.protocols.zmq_address import parse_zmq_address
 from mlipd.types import Result, Structure
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +114,19 @@ class Client:
 
     # ------------------------------------------------------------ ops
 
-    def compute(self, structure: Structure, *, virial: bool = True) -> Result:
-        """Energy (eV), forces (N, 3) eV/Å and virial (3, 3) eV of one structure."""
-        (result,) = self._request("compute", [structure], virial=virial).results
+    def compute(self, structure: Structure | Atoms, *, virial: bool = True) -> Result:
+        """Energy (eV), forces (N, 3) eV/Å and virial (3, 3) eV of one structure (a
+        ``Structure`` or an ``ase.Atoms``)."""
+        (result,) = self._request("compute", [as_structure(structure)],
+                                  virial=virial).results
         return result
 
-    def batch(self, structures: Sequence[Structure], *, virial: bool = True) -> list[Result]:
-        """Results of several structures, in order, from one request."""
-        return list(self._request("batch", list(structures), virial=virial).results)
+    def batch(self, structures: Sequence[Structure | Atoms], *,
+              virial: bool = True) -> list[Result]:
+        """Results of several structures (``Structure`` or ``ase.Atoms``), in order,
+        from one request."""
+        return list(self._request("batch", [as_structure(s) for s in structures],
+                                  virial=virial).results)
 
     def info(self) -> Mapping[str, Any]:
         """Model name, cutoff (Å), species, units, ranks, versions, limits."""
@@ -192,6 +200,17 @@ class Client:
             self._sock.send(raw, zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             log.debug("%s: not connected; will try again", self.endpoint)
+
+
+def as_structure(item: Structure | Atoms) -> Structure:
+    """A ``Structure`` as it is; an ``ase.Atoms`` (anything with numbers, positions, cell
+    and pbc like it) converted; anything else refused, naming its type."""
+    if isinstance(item, Structure):
+        return item
+    if all(hasattr(item, a) for a in ("numbers", "positions", "cell", "pbc")):
+        return Structure.from_atoms(item)
+    raise ValidationError(f"expected a mlipd Structure or an ase.Atoms, got "
+                          f"{type(item).__name__}")
 
 
 def connect(endpoint: str, **options: Any) -> Client:

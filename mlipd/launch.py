@@ -86,6 +86,9 @@ def _follow(args, world: World) -> int:
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s rank{world.rank} %(name)s %(levelname)s: "
                                "%(message)s")
+    from mlipd.quiet import quiet_third_party
+
+    quiet_third_party()
     try:
         backend = pick_backend(args.backend, node_devices(args.device, args.devices),
                                world.local_size)

@@ -64,3 +64,27 @@ def test_each_entry_shows_its_syntax(entry, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert f"{entry.name:<10} {entry.syntax}" in out
+
+
+def test_syntax_is_read_from_each_adapter_without_importing_it():
+    """Issue 24 item 7: written once, in the adapter (``SYNTAX``); the catalog reads the
+    source, so listing imports no model package."""
+    import importlib
+    import sys
+
+    from mlipd.models.catalog import adapter_syntax
+
+    light = {"lj": "mlipd.models.lj", "reference": "mlipd.models.reference",
+             "ase": "mlipd.models.ase_generic"}
+    for name, module in light.items():
+        assert adapter_syntax(name) == importlib.import_module(module).SYNTAX
+    for entry in ENTRIES:
+        assert not entry.syntax.endswith("[:ARG]"), entry.name  # each adapter declares one
+    heavy = ("chgnet.model", "mace.modules", "matgl", "fairchem.core", "sevenn")
+    code = ("import sys; from mlipd.models.catalog import listing; listing(); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"

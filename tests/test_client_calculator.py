@@ -21,7 +21,7 @@ from conftest import free_tcp_port
 from mlipd.calculator import MlipdCalculator
 from mlipd.client import Client
 from mlipd.engine import make_engine
-from mlipd.errors import ServerUnavailable, SetupError, TooLarge
+from mlipd.errors import ServerUnavailable, SetupError, TooLarge, ValidationError
 from mlipd.protocols import zmq_msgs as zm
 from mlipd.server.testing import running_server
 from mlipd.types import Structure
@@ -62,6 +62,24 @@ def test_calculator_drives_ase_md_like_the_direct_model(server):
     assert len(energies) >= 25
     assert energies == pytest.approx([r.energy for r in refs], rel=1e-12)
     assert np.ptp(energies) > 1e-4  # the atoms did move
+
+
+def test_client_takes_ase_atoms_as_well_as_structures(server):
+    """Issue 25 item 7: ``compute`` and ``batch`` with ``ase.Atoms``, equal to the same
+    structures sent as ``Structure``; anything else is refused naming its type."""
+    a = bulk("Ar", "fcc", a=5.3, cubic=True)
+    a.rattle(0.05, seed=2)
+    b = molecule("H2O")
+    b.center(vacuum=4.0)
+    with Client(server.address) as c:
+        one = c.compute(a)
+        want = c.compute(Structure.from_atoms(a))
+        assert one.energy == want.energy
+        np.testing.assert_array_equal(one.forces, want.forces)
+        both = c.batch([a, Structure.from_atoms(b)])
+        assert [r.energy for r in both] == [want.energy, c.compute(b).energy]
+        with pytest.raises(ValidationError, match="got list"):
+            c.compute([[0.0, 0.0, 0.0]])
 
 
 def test_molecule_without_cell_has_no_stress(server):

@@ -6,6 +6,9 @@ the same front end and rank loop that ``DistributedEngine`` runs.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,8 +257,8 @@ def test_failures_become_errors_and_the_next_request_succeeds(engine, local, tri
             engine.compute([s])
         assert time.monotonic() - t0 < 30  # an error reply, not a collective timeout
         _close(engine.compute([s])[0], want, f"after {action}")
-    os.kill(engine._procs[0].pid, signal.SIGKILL)  # a rank dies between requests
-    engine._procs[0].join(timeout=10)
+    os.kill(engine._procs.pid(1), signal.SIGKILL)  # a rank dies between requests
+    engine._procs.wait(10.0)
     _close(engine.compute([s])[0], want, "after a dead rank")
     bad = Structure(s.numbers, s.positions.copy(), s.cell, s.pbc)
     bad.positions[1] = bad.positions[0]  # r = 0: refused on rank 0 before any collective
@@ -412,13 +415,25 @@ def test_comm_exchange_adjoint_replicas_allreduce():
     assert "does not own" in results[0]["missing"]
 
 
-def test_bad_model_fails_before_any_rank_starts():
-    import multiprocessing
+def _rank_children() -> list[int]:
+    """This process's children that are rank processes (``mlipd.engine.rank_main``)."""
+    pid = os.getpid()
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    out = []
+    for kid in kids:
+        try:
+            if b"mlipd.engine.rank_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(int(kid))
+        except OSError:
+            continue  # exited meanwhile
+    return out
 
+
+def test_bad_model_fails_before_any_rank_starts():
     from mlipd.engine import make_engine
     from mlipd.errors import UnknownModel
 
-    before = len(multiprocessing.active_children())
+    before = _rank_children()
     with pytest.raises(UnknownModel):
         make_engine("no-such-model", ranks=2)
-    assert len(multiprocessing.active_children()) == before
+    assert _rank_children() == before

@@ -16,7 +16,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # example, tiny arguments, its plot, lines its summary must contain
 CASES = {
     "pimd": ("run_pimd.py", ["--steps", "2", "--beads", "2"], "pimd_si.png",
-             ["steps:                 2", "mean potential energy:"]),
+             ["steps:                 2", "mean potential energy:",
+              "i-PI batch_size:       2"]),
     "ase": ("ase_relax_md.py", ["--repeat", "1", "--relax-steps", "4", "--md-steps", "3"],
             "relax_md.png", ["model chgnet (float32), 1 rank(s), 7 Si atoms",
                              "NVT MD:      3 steps", "(3 engine calls: one per step)"]),

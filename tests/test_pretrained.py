@@ -114,14 +114,23 @@ def test_missing_names_fail_at_once_naming_file_and_folder(cache_home):
                        rf"{cache_home / 'mace'} and github.com \(via proxy {CLOSED}\) "
                        "cannot be reached"):
         load_model("mace-mp:medium")
-    with pytest.raises(ModelUnavailable, match="offline=1 forbids a download"):
+    with pytest.raises(ModelUnavailable, match="offline=1 forbids a download") as info:
         load_model("mace-mp:medium,offline=1")
-    with pytest.raises(ModelUnavailable, match=r"MACE-OFF23_large\.model is not in"):
+    # the name mace's download_mace_mp_checkpoint looks for, not the URL's
+    # (2023-12-03-mace-128-L1_epoch-199.model): issue 25 item 8
+    saved = cache_home / "mace" / "20231203mace128L1_epoch199model"
+    assert str(info.value).endswith(
+        "download https://github.com/ACEsuit/mace-mp/releases/download/mace_mp_0/"
+        f"2023-12-03-mace-128-L1_epoch-199.model and save it as {saved}")
+    with pytest.raises(ModelUnavailable, match=r"MACE-OFF23_large\.model is not in") as info:
         load_model("mace-off:large")
+    assert str(info.value).endswith(f"save it as {cache_home / 'mace' / 'MACE-OFF23_large.model'}")
     with pytest.raises(ModelUnavailable, match="unknown name 'huge'; known: small"):
         load_model("mace-mp:huge")
-    with pytest.raises(ModelUnavailable, match="models--materialyze--NoSuchNet is not in"):
+    with pytest.raises(ModelUnavailable, match="models--materialyze--NoSuchNet is not in") as info:
         load_model("tensornet:NoSuchNet")
+    assert (f"`hf download materialyze/NoSuchNet --cache-dir {caches.matgl_cache_dir()}` "
+            "and copy models--materialyze--NoSuchNet into") in str(info.value)
     assert time.perf_counter() - t0 < 30  # the probe, not mace's 120 s read timeout
 
 

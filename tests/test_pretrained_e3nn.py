@@ -33,8 +33,9 @@ def test_esen_name_from_fairchems_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIRCHEM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     with pytest.raises(ModelUnavailable, match=r"esen_sm_conserving_all\.pt is not in .*"
-                       "models--facebook--OMol25.* cannot be reached"):
+                       "models--facebook--OMol25.* cannot be reached") as info:
         load_model(f"esen:{NAME}")
+    assert f"--cache-dir {tmp_path}` and copy models--facebook--OMol25 into" in str(info.value)
     entry = caches.fairchem_checkpoints()[NAME]
     repo = caches.hf_repo_folder(entry["repo_id"], tmp_path)
     file = repo / "snapshots" / "feed01" / caches.fairchem_repo_file(entry)

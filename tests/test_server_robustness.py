@@ -349,7 +349,7 @@ def _rank_pid(server_pid: int) -> int:
     children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
     for pid in children:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+        if b"mlipd.engine.rank_main" in cmd:
             return int(pid)
     raise AssertionError(f"no rank process among {children}")
 

@@ -112,8 +112,11 @@ def test_missing_download_fails_at_once(monkeypatch, tmp_path):
     error names the file and the folder (no download, no wait)."""
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ModelUnavailable, match=r"checkpoint_sevennet_omat\.pth is not in .*"
-                       r"\.cache/sevennet.*offline=1"):
+                       r"\.cache/sevennet.*offline=1") as info:
         load_model("sevennet:7net-omat,offline=1")
+    # where sevenn's pretrained_name_to_path looks (issue 25 item 8)
+    saved = tmp_path / ".cache/sevennet/SevenNet_omat/checkpoint_sevennet_omat.pth"
+    assert str(info.value).endswith(f"and save it as {saved}")
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens: refused
     with pytest.raises(ModelUnavailable, match="cannot be reached"):
         load_model("sevennet:7net-omat")

@@ -1,5 +1,8 @@
 """``mlipd bench SUITE [SUITE ...]``: run benchmark suites, print and write their tables.
 
+While a suite runs, its progress is logged (``mlipd.bench.progress``): each size and
+contender as it starts, and every ``TICK_S`` seconds what it is still doing.
+
 Every suite runs under a deadline: its own budget for the size (``BUDGET_S`` in its
 module), shortened when ``--deadline`` bounds the whole run (each suite still to run
 then gets its budget's share of the time left). A suite that fails writes its table
@@ -24,7 +27,47 @@ DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_BUDGET_S = {"tiny": 120.0, "quick": 60.0, "full": 3600.0}
 
 
+def suite_descriptions() -> dict[str, str]:
+    """Each suite's ``DESCRIPTION``, read from its source (``--help`` imports no suite:
+    they import torch and model packages)."""
+    import ast
+    from importlib.util import find_spec
+
+    out = {}
+    for name in SUITES:
+        spec = find_spec(f"mlipd.bench.suites.{name}")
+        text = "(no description)"
+        if spec is not None and spec.origin:
+            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and any(
+                        isinstance(t, ast.Name) and t.id == "DESCRIPTION"
+                        for t in node.targets):
+                    text = ast.literal_eval(node.value)
+        out[name] = text
+    return out
+
+
+def describe(p: argparse.ArgumentParser) -> None:
+    """What ``mlipd bench --help`` says above and below the options."""
+    import textwrap
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = textwrap.fill(
+        "Measure mlipd against the model packages and other drivers, contenders side by "
+        "side in one run: each suite prints its tables and writes them with the machine, "
+        "versions, commit and command to OUT/SUITE-DEVICE.md (and a PNG where a curve "
+        "says more). Progress is logged while a suite runs.", 79)
+    width = max(len(n) for n in SUITES)
+    lines = [f"  {n:<{width}}  {d}" for n, d in suite_descriptions().items()]
+    p.epilog = ("suites (what each measures):\n" + "\n".join(lines) + "\n\nexamples:\n"
+                "  mlipd bench latency --quick          minutes on a laptop CPU\n"
+                "  mlipd bench all --size full --device cuda --out results/\n"
+                "  mlipd bench ipi beads --size tiny     seconds: is everything installed?")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    describe(p)
     p.add_argument("suites", nargs="+", metavar="SUITE", choices=[*SUITES, "all"],
                    help=f"one or more of: {', '.join(SUITES)}, or all")
     p.add_argument("--size", choices=["tiny", "quick", "full"], default="full",
@@ -94,6 +137,7 @@ def _budget(suite, size: str, device: str) -> float:
 
 
 def _run_suites(args, names, device, command, overall, threads) -> int:
+    from mlipd.bench.progress import Progress
     from mlipd.bench.report import Report
     from mlipd.bench.timing import Deadline
 
@@ -107,7 +151,8 @@ def _run_suites(args, names, device, command, overall, threads) -> int:
                         memory_limit=args.memory_limit, threads=threads)
         t0 = time.monotonic()
         try:
-            suite.run(report, size=args.size, device=device)
+            with Progress(name, args.size):
+                suite.run(report, size=args.size, device=device)
         except Exception as e:  # noqa: BLE001 - one suite's failure must not lose the others
             failures.append(name)
             log.error("suite %s failed: %s", name, e)

@@ -122,4 +122,5 @@ def side_by_side(case: Case, n_atoms: int, *, device: str, repeats: int, deadlin
         same = agreement(calls["mlipd rebuilding"](-100), calls["package"](-100), n_atoms)
     except ContenderFailed as e:
         same = f"not compared ({e})"
-    return interleaved(calls, warmup=2, repeats=repeats, deadline=deadline), same
+    return interleaved(calls, warmup=2, repeats=repeats, deadline=deadline,
+                       label=f"{case.name}, {n_atoms} atoms"), same

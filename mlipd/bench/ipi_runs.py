@@ -9,6 +9,7 @@ and the client's evaluation. Steps before ``warmup`` are not timed.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 import ase.io
 
 from mlipd.bench.timing import Deadline
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.001
 SOCKET = "b"  # i-PI's socket name; the file is <sockets_prefix><SOCKET>
@@ -93,10 +96,13 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
     out.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     argv = [a.format(socket=f"{prefix}{SOCKET}", prefix=prefix) for a in client]
+    log.info("i-PI run %s/%s: %d atoms x %d beads, %d + %d steps", workdir.parent.name,
+             workdir.name, len(atoms), xml.get("nbeads", 1), warmup, steps)
+    t0 = time.monotonic()
     procs: list[subprocess.Popen] = []
     try:
-        with (workdir / "ipi.log").open("w") as log, (workdir / "client.log").open("w") as clog:
-            procs.append(subprocess.Popen(["i-pi", "input.xml"], cwd=workdir, stdout=log,
+        with (workdir / "ipi.log").open("w") as ilog, (workdir / "client.log").open("w") as clog:
+            procs.append(subprocess.Popen(["i-pi", "input.xml"], cwd=workdir, stdout=ilog,
                                           stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True))
             _wait_for(lambda: (sockdir / f"ipi_{SOCKET}").exists(), procs, deadline, workdir)
@@ -111,6 +117,8 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         shutil.rmtree(sockdir, ignore_errors=True)
+    log.info("i-PI run %s/%s: done in %.1f s", workdir.parent.name, workdir.name,
+             time.monotonic() - t0)
     if blocks:
         edges = [warmup + round(i * steps / blocks) for i in range(blocks + 1)]
         return [(times[b] - times[a]) / (b - a) for a, b in itertools.pairwise(edges)]

@@ -3,10 +3,13 @@ and the deadlines that bound every loop of a suite."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 class ContenderFailed(Exception):
@@ -77,12 +80,13 @@ class Timing:
 
 def interleaved(contenders: Mapping[str, Callable[[int], object]], *, warmup: int = 1,
                 repeats: int = 3, deadline: Deadline | None = None,
-                min_repeats: int = 3) -> dict[str, Timing]:
+                min_repeats: int = 3, label: str = "") -> dict[str, Timing]:
     """Call every contender ``warmup`` times untimed, then up to ``repeats`` rounds in
     which each is called once in turn (so load changes on the machine hit all alike);
     rounds beyond ``min_repeats`` stop at ``deadline``. A contender gets the call's
     index (warm-up calls negative), e.g. to move atoms between calls, and may return
-    ``Measured`` seconds. One that raises ``ContenderFailed`` is dropped, with its reason."""
+    ``Measured`` seconds. One that raises ``ContenderFailed`` is dropped, with its reason.
+    Each round is logged (``label``: what is timed, e.g. the model and size)."""
     failed: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in contenders}
 
@@ -96,6 +100,8 @@ def interleaved(contenders: Mapping[str, Callable[[int], object]], *, warmup: in
         dt = time.perf_counter() - t0
         return float(out) if isinstance(out, Measured) else dt
 
+    head = f"{label}: " if label else ""
+    log.info("%swarm-up of %s", head, ", ".join(contenders))
     for k in range(-warmup, 0):
         for name, fn in contenders.items():
             if name not in failed:
@@ -108,4 +114,7 @@ def interleaved(contenders: Mapping[str, Callable[[int], object]], *, warmup: in
                 dt = call(name, fn, k)
                 if dt is not None:
                     times[name].append(dt)
+        log.info("%sround %d/%d: %s", head, k + 1, repeats, ", ".join(
+            f"{n} {times[n][-1] * 1e3:.1f} ms" if n not in failed and times[n]
+            else f"{n} {failed.get(n, 'no time')}" for n in contenders))
     return {name: Timing(tuple(t), failed.get(name)) for name, t in times.items()}

@@ -196,6 +196,10 @@ def setup_all(recipes: dict[Worker, tuple], *, timeout: float = 600.0) -> dict[W
 def _child_main(conn, device: str, threads: int | None) -> None:
     import torch
 
+    from mlipd.quiet import quiet_third_party
+
+    quiet_third_party()  # as the parent command (``mlipd.quiet``)
+
     if threads:
         torch.set_num_threads(threads)
     fn: Callable[[int], object] | None = None

@@ -13,25 +13,28 @@ non-finite result (assembled on rank 0 after every rank finished). Any exception
 during a step, on any rank, or a dead rank, becomes ``CalculationFailed`` for that
 request; the ranks are then torn down (peers may be blocked inside a collective)
 and respawned before the next request, which succeeds. Collectives time out after
-``timeout_s``. A spawned rank also writes a heartbeat into shared memory every
-``HEARTBEAT_PERIOD_S`` from a thread of its own; a monitor thread on rank 0 kills a
-rank silent for ``heartbeat_s`` (stopped, swapped out, hung with the GIL held), so
-rank 0's collective fails at once instead of after ``timeout_s`` and the ranks are
-replaced. A rank that died between requests is noticed before the next step and
-replaced. Under torchrun or srun (``world=``) ranks cannot be respawned: the engine
-stays broken and every request fails, so the front end should exit and let the
-launcher restart the job.
+``timeout_s``.
+
+Spawned ranks are processes of their own program (``mlipd.engine.rank_main``), not
+``multiprocessing`` children, so a script without ``if __name__ == "__main__":``
+works. While ranks start, rank 0 waits for each to announce itself in the store,
+watching their handles, and only then joins the group (with a short connection
+bound), so a rank that dies at start-up is an error at once, not after
+``timeout_s``. A monitor thread on rank 0 watches them through their process handles
+(``mlipd.engine.rank_procs``) every ``WATCH_PERIOD_S``: a rank that exited (any code,
+any signal) is logged at once and the other ranks are killed, so a collective rank 0
+may sit in fails now; a rank whose heartbeat (written from a thread of its own into
+shared memory) is older than ``heartbeat_s`` (stopped, swapped out, hung with the GIL
+held) is killed, with the same effect. The next request finds the ranks gone and
+starts new ones. Under torchrun or srun (``world=``) ranks cannot be respawned:
+the engine stays broken and every request fails, so the front end should exit and
+let the launcher restart the job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
-import multiprocessing as mp
-import os
-import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,12 +47,13 @@ from mlipd.engine.coordinator import Coordinator
 from mlipd.engine.devices import node_devices
 from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
+from mlipd.engine.rank_procs import RankProcesses, describe_exit
 from mlipd.engine.ranks import (
+    JOINED_KEY,
     World,
     config_for,
     init_process_group,
     load_local_model,
-    spawned_follower,
     sync_weights,
 )
 from mlipd.engine.step import Step
@@ -60,25 +64,21 @@ from mlipd.types import Result, Structure
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PERIOD_S = 0.5  # how often a spawned rank writes its heartbeat
+WATCH_PERIOD_S = 0.25  # how often rank 0 looks at its ranks' handles and heartbeats
+JOIN_POLL_S = 0.02  # how often rank 0 looks for starting ranks (and their handles)
+CONNECT_TIMEOUT_S = 5.0  # the group's connection, once every rank is about to join
 DEFAULT_HEARTBEAT_S = 10.0  # silence after which rank 0 kills and replaces a rank
-STARTUP_GRACE_S = 60.0  # a spawned rank imports torch before its first beat
 
 
-def _beat(beats, slot: int) -> None:
-    """A rank's heartbeat thread: its slot holds the last time (CLOCK_MONOTONIC, shared
-    by every process of the host) at which this process was scheduled."""
-    while True:
-        beats[slot] = time.monotonic()
-        time.sleep(HEARTBEAT_PERIOD_S)
-
-
-def _spawned_rank(rank: int, world_size: int, backend: str, host: str, port: int,
-                  timeout_s: float, threads: int | None, errors, beats) -> None:
-    """Target of a spawned rank process: a heartbeat thread, then the follower's life."""
-    threading.Thread(target=_beat, args=(beats, rank - 1), name="mlipd-heartbeat",
-                     daemon=True).start()
-    spawned_follower(rank, world_size, backend, host, port, timeout_s, threads, errors)
+def check_factory(model: str | Callable) -> None:
+    """A factory defined in the script that runs (``__main__``) cannot be imported by
+    the rank processes, which never run that script: refuse it now, in one line."""
+    func = getattr(model, "func", model)  # functools.partial
+    if callable(model) and getattr(func, "__module__", None) == "__main__":
+        name = getattr(func, "__qualname__", repr(func))
+        raise SetupError(f"the model factory {name} is defined in the script being run "
+                         "(__main__), which rank processes do not import: define it in a "
+                         "module of its own, or give a model name")
 
 
 class DistributedEngine:
@@ -108,6 +108,8 @@ class DistributedEngine:
             ranks = world.size
         if ranks < 1:
             raise SetupError(f"ranks must be >= 1, got {ranks}")
+        if ranks > 1 and world is None:
+            check_factory(model)
         local = world.local_size if world is not None else ranks
         self._config = config_for(model, dtype=dtype, skin=skin,
                                   devices=node_devices(device, devices), backend=backend,
@@ -118,8 +120,7 @@ class DistributedEngine:
         self._limits = limits
         self._timeout_s = float(timeout_s)
         self._heartbeat_s = float(heartbeat_s or DEFAULT_HEARTBEAT_S)
-        self._beats = None  # shared heartbeat slots of the spawned ranks
-        self._silent: str | None = None  # why the monitor killed a rank
+        self._lost: str | None = None  # what the monitor saw: a rank dead or silent
         self._monitor_stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self.restarts = 0  # times the ranks were torn down and spawned again
@@ -127,8 +128,7 @@ class DistributedEngine:
         self._threads = resolve_threads(threads_per_rank, local)
         self._caller_threads = torch.get_num_threads()
         torch.set_num_threads(self._threads)
-        self._procs: list = []
-        self._errors = None
+        self._procs: RankProcesses | None = None
         self._front: Coordinator | None = None
         self._broken: str | None = None
         self.calls = 0
@@ -177,92 +177,104 @@ class DistributedEngine:
         # rank 0 hosts the store on a port of the kernel's choice, then tells the ranks
         store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=self._timeout_s))
-        port = store.port
-        ctx = mp.get_context("spawn")
-        self._errors = ctx.Queue()
-        # a rank is not silent before it could beat: the slots start in the future
-        self._beats = ctx.Array("d", [time.monotonic() + STARTUP_GRACE_S] * (self._ranks - 1),
-                                lock=False)
-        self._procs = [
-            ctx.Process(target=_spawned_rank, daemon=True, name=f"mlipd-rank{r}",
-                        args=(r, self._ranks, self._config.backend, "127.0.0.1", port,
-                              self._timeout_s, self._threads, self._errors, self._beats))
-            for r in range(1, self._ranks)
-        ]
-        for p in self._procs:
-            p.start()
+        self._procs = RankProcesses(world_size=self._ranks, backend=self._config.backend,
+                                    host="127.0.0.1", port=store.port,
+                                    timeout_s=self._timeout_s, threads=self._threads)
+        self._join_watching(store)
         self._start_monitor()
+
+    def _join_watching(self, store: dist.Store) -> None:
+        """Rank 0's side of the rendezvous. First wait, watching the ranks' handles,
+        until every rank is about to join (``JOINED_KEY``; importing torch takes
+        seconds): a rank that exits meanwhile is an error now, not after ``timeout_s``.
+        Then join with a short connection bound, as a rank may still die in the few
+        milliseconds between its key and its connection."""
+        keys = [f"{JOINED_KEY}{r}" for r in range(1, self._ranks)]
+        end = time.monotonic() + self._timeout_s
+        while not store.check(keys):
+            lost = self._procs.lost()
+            if lost is not None:
+                errors = self._procs.errors()
+                raise RuntimeError(f"{lost} while the ranks were starting"
+                                   + (f": {'; '.join(errors)}" if errors else ""))
+            if time.monotonic() > end:
+                raise RuntimeError(f"the ranks did not start within {self._timeout_s:g} s")
+            time.sleep(JOIN_POLL_S)
         init_process_group(backend=self._config.backend, rank=0, world_size=self._ranks,
-                           timeout_s=self._timeout_s, store=store)
+                           timeout_s=self._timeout_s, store=store,
+                           connect_timeout_s=min(CONNECT_TIMEOUT_S, self._timeout_s))
 
     def _start_monitor(self) -> None:
         self._monitor_stop = threading.Event()
-        self._silent = None
-        self._monitor = threading.Thread(target=self._watch, args=(self._monitor_stop,),
+        self._lost = None
+        self._monitor = threading.Thread(target=self._watch,
+                                         args=(self._monitor_stop, self._procs),
                                          name="mlipd-rank-monitor", daemon=True)
         self._monitor.start()
 
-    def _watch(self, stop: threading.Event) -> None:
-        """Kill a rank whose heartbeat is older than ``heartbeat_s``: its sockets close,
-        so the collective rank 0 may sit in fails now, not after ``timeout_s``."""
-        procs, beats = list(self._procs), self._beats
-        while not stop.wait(HEARTBEAT_PERIOD_S):
-            now = time.monotonic()
-            for r, p in enumerate(procs, start=1):
-                silent = now - beats[r - 1]
-                if silent > self._heartbeat_s and p.is_alive():
-                    self._silent = (f"rank {r} (pid {p.pid}) sent no heartbeat for "
-                                    f"{silent:.1f} s (limit {self._heartbeat_s:g} s)")
-                    log.error("%s: killing it; the ranks will be restarted", self._silent)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGKILL)
-                    return
+    def _watch(self, stop: threading.Event, procs: RankProcesses) -> None:
+        """Notice a rank that exited or fell silent, and kill the others (or the silent
+        one): their sockets close, so a collective rank 0 may sit in fails now."""
+        while not stop.wait(WATCH_PERIOD_S):
+            lost = procs.lost()
+            if lost is not None:
+                self._lost = lost
+                log.error("%s; the ranks will be restarted", lost)
+                procs.kill()
+                return
+            silent = procs.silent(self._heartbeat_s)
+            if silent is not None:
+                r, age = silent
+                self._lost = (f"rank {r} (pid {procs.pid(r)}) sent no heartbeat for "
+                              f"{age:.1f} s (limit {self._heartbeat_s:g} s)")
+                log.error("%s: killing it; the ranks will be restarted", self._lost)
+                procs.kill(r)
+                return
 
-    def _teardown(self) -> None:
-        """Stop rank processes without talking to them (they may be inside a collective)."""
+    def _stop_monitor(self) -> None:
         self._monitor_stop.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5)
         self._monitor = None
-        for p in self._procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        self._procs = []
+
+    def _teardown(self) -> None:
+        """Stop rank processes without talking to them (they may be inside a collective)."""
+        self._stop_monitor()
+        if self._procs is not None:
+            self._procs.stop()
+            self._procs = None
         if dist.is_initialized():
             dist.destroy_process_group()
         self._front = None
 
     def _peer_errors(self) -> list[str]:
         """What failed ranks reported, and which ranks died without a word."""
-        out = []
-        while self._errors is not None:
-            try:
-                out.append(self._errors.get(timeout=0.5 if not out else 0.05))
-            except queue.Empty:
-                break
-        if self._silent is not None:
-            out.insert(0, self._silent)
+        procs = self._procs
+        if procs is None:
+            return [self._lost] if self._lost else []
+        out = procs.errors()
+        if not out:  # a failing rank writes its line just before it exits
+            procs.wait(0.5)
+            out = procs.errors()
         reported = {m.split(":", 1)[0] for m in out}
-        for r, p in enumerate(self._procs, start=1):
-            p.join(timeout=0.1)
-            if p.exitcode not in (None, 1) and f"rank {r}" not in reported:
-                out.append(f"rank {r} died (exit code {p.exitcode})")
+        if self._lost is not None and self._lost.split(" (", 1)[0] not in reported:
+            out.insert(0, self._lost)
+        reported |= {m.split(" (", 1)[0] for m in out}
+        for r, code in procs.exited():
+            if code != 1 and f"rank {r}" not in reported:
+                out.append(f"rank {r} (pid {procs.pid(r)}) {describe_exit(code)}")
         return out
 
     def close(self) -> None:
         """Stop the ranks (politely if they are healthy)."""
+        self._stop_monitor()  # ranks leaving on a stop command are not lost
         if self._front is not None and self._broken is None:
             try:
                 self._front.stop()
             except RuntimeError as e:
                 log.warning("ranks did not take the stop command: %s", e)
-            for p in self._procs:
-                p.join(timeout=10)
+            if self._procs is not None:
+                self._procs.wait(10.0)
         self._teardown()
         torch.set_num_threads(self._caller_threads)
 
@@ -342,19 +354,19 @@ class DistributedEngine:
         return CalculationFailed(f"distributed step failed: {detail}")
 
     def _ensure_ranks(self) -> None:
-        dead = [p.name for p in self._procs if not p.is_alive()]
-        if self._broken is None and not dead and self._front is not None:
+        lost = self._procs.lost() if self._procs is not None else None
+        if self._broken is None and lost is None and self._front is not None:
             return
         if self._world is not None:
-            raise CalculationFailed(f"engine broken ({self._broken or dead}); launched ranks "
+            raise CalculationFailed(f"engine broken ({self._broken or lost}); launched ranks "
                                     "cannot be restarted from here")
-        if dead:
-            log.warning("ranks %s died%s; restarting all ranks", dead,
-                        f" ({self._silent})" if self._silent else "")
+        if lost is not None and self._broken is None:
+            log.warning("%s; restarting all ranks", self._lost or lost)
         self._teardown()
         self.restarts += 1
         try:
             self._start()
         except (RuntimeError, MlipdError) as e:
             self._teardown()
+            log.error("could not restart the ranks (%s); trying again at the next request", e)
             raise CalculationFailed(f"could not restart ranks: {e}") from e

@@ -4,7 +4,8 @@ Every rank computes on one device; several ranks may share a GPU. With one GPU p
 rank the ranks talk over NCCL; when ranks share a device (more ranks than GPUs, CPU
 ranks, or ``backend="gloo"`` asked for) they use gloo, staging GPU rows through host
 memory (``mlipd.engine.comm``). Rank 0 (the caller's process, the front end) drives;
-the others run ``follower_main`` until rank 0 stops them. Launch across nodes with
+the others run ``follower_main`` until rank 0 stops them (spawned ranks start in
+``mlipd.engine.rank_main``). Launch across nodes with
 torchrun or srun (``mlipd.launch``).
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from mlipd.engine.comm import Comm
 from mlipd.engine.devices import local_device, pick_backend
@@ -83,17 +85,30 @@ def sync_weights(model) -> None:
                 dist.broadcast(t, src=0)
 
 
+JOINED_KEY = "mlipd/joined/"  # + rank: set in rank 0's store just before a rank joins
+
+
 def init_process_group(*, backend: str, rank: int, world_size: int, timeout_s: float,
                        host: str | None = None, port: int | None = None,
-                       store: dist.Store | None = None) -> None:
+                       store: dist.Store | None = None,
+                       connect_timeout_s: float | None = None) -> None:
     """Join the group through rank 0's TCPStore at host:port (hosted by rank 0, unless
-    rank 0 passes the ``store`` it already hosts)."""
+    rank 0 passes the ``store`` it already hosts). A rank other than 0 first sets
+    ``JOINED_KEY + rank``, so a rank 0 that watches its ranks knows when to join.
+    ``connect_timeout_s``: a shorter bound on the connection itself (collectives then
+    get ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
                               wait_for_workers=False)
+    if rank != 0:
+        store.set(f"{JOINED_KEY}{rank}", str(os.getpid()))
+    short = connect_timeout_s is not None and hasattr(c10d, "_set_pg_timeout")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+                            timeout=datetime.timedelta(seconds=connect_timeout_s)
+                            if short else timeout)
+    if short:
+        c10d._set_pg_timeout(timeout)
 
 
 def rank_step(config: RankConfig, local_rank: int) -> Step:
@@ -106,8 +121,9 @@ def rank_step(config: RankConfig, local_rank: int) -> Step:
 
 def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float, host: str,
                   port: int, local_rank: int, threads: int | None = None,
-                  errors=None) -> int:
-    """A non-zero rank from start to stop; returns its exit code."""
+                  report: Callable[[str], None] | None = None) -> int:
+    """A non-zero rank from start to stop; returns its exit code. ``report`` gets one
+    line (``rank R: Type: message``) when the rank fails."""
     keep_freed_memory()  # as rank 0's mlipd serve/drive process (see mlipd.malloc)
     if threads:
         torch.set_num_threads(threads)
@@ -118,25 +134,17 @@ def follower_main(rank: int, world_size: int, *, backend: str, timeout_s: float,
         if config.device(local_rank).type == "cuda":
             torch.cuda.set_device(config.device(local_rank))
         RankLoop(rank_step(config, local_rank)).follow()
-    except Exception as e:  # this rank's one top-level handler: report, then exit 1
-        log.exception("rank %d failed", rank)
-        if errors is not None:
-            errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-            errors.close()
-            errors.join_thread()
-        # exit at once: closing our sockets is what unblocks the peers' collectives
-        os._exit(1)
+    except Exception as e:  # noqa: BLE001 - this rank's one top-level handler: report, exit 1
+        try:
+            log.exception("rank %d failed", rank)
+            if report is not None:
+                report(f"rank {rank}: {type(e).__name__}: {e}")
+        finally:
+            # exit at once: closing our sockets is what unblocks the peers' collectives
+            # (and an interpreter exit with a process group alive may never end)
+            os._exit(1)
     dist.destroy_process_group()
     return 0
-
-
-def spawned_follower(rank: int, world_size: int, backend: str, host: str, port: int,
-                     timeout_s: float, threads: int | None, errors) -> None:
-    """Target of a spawned rank process (multiprocessing needs a module-level function)."""
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
-    follower_main(rank, world_size, backend=backend, timeout_s=timeout_s, host=host, port=port,
-                  local_rank=rank, threads=threads, errors=errors)
 
 
 def config_for(model: str | Callable, *, dtype: torch.dtype, skin: float,

@@ -2,15 +2,22 @@
 installed and, for published names, whether the file is where the package keeps it.
 
 Nothing here imports a model package (their imports take 10-20 s): installation comes
-from package metadata, files from ``caches``. Names registered in the ``mlipd.models``
+from package metadata, files from ``caches``, and each name's syntax from its adapter's
+source, read without running it (as i-PI lists its drivers): the module of the name's
+entry point declares ``SYNTAX`` (or ``<FACTORY>_SYNTAX`` where one module holds several
+names, e.g. ``MACE_MP_SYNTAX`` for ``pretrained:mace_mp``), a string literal or a sum
+of literals and names of ``caches``. Names registered in the ``mlipd.models``
 entry-point group that mlipd does not describe are listed as plug-ins.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import entry_points
+from importlib.util import find_spec
 
 from mlipd.models import caches
 
@@ -19,7 +26,7 @@ from mlipd.models import caches
 class Entry:
     """One ``--model`` name.
 
-    syntax:   what ``--model`` takes; options after the first comma
+    syntax:   what ``--model`` takes; options after the first comma (from the adapter)
     package:  the distribution it needs (None: torch only)
     what:     one line for a person
     files:    the published names and their files (``caches``), for names that load
@@ -28,11 +35,67 @@ class Entry:
     """
 
     name: str
-    syntax: str
     package: str | None
     what: str
     files: Callable[[], list[caches.PretrainedFile]] | None = None
     bundled: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def syntax(self) -> str:
+        return adapter_syntax(self.name)
+
+
+def _registered() -> dict:
+    return {ep.name: ep for ep in entry_points(group="mlipd.models")}
+
+
+@cache
+def adapter_syntax(name: str) -> str:
+    """The ``--model`` syntax the adapter of ``name`` declares, read from its source;
+    ``NAME[:ARG]`` for a name not registered or not declaring one."""
+    ep = _registered().get(name)
+    if ep is None:
+        return f"{name}[:ARG]"
+    module, _, attr = ep.value.partition(":")
+    found = _module_syntax(module, (f"{attr.strip().upper()}_SYNTAX", "SYNTAX"))
+    return found or f"{name}[:ARG]"
+
+
+def _module_syntax(module: str, names: tuple[str, ...]) -> str | None:
+    spec = find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=spec.origin)
+    consts: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "mlipd.models.caches":
+            for alias in node.names:
+                value = getattr(caches, alias.name, None)
+                if isinstance(value, str):
+                    consts[alias.asname or alias.name] = value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            value = _string(node.value, consts)
+            if value is not None:
+                consts[node.targets[0].id] = value
+    return next((consts[n] for n in names if n in consts), None)
+
+
+def _string(node: ast.expr, consts: dict[str, str]) -> str | None:
+    """A string literal, a name bound to one, ``caches.NAME``, or a sum of these."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name):
+        return consts.get(node.id)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+            and node.value.id == "caches":
+        value = getattr(caches, node.attr, None)
+        return value if isinstance(value, str) else None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _string(node.left, consts), _string(node.right, consts)
+        return None if left is None or right is None else left + right
+    return None
 
 
 def _mace_mp() -> list[caches.PretrainedFile]:
@@ -44,31 +107,27 @@ def _mace_off() -> list[caches.PretrainedFile]:
 
 
 ENTRIES = (
-    Entry("chgnet", "chgnet[:VERSION|PATH][,recompute=auto|0|1]", "chgnet",
+    Entry("chgnet", "chgnet",
           "CHGNet; pretrained versions ship in the package (default 0.3.0)",
           bundled=("0.3.0", "0.2.0", "r2scan")),
-    Entry("mace", "mace:PATH" + caches.MACE_OPTIONS, "mace-torch",
-          "a MACE / ScaleShiftMACE model file"),
-    Entry("mace-mp", "mace-mp[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]", "mace-torch",
+    Entry("mace", "mace-torch", "a MACE / ScaleShiftMACE model file"),
+    Entry("mace-mp", "mace-torch",
           f"MACE-MP foundation models from mace's cache (default "
           f"{caches.MACE_DEFAULTS['mace-mp']})", files=_mace_mp),
-    Entry("mace-off", "mace-off[:NAME]" + caches.MACE_OPTIONS + "[,offline=1]", "mace-torch",
+    Entry("mace-off", "mace-torch",
           f"MACE-OFF23 organic models from mace's cache (default "
           f"{caches.MACE_DEFAULTS['mace-off']})", files=_mace_off),
-    Entry("tensornet", "tensornet:DIR|NAME[,offline=1]", "matgl",
+    Entry("tensornet", "matgl",
           "a matgl TensorNet model directory, or a name of matgl's hub org in its cache",
           files=caches.tensornet_files),
-    Entry("esen", "esen:PATH|NAME[,task=NAME][,charge=Q][,spin=S][,offline=1]",
-          "fairchem-core", "a fairchem eSEN checkpoint file, or a registered name in "
+    Entry("esen", "fairchem-core", "a fairchem eSEN checkpoint file, or a registered name in "
           "fairchem's cache", files=caches.esen_files),
-    Entry("sevennet", "sevennet[:NAME|PATH][,modal=NAME][,offline=1]", "sevenn",
+    Entry("sevennet", "sevenn",
           "SevenNet; SevenNet-0 (7net-0, default) and others ship in the package",
           files=caches.sevennet_files),
-    Entry("reference", "reference[:layers=,features=,cutoff=,basis=,seed=]", None,
-          "a cheap reference message-passing potential (tests, benchmarks)"),
-    Entry("lj", "lj[:epsilon=eV,sigma=Å,cutoff=Å]", None, "Lennard-Jones in torch"),
-    Entry("ase", "ase:MODULE:NAME[,key=value...]", None,
-          "any ASE calculator, evaluated whole on one rank"),
+    Entry("reference", None, "a cheap reference message-passing potential (tests, benchmarks)"),
+    Entry("lj", None, "Lennard-Jones in torch"),
+    Entry("ase", None, "any ASE calculator, evaluated whole on one rank"),
 )
 
 
@@ -100,7 +159,7 @@ def _file_lines(entry: Entry) -> list[str]:
 def listing() -> str:
     """The text ``mlipd models`` prints."""
     described = {e.name for e in ENTRIES}
-    registered = {ep.name: ep for ep in entry_points(group="mlipd.models")}
+    registered = _registered()
     out = ["--model NAME[:ARG]: every model, its package, and the files of published names",
            ""]
     for entry in ENTRIES:

@@ -7,6 +7,8 @@ import torch
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
 from mlipd.models.options import parse_options
 
+SYNTAX = "lj[:epsilon=eV,sigma=Å,cutoff=Å]"  # --model (and `mlipd models`)
+
 
 class LennardJones(torch.nn.Module):
     """Shifted Lennard-Jones, one species-blind pair term: E(rc) = 0.
@@ -19,7 +21,7 @@ class LennardJones(torch.nn.Module):
                  cutoff: float | None = None) -> None:
         super().__init__()
         params = {"epsilon": epsilon, "sigma": sigma, "cutoff": cutoff}
-        params.update(parse_options(args, model="lj", syntax="lj[:epsilon=eV,sigma=Å,cutoff=Å]",
+        params.update(parse_options(args, model="lj", syntax=SYNTAX,
                                     keys=dict.fromkeys(params, float))[1])
         self.epsilon = float(params["epsilon"])
         self.sigma = float(params["sigma"])

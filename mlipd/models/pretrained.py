@@ -79,19 +79,32 @@ def reachable(url: str, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def require_download(what: str, *, missing: Path, folder: Path, url: str, offline: bool,
-                     hint: str = "") -> None:
-    """Raise ``ModelUnavailable`` unless a download of ``missing`` may start now."""
+                     fix: str | None = None) -> None:
+    """Raise ``ModelUnavailable`` unless a download of ``missing`` may start now. The
+    message ends with what to do by hand: ``fix``, by default "download URL and save it
+    as FOLDER/NAME" (the exact name the package looks for, which is not always the
+    URL's: mace keeps only the letters, digits and '_' of it)."""
     where = f"{missing.name} is not in {folder}"
+    fix = fix or f"download {url} and save it as {folder / missing.name}"
     if offline:
-        raise ModelUnavailable(f"{what}: {where} and offline=1 forbids a download; put it "
-                               f"there (from {url}){hint}")
+        raise ModelUnavailable(f"{what}: {where} and offline=1 forbids a download; {fix}")
     if not reachable(url):
         host = urllib.parse.urlsplit(url).hostname
         proxy = proxy_for(url)
         host = f"{host} (via proxy {proxy})" if proxy else host
         raise ModelUnavailable(f"{what}: {where} and {host} cannot be reached to download "
-                               f"it; put it there (from {url}){hint}")
+                               f"it; {fix}")
     log.warning("%s: downloading %s from %s into %s", what, missing.name, url, folder)
+
+
+def hf_fix(repo: str, cache_dir: Path, *, files: str = "", revision: str | None = None,
+           other: str = "") -> str:
+    """By hand, for a file kept in a Hugging Face cache (snapshots and refs, not one
+    file): the hub's own command where the network is, then the folder copied."""
+    rev = f" --revision {revision}" if revision else ""
+    folder = caches.hf_repo_folder(repo, cache_dir)
+    return (f"where the network is, run `hf download {repo}{files}{rev} --cache-dir "
+            f"{cache_dir}` and copy {folder.name} into {cache_dir}{other}")
 
 
 @contextlib.contextmanager
@@ -211,7 +224,10 @@ def matgl_dir(name: str, *, offline: bool = False) -> Path:
     folder = caches.hf_repo_folder(repo, caches.matgl_cache_dir())
     require_download(what, missing=folder, folder=caches.matgl_cache_dir(),
                      url=f"{caches.hf_endpoint()}/{repo}", offline=offline,
-                     hint=", or give a model directory: tensornet:DIR")
+                     fix=hf_fix(repo, caches.matgl_cache_dir(),
+                                other=f"; or save {', '.join(caches.MATGL_FILES)} from "
+                                      f"{caches.hf_endpoint()}/{repo} in a directory DIR "
+                                      "and give tensornet:DIR"))
     import matgl
 
     with _stdout_to_log(what):
@@ -241,7 +257,11 @@ def fairchem_checkpoint(name: str, *, offline: bool = False) -> Path:
         return found
     folder = caches.hf_repo_folder(entry["repo_id"], cache_dir)
     require_download(what, missing=Path(entry["filename"]), folder=folder,
-                     url=f"{caches.hf_endpoint()}/{entry['repo_id']}", offline=offline)
+                     url=f"{caches.hf_endpoint()}/{entry['repo_id']}", offline=offline,
+                     fix=hf_fix(entry["repo_id"], cache_dir,
+                                files=f" {caches.fairchem_repo_file(entry)}",
+                                revision=entry.get("revision"),
+                                other="; or download that file and give esen:PATH"))
     from fairchem.core.calculate.pretrained_mlip import pretrained_checkpoint_path_from_name
 
     with _stdout_to_log(what):

@@ -31,12 +31,12 @@ import torch
 from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
 from mlipd.models.options import parse_options
 
+SYNTAX = "reference[:layers=,features=,cutoff=,basis=,seed=]"  # --model (and `mlipd models`)
 _DEFAULTS = {"layers": 3, "features": 16, "cutoff": 5.0, "basis": 8, "seed": 0}
 
 
 def _parse(args: str) -> dict[str, float]:
-    return parse_options(args, model="reference",
-                         syntax="reference[:layers=,features=,cutoff=,basis=,seed=]",
+    return parse_options(args, model="reference", syntax=SYNTAX,
                          keys=dict.fromkeys(_DEFAULTS, float))[1]
 
 

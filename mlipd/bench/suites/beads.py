@@ -101,7 +101,8 @@ def _engine_table(report: Report, beads: Beads, case, *, size: str, device: str)
         "package one by one (CHGNetCalculator)": lambda k: [package_efs(calc, a)
                                                             for a in beads.step(k)],
     }
-    t = interleaved(calls, warmup=1, repeats=REPEATS[size], deadline=report.deadline)
+    t = interleaved(calls, warmup=1, repeats=REPEATS[size], deadline=report.deadline,
+                    label=f"{nb} beads, engine and package")
     table = report.table(f"{nb} beads per step, engine and package (median (min-max))",
                          ["contender", "s per step", "beads/s", "vs mlipd batched MD step"])
     ref = t["mlipd batched, MD step"]
@@ -138,8 +139,8 @@ def _server_table(report: Report, beads: Beads, *, size: str, device: str,
                      "one client per bead, at once": lambda k: pool.step(beads.structures(k)),
                      "one batch request": lambda k: client.batch(beads.structures(k))}
             counted = {name: _counting(fn, stats) for name, fn in calls.items()}
-            t = interleaved(counted, warmup=1,
-                            repeats=REPEATS[size], deadline=report.deadline)
+            t = interleaved(counted, warmup=1, repeats=REPEATS[size],
+                            deadline=report.deadline, label=f"{nb} beads through serve")
         finally:
             pool.close()
     for name, timing in t.items():

@@ -47,7 +47,8 @@ def run(report: Report, *, size: str, device: str) -> None:
         try:
             t = interleaved({"local": lambda k, e=local, m=md: e.compute([m.structure(k)]),
                              "dist": lambda k, e=dist, m=md: e.compute([m.structure(k)])},
-                            repeats=REPEATS[size], deadline=report.deadline)
+                            repeats=REPEATS[size], deadline=report.deadline,
+                            label=f"{model}, {n} atoms")
         finally:
             dist.close()
         atoms = md.base.n_atoms
@@ -89,7 +90,8 @@ def _shared_gpu(report: Report, *, size: str, device: str) -> None:
             (r,) = eng.compute([s])
             ref = ref or r
             t = interleaved({"step": lambda k, e=eng: e.compute([md.structure(k)])},
-                            repeats=REPEATS[size], deadline=report.deadline)
+                            repeats=REPEATS[size], deadline=report.deadline,
+                            label=f"chgnet at P={p}")
             table.add(p, t["step"].cell(), int(eng.last_stats[:, 2].max()),
                       f"{np.abs(r.forces - ref.forces).max():.2e}",
                       f"{abs(r.energy - ref.energy) / abs(ref.energy):.2e}")

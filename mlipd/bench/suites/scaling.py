@@ -199,7 +199,8 @@ def _one(report: Report, table, times, memory, spec: str, structure: str, n: int
                                timeout=max(120.0, deadline.left()))
             alive = {label: w for label, w in ws.items() if w not in failed}
             results.update({label: (failed[w], None) for label, w in ws.items() if w in failed})
-            t = interleaved(alive, warmup=1, repeats=REPEATS[size], deadline=deadline)
+            t = interleaved(alive, warmup=1, repeats=REPEATS[size], deadline=deadline,
+                            label=f"{model}, {atoms} atoms")
             for label, w in alive.items():
                 try:
                     results[label] = (t[label], w.inspect())

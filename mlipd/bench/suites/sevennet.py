@@ -87,7 +87,7 @@ def _timing(report: Report, *, size: str, device: str) -> None:
         steps = {name: make(device) for name, make in CONTENDERS.items()}
         t = interleaved({name: lambda k, f=f, m=md: f(m.structure(k))
                          for name, f in steps.items()},
-                        repeats=REPEATS[size])
+                        repeats=REPEATS[size], label=f"sevennet, {n} atoms")
         del steps
         mem = {name: _peak_memory(name, n, device) for name in CONTENDERS}
         table.add(md.base.n_atoms, t["mlipd"].cell(), t["sevenn"].cell(),
