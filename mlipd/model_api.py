@@ -173,6 +173,44 @@ class LocalGraph:
         return vec.to(dtype or self.dtype)
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """What one forward and backward pass of a model takes, per item, in bytes at the
+    model's dtype (activations autograd keeps plus the largest transient): declared by
+    the adapter from a measurement, used to refuse a request before it is allocated
+    (``mlipd.engine.guards.MemoryBudget``).
+
+    per_atom:     bytes per atom (owned or halo)
+    per_edge:     bytes per directed edge within the cutoff
+    per_angle:    bytes per angle (ordered pair of bonds at one centre) of a three-body
+                  graph; 0 for models without one
+    angle_cutoff: Å, the bond radius of that graph (CHGNet's ``bond_graph_cutoff``)
+    """
+
+    per_atom: float
+    per_edge: float
+    per_angle: float = 0.0
+    angle_cutoff: float = 0.0
+
+
+# A model that declares nothing: above the measured figures of the cheap models (LJ and
+# the reference potential: < 1 kB per edge at float64), below the large ones, which
+# declare theirs. Adapters should declare a measured figure (``memory_per_item``).
+DEFAULT_MEMORY_COST = MemoryCost(per_atom=4096.0, per_edge=2048.0)
+
+
+def memory_cost(model: object, dtype: torch.dtype) -> MemoryCost:
+    """``model.memory_per_item(dtype)`` when the adapter declares it (an optional part of
+    the contract), else ``DEFAULT_MEMORY_COST`` scaled to the dtype (float64 twice
+    float32)."""
+    declared = getattr(model, "memory_per_item", None)
+    if callable(declared):
+        return declared(dtype)
+    scale = torch.finfo(dtype).bits / 64
+    d = DEFAULT_MEMORY_COST
+    return MemoryCost(per_atom=d.per_atom * scale, per_edge=d.per_edge * scale)
+
+
 @runtime_checkable
 class Model(Protocol):
     spec: ModelSpec
@@ -182,6 +220,10 @@ class Model(Protocol):
         ``graph.positions`` and ``graph.cells`` and call ``graph.exchange`` the same
         number of times on every rank."""
         ...
+
+    # Optional: ``memory_per_item(dtype) -> MemoryCost`` declares the bytes one forward
+    # and backward take per atom, edge and angle (see ``memory_cost``; default
+    # ``DEFAULT_MEMORY_COST``). Not part of the runtime-checkable protocol.
 
 
 def species_index(atomic_numbers: list[int]) -> torch.Tensor:

@@ -40,7 +40,7 @@ from chgnet.model.functions import aggregate
 
 from mlipd.errors import SetupError
 from mlipd.memory import available_bytes
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
 from mlipd.models.chgnet_comm import BondExchange, BondPlans
 from mlipd.models.chgnet_graph import BondGraph, SkinGraph, build_skin_graph, select
 from mlipd.models.options import choice, parse_options
@@ -67,6 +67,7 @@ RECOMPUTE = ("auto", "0", "1")
 # the peak RSS of 1,000-atom (Li,Mn,Ni)O and (Mn,Ni)O steps on CPU (frozen weights,
 # activations stored); recompute=auto's estimate, ~15% above the 8,000-atom benchmark
 BYTES_PER_ANGLE = 12_000
+BYTES_PER_ATOM = 20_000  # memory budget only (per_atom of memory_per_item)
 BYTES_PER_EDGE = 17_000
 
 
@@ -120,6 +121,14 @@ class CHGNetModel(torch.nn.Module):
         # the last forward's graph sizes and choices, as information (the work done and
         # the rows moved are measured by mlipd.testing.work and Comm.traffic)
         self.counters: dict[str, int] = {}
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom, edge and angle of one step (``mlipd.model_api.MemoryCost``):
+        the stored activations (``BYTES_PER_*``), a quarter of them when recomputing
+        (``recompute=1``); see docs/reliability.md for the measurement."""
+        scale = (torch.finfo(dtype).bits // 32) / (4 if self.recompute == "1" else 1)
+        return MemoryCost(per_atom=scale * BYTES_PER_ATOM, per_edge=scale * BYTES_PER_EDGE,
+                          per_angle=scale * BYTES_PER_ANGLE, angle_cutoff=self.bond_cutoff)
 
     def _should_recompute(self, bg: BondGraph, graph: LocalGraph) -> bool:
         if self.recompute != "auto":

@@ -17,6 +17,14 @@ same id on the same connection (a client's heartbeat) is answered from the
 ``Ledger``: ``pending`` while it is queued or computing, the same reply once
 finished; it is never computed twice.
 
+A client may ``cancel`` a request of its own (same connection, by id): still queued, it
+leaves the queue at once and is answered ``cancelled``; computing or answered, the
+cancel says so and changes nothing. When a client's connection closes (ZMQ_ROUTER_NOTIFY
+tells the ROUTER: an empty frame from that routing id), its queued requests are dropped
+the same way, uncomputed, and forgotten by the ledger, so a client that reconnects with
+the same routing id and resends gets its request computed. Both count in ``stats``
+(``dropped``).
+
 Every failure is an error reply: bad frames (``protocol``), bad fields
 (``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
 unexpected exception (``internal``). A frame larger than ``max_message_bytes``
@@ -39,9 +47,11 @@ import zmq
 
 from mlipd.errors import (
     Busy,
+    Cancelled,
     MlipdError,
     ProtocolError,
     SetupError,
+    TooLarge,
     UnknownSpecies,
     ValidationError,
 )
@@ -99,6 +109,11 @@ class ZmqEndpoint:
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_atoms, max_structures))
         self._sock.setsockopt(zmq.LINGER, _LINGER_MS)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client's reconnect keeps its id
+        # a closed connection arrives as an empty frame from its routing id (libzmq >= 4.3)
+        self._sock.setsockopt(zmq.ROUTER_NOTIFY, zmq.NOTIFY_DISCONNECT)
+        self._by_peer: dict[bytes, set[Hashable]] = {}  # queued or computing keys
+        self._gone: set[Hashable] = set()  # keys dropped because their peer closed
+        self._peers_lock = threading.Lock()  # both: the socket's holder and the engine thread
         if parsed.ipv6:  # only then: IPv4 addresses would be reported v4-mapped
             self._sock.setsockopt(zmq.IPV6, 1)
         if curve is not None:
@@ -182,12 +197,19 @@ class ZmqEndpoint:
             if len(frames) < 2:
                 continue  # no routing id: cannot answer
             envelope = [f.bytes for f in frames[:-1]]
+            payload = frames[-1]
+            if len(payload) == 0:  # ROUTER_NOTIFY: that peer's connection closed
+                self._peer_closed(envelope[0])
+                if len(frames) == 2:
+                    continue  # (a REQ's empty delimiter alone would be a bad frame anyway)
             try:
-                self._handle(envelope, frames[-1].buffer)
+                self._handle(envelope, payload.buffer)
             except Exception as e:  # any bug in handling: an internal error reply, not silence
                 log.exception("request handling failed")
                 self._error(envelope, None, MlipdError(f"internal error: "
                                                        f"{type(e).__name__}: {e}"))
+            finally:
+                self.worker.note_freed(len(payload))  # queued: the worker counts it again
 
     def flush(self) -> None:
         """Send the replies of finished requests."""
@@ -209,13 +231,13 @@ class ZmqEndpoint:
         self.metrics.on_request("zmq")
         try:
             msg = zmq_msgs.load_request(raw, max_structures=self.max_structures)
-        except ProtocolError as e:
+        except (ProtocolError, TooLarge) as e:  # TooLarge: a list of too many structures
             self._error(envelope, None, e)
             return
         rid = zmq_msgs.request_id(msg)
         op = msg.get("op") if isinstance(msg, Mapping) else None
         key = (tuple(envelope), rid)
-        fp = (0, 0)
+        fp = b""
         if rid is not None and isinstance(op, str) and op in zmq_msgs.COMPUTE_OPS:
             fp = fingerprint(raw)
             entry = self.ledger.get(key)
@@ -242,8 +264,42 @@ class ZmqEndpoint:
             self._send(envelope, zmq_msgs.pack_value(req.id, self.info))
         elif req.op == "stats":
             self._send(envelope, zmq_msgs.pack_value(req.id, self.stats()))
+        elif req.op == "cancel":
+            state = self._cancel((tuple(envelope), req.target))
+            self._send(envelope, zmq_msgs.pack_value(req.id, {"target": req.target,
+                                                              "state": state}))
         else:
-            self._compute(envelope, key, req, fp)
+            self._compute(envelope, key, req, fp, len(raw))
+
+    def _cancel(self, key: Hashable) -> str:
+        """Drop this connection's request ``key`` if it is still queued: "cancelled",
+        else "computing", "finished" or "unknown"."""
+        entry = self.ledger.get(key)
+        if entry is None:
+            return "unknown"
+        if entry.reply is not None or entry.future is None:
+            return "finished"
+        if self.worker.drop(entry.future, Cancelled(f"request {key[1]} cancelled by its "
+                                                    "client"), reason="cancelled"):
+            return "cancelled"
+        return "finished" if entry.future.done() else "computing"
+
+    def _peer_closed(self, peer: bytes) -> None:
+        """Drop the queued requests of a closed connection (not the one computing)."""
+        with self._peers_lock:
+            keys = list(self._by_peer.pop(peer, ()))
+        for key in keys:
+            entry = self.ledger.get(key)
+            if entry is None or entry.future is None:
+                continue
+            with self._peers_lock:
+                self._gone.add(key)
+            if not self.worker.drop(entry.future, Cancelled("client disconnected"),
+                                    reason="disconnected"):
+                with self._peers_lock:
+                    self._gone.discard(key)  # computing: its reply is kept for a resend
+        if keys:
+            log.debug("peer %s closed; %d requests of it were at work", peer.hex(), len(keys))
 
     def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
         self.metrics.on_request("repeat")
@@ -256,7 +312,7 @@ class ZmqEndpoint:
                                                    waited_s=self.ledger.clock() - entry.arrived))
 
     def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request,
-                 fp: tuple[int, int]) -> None:
+                 fp: bytes, nbytes: int) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
@@ -268,15 +324,29 @@ class ZmqEndpoint:
             self._error(envelope, req.id, Busy("server is shutting down"))
             return
         try:
-            fut = self.worker.submit(envelope[0], req.structures, virial=req.virial)
+            fut = self.worker.submit(envelope[0], req.structures, virial=req.virial,
+                                     nbytes=nbytes)
         except Busy as e:
             self._error(envelope, req.id, e)
             return
         self.ledger.start(key, fut, fp)
+        with self._peers_lock:
+            self._by_peer.setdefault(envelope[0], set()).add(key)
         fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
     def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:
         """On the thread that resolved ``fut`` (the engine's): pack, remember, queue."""
+        with self._peers_lock:
+            peer = self._by_peer.get(envelope[0])
+            if peer is not None:
+                peer.discard(key)
+                if not peer:
+                    del self._by_peer[envelope[0]]
+            gone = key in self._gone
+            self._gone.discard(key)
+        if gone:  # its client closed: nobody to answer, nothing to keep
+            self.ledger.discard(key)
+            return
         exc = fut.exception()
         try:
             payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
