@@ -19,11 +19,14 @@ finished; it is never computed twice.
 
 A client may ``cancel`` a request of its own (same connection, by id): still queued, it
 leaves the queue at once and is answered ``cancelled``; computing or answered, the
-cancel says so and changes nothing. When a client's connection closes (ZMQ_ROUTER_NOTIFY
-tells the ROUTER: an empty frame from that routing id), its queued requests are dropped
-the same way, uncomputed, and forgotten by the ledger, so a client that reconnects with
-the same routing id and resends gets its request computed. Both count in ``stats``
-(``dropped``).
+cancel says so and changes nothing. When a client's connection closes, its queued
+requests are dropped the same way, uncomputed, and forgotten by the ledger (a client
+that reconnects and resends gets its request computed). Which connection a request came
+over is its frame's file descriptor (ZMQ_SRCFD); a socket monitor reports each closed
+descriptor (EVENT_DISCONNECTED), read before every message, so a descriptor the kernel
+reuses for a new connection is never confused with the closed one. libzmq's
+ROUTER_NOTIFY would name the routing id, but it is a draft API that pyzmq's libzmq 4.3
+does not enable. Both count in ``stats`` (``dropped``).
 
 Every failure is an error reply: bad frames (``protocol``), bad fields
 (``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
@@ -44,6 +47,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from mlipd.errors import (
     Busy,
@@ -109,10 +113,9 @@ class ZmqEndpoint:
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_atoms, max_structures))
         self._sock.setsockopt(zmq.LINGER, _LINGER_MS)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client's reconnect keeps its id
-        # a closed connection arrives as an empty frame from its routing id (libzmq >= 4.3)
-        self._sock.setsockopt(zmq.ROUTER_NOTIFY, zmq.NOTIFY_DISCONNECT)
-        self._by_peer: dict[bytes, set[Hashable]] = {}  # queued or computing keys
-        self._gone: set[Hashable] = set()  # keys dropped because their peer closed
+        self._by_fd: dict[int, set[Hashable]] = {}  # requests at work, by connection
+        self._fd_of: dict[Hashable, int] = {}
+        self._gone: set[Hashable] = set()  # keys dropped because their connection closed
         self._peers_lock = threading.Lock()  # both: the socket's holder and the engine thread
         if parsed.ipv6:  # only then: IPv4 addresses would be reported v4-mapped
             self._sock.setsockopt(zmq.IPV6, 1)
@@ -125,6 +128,7 @@ class ZmqEndpoint:
             self._sock.close(0)
             raise SetupError(f"cannot bind ZeroMQ endpoint {address!r}: {e}") from e
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket = self._sock
         self.lock = threading.Lock()  # held by whoever uses the socket
         self._give_back = False
@@ -153,6 +157,8 @@ class ZmqEndpoint:
             self._thread.join(timeout=30)
         with self.lock:  # the loop has lent it for good, or is stuck in the engine
             self.flush()  # what a late done-callback queued
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(linger=_LINGER_MS)
         if self._ipc is not None:
             self._ipc.remove()
@@ -189,6 +195,10 @@ class ZmqEndpoint:
     def on_readable(self) -> None:
         """Read what has arrived (a bounded burst, so replies get their turn)."""
         for _ in range(_RECV_BURST):
+            # closes first: a descriptor is reused at once (the lowest free one), and its
+            # new connection's ACCEPT, hence its messages, come after the old one's
+            # DISCONNECTED on the monitor, which is read before each message
+            self._closed_connections()
             try:
                 # zero-copy frames: msgpack reads the payload in place
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -198,12 +208,8 @@ class ZmqEndpoint:
                 continue  # no routing id: cannot answer
             envelope = [f.bytes for f in frames[:-1]]
             payload = frames[-1]
-            if len(payload) == 0:  # ROUTER_NOTIFY: that peer's connection closed
-                self._peer_closed(envelope[0])
-                if len(frames) == 2:
-                    continue  # (a REQ's empty delimiter alone would be a bad frame anyway)
             try:
-                self._handle(envelope, payload.buffer)
+                self._handle(envelope, payload.buffer, _source_fd(payload))
             except Exception as e:  # any bug in handling: an internal error reply, not silence
                 log.exception("request handling failed")
                 self._error(envelope, None, MlipdError(f"internal error: "
@@ -212,7 +218,9 @@ class ZmqEndpoint:
                 self.worker.note_freed(len(payload))  # queued: the worker counts it again
 
     def flush(self) -> None:
-        """Send the replies of finished requests."""
+        """Drop the queued work of closed connections; send the replies of finished
+        requests."""
+        self._closed_connections()
         while self._outbox:
             envelope, payload = self._outbox.popleft()
             self._send(envelope, payload)
@@ -227,7 +235,7 @@ class ZmqEndpoint:
         self.metrics.on_error(err.code)
         self._send(envelope, zmq_msgs.pack_error(rid, err))
 
-    def _handle(self, envelope: list[bytes], raw: memoryview) -> None:
+    def _handle(self, envelope: list[bytes], raw: memoryview, fd: int | None = None) -> None:
         self.metrics.on_request("zmq")
         try:
             msg = zmq_msgs.load_request(raw, max_structures=self.max_structures)
@@ -269,7 +277,7 @@ class ZmqEndpoint:
             self._send(envelope, zmq_msgs.pack_value(req.id, {"target": req.target,
                                                               "state": state}))
         else:
-            self._compute(envelope, key, req, fp, len(raw))
+            self._compute(envelope, key, req, fp, len(raw), fd)
 
     def _cancel(self, key: Hashable) -> str:
         """Drop this connection's request ``key`` if it is still queued: "cancelled",
@@ -284,10 +292,22 @@ class ZmqEndpoint:
             return "cancelled"
         return "finished" if entry.future.done() else "computing"
 
-    def _peer_closed(self, peer: bytes) -> None:
-        """Drop the queued requests of a closed connection (not the one computing)."""
+    def _closed_connections(self) -> None:
+        """Read the monitor's closed connections and drop their queued requests."""
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connection_closed(int(event["value"]))
+
+    def _connection_closed(self, fd: int) -> None:
+        """Drop the queued requests that came over ``fd`` (not the one computing)."""
         with self._peers_lock:
-            keys = list(self._by_peer.pop(peer, ()))
+            keys = list(self._by_fd.pop(fd, ()))
+            for key in keys:
+                self._fd_of.pop(key, None)
         for key in keys:
             entry = self.ledger.get(key)
             if entry is None or entry.future is None:
@@ -299,7 +319,7 @@ class ZmqEndpoint:
                 with self._peers_lock:
                     self._gone.discard(key)  # computing: its reply is kept for a resend
         if keys:
-            log.debug("peer %s closed; %d requests of it were at work", peer.hex(), len(keys))
+            log.debug("connection %d closed; %d requests of it were at work", fd, len(keys))
 
     def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
         self.metrics.on_request("repeat")
@@ -312,7 +332,7 @@ class ZmqEndpoint:
                                                    waited_s=self.ledger.clock() - entry.arrived))
 
     def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request,
-                 fp: bytes, nbytes: int) -> None:
+                 fp: bytes, nbytes: int, fd: int | None) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
@@ -330,18 +350,21 @@ class ZmqEndpoint:
             self._error(envelope, req.id, e)
             return
         self.ledger.start(key, fut, fp)
-        with self._peers_lock:
-            self._by_peer.setdefault(envelope[0], set()).add(key)
+        if fd is not None:
+            with self._peers_lock:
+                self._by_fd.setdefault(fd, set()).add(key)
+                self._fd_of[key] = fd
         fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
     def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:
         """On the thread that resolved ``fut`` (the engine's): pack, remember, queue."""
         with self._peers_lock:
-            peer = self._by_peer.get(envelope[0])
-            if peer is not None:
-                peer.discard(key)
-                if not peer:
-                    del self._by_peer[envelope[0]]
+            fd = self._fd_of.pop(key, None)
+            keys = self._by_fd.get(fd) if fd is not None else None
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_fd[fd]
             gone = key in self._gone
             self._gone.discard(key)
         if gone:  # its client closed: nobody to answer, nothing to keep
@@ -357,6 +380,15 @@ class ZmqEndpoint:
             payload = zmq_msgs.pack_error(rid, err)
         self.ledger.finish(key, payload)
         self._outbox.append((envelope, payload))
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection a frame came over (ZMQ_SRCFD), or None."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _names(numbers: set[int]) -> str:

@@ -188,8 +188,9 @@ class EngineWorker:
             self._freed += nbytes
 
     def trim_if_due(self) -> None:
-        """Give the heap back once enough large requests have been let go."""
-        if self._freed >= TRIM_AFTER_BYTES:
+        """Give the heap back once enough large requests have been let go, or once the
+        queue is empty after any large request (the process is idle: back to baseline)."""
+        if self._freed >= TRIM_AFTER_BYTES or (self._freed and not len(self.scheduler)):
             self._freed = 0
             give_back_heap()
             self.metrics.on_trim()
