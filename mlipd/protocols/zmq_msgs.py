@@ -231,7 +231,7 @@ def load_request(raw: bytes | memoryview, *,
     no longer than a request can need, and at most a request's worth of containers and
     elements in all (``ProtocolError`` otherwise, before more is built; ``TooLarge`` for
     a list of more structures than allowed)."""
-    budget = [80 + 16 * max_structures, 320 + 64 * max_structures]  # containers, elements
+    budget = [64 + 16 * max_structures, 256 + 64 * max_structures]  # containers, elements
 
     def spend(obj: Any) -> Any:
         budget[0] -= 1
@@ -241,17 +241,18 @@ def load_request(raw: bytes | memoryview, *,
         return obj
 
     try:
-        # one more than allowed: a batch of max_structures + 1 is decoded and refused by
-        # ``check_request`` with its id (too_large); longer lists fail here, also too_large
+        # twice what is allowed: a batch of up to 2 max_structures is decoded (within the
+        # budget above) and refused by ``check_request`` with its id (too_large); a longer
+        # list fails at its header here, also too_large (the id unread)
         return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=_MAX_STR,
-                               max_array_len=max(max_structures + 1, 16), max_map_len=16,
+                               max_array_len=max(2 * max_structures, 16), max_map_len=16,
                                max_ext_len=0, list_hook=spend, object_hook=spend)
     except ProtocolError:
         raise
     except ValueError as e:
         if "max_array_len" in str(e):  # msgpack's message for a list over the limit
-            raise TooLarge(f"a list longer than {max(max_structures, 16)} items (at most "
-                           f"{max_structures} structures per request)") from e
+            raise TooLarge(f"a list longer than {max(2 * max_structures, 16)} items (at "
+                           f"most {max_structures} structures per request)") from e
         raise ProtocolError(f"not a msgpack request: {type(e).__name__}: {e}") from e
     except (TypeError, msgpack.UnpackException, RecursionError) as e:
         raise ProtocolError(f"not a msgpack request: {type(e).__name__}: {e}") from e
