@@ -8,9 +8,10 @@ aspect ratio (two atoms 1e6 Å apart, a flat open structure 3000 Å wide, a
 ~1e9 periodic images for one atom in a nearly singular cell; and a tiny cell or a
 dense cluster asks for billions of pairs. Each check below is O(N) vectorised numpy
 (hashed bins; a sort only of the few atoms that share a bucket, all pairs only below
-160 atoms), runs only when the neighbour list is rebuilt (a reused list
-keeps every atom within skin/2 of a checked structure, with the same cell), and
-raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
+160 atoms), runs when the neighbour list is rebuilt (a reused list keeps every atom
+within skin/2 of a checked structure, with the same cell: every check but the minimum
+distance still holds, and that one is repeated at every reused step for the few pairs
+that could come that close, ``CloseWatch``), and raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
 mean, ``TooLarge`` (``too_large``) for work beyond a budget.
 
 The checks, in order (``check_structure``):
@@ -23,8 +24,11 @@ The checks, in order (``check_structure``):
    no axis capped to zero cells, and its cell-pair visits <= ``MAX_GRID_VISITS``;
 4. pairs: an upper bound on the pairs within cutoff + skin (``pair_bound``, bins as
    wide as the radius, Cauchy-Schwarz over neighbouring bins) <= ``Limits.max_pairs``;
-5. the minimum interatomic distance (``closest_pair``) >= ``Limits.min_distance``;
-6. at P > 1, the partitioner's dense bin grid (``mlipd.engine.bins``) stays small.
+5. the minimum interatomic distance (``closest_pair``, ``close_pairs``) >=
+   ``Limits.min_distance``, and the pairs to watch until the next rebuild;
+6. at P > 1, the partitioner's dense bin grid (``mlipd.engine.bins``) stays small;
+then, for the whole batch, the memory estimate against the budget
+(``mlipd.engine.budget``).
 """
 
 from __future__ import annotations
