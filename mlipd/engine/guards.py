@@ -11,8 +11,9 @@ dense cluster asks for billions of pairs. Each check below is O(N) vectorised nu
 160 atoms), runs when the neighbour list is rebuilt (a reused list keeps every atom
 within skin/2 of a checked structure, with the same cell: every check but the minimum
 distance still holds, and that one is repeated at every reused step for the few pairs
-that could come that close, ``CloseWatch``), and raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
-mean, ``TooLarge`` (``too_large``) for work beyond a budget.
+that could come that close, ``CloseWatch``), and raises a typed error:
+``ValidationError`` (``bad_input``) for input no model can mean, ``TooLarge``
+(``too_large``) for work beyond a budget.
 
 The checks, in order (``check_structure``):
 1. magnitudes: cell vectors <= ``MAX_LENGTH``, fractional coordinates on periodic
