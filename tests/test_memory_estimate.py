@@ -36,6 +36,7 @@ def _param(name: str):
     return pytest.param(name, marks=[pytest.mark.e3nn] if name in E3NN else [])
 
 
+@pytest.mark.slow  # ~2.5 min per family on 2 shared cores: model loads and real peaks
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", [_param(n) for n in CASES])
 def test_estimate_is_not_below_the_measured_peak(name):
