@@ -32,6 +32,9 @@ def rss() -> tuple[int, int]:
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 def build(name):
+    if name in ("lj", "reference"):
+        from mlipd.models.registry import load_model
+        return load_model(name), 18
     if name == "chgnet":
         from mlipd.models.registry import load_model
         return load_model("chgnet"), 14

@@ -94,12 +94,19 @@ def test_the_bound_alone_admits_small_requests_and_the_exact_count_decides_near_
             [s], u_h=[(u, h)], skin=0.5)
 
 
-def test_every_adapter_declares_its_memory_or_gets_the_default():
+def test_an_adapter_declares_its_memory_or_gets_the_default():
     import torch
 
+    from mlipd.model_api import DEFAULT_MEMORY_COST
+
     lj = load_model("lj")
-    assert memory_cost(lj, torch.float64).per_edge > 0  # the documented default
-    assert memory_cost(lj, torch.float32).per_edge == memory_cost(lj, torch.float64).per_edge / 2
+    assert memory_cost(lj, torch.float64).per_edge == 512  # declared
+    assert memory_cost(lj, torch.float32).per_edge == 256
+
+    class Plugin(torch.nn.Module):  # declares nothing
+        pass
+
+    assert memory_cost(Plugin(), torch.float64) == DEFAULT_MEMORY_COST
 
 
 # ---------------------------------------------------------------- reused lists (item 3)

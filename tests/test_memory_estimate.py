@@ -23,6 +23,8 @@ PROBE = Path(__file__).with_name("memory_probe.py")
 MARGIN, ALLOWANCE = 1.25, 64 * 2**20
 
 CASES = {  # model: (dtype, lattice, sizes)
+    "lj": ("float64", "si", ("2x2x2", "4x4x4", "6x6x6")),
+    "reference": ("float64", "si", ("2x2x2", "4x4x4", "6x6x6")),
     "chgnet": ("float32", "cu", ("1x1x1", "2x2x2", "3x3x3")),
     "mace": ("float64", "si", ("1x1x1", "2x2x2", "3x3x3")),
     "tensornet": ("float64", "si", ("1x1x1", "2x2x2", "3x3x3")),
@@ -30,13 +32,14 @@ CASES = {  # model: (dtype, lattice, sizes)
     "esen": ("float64", "si", ("1x1x1", "2x2x2", "3x3x3")),
 }
 E3NN = {"sevennet", "esen"}
+CHEAP = {"lj", "reference"}  # seconds; the others ~2.5 min per family on 2 shared cores
 
 
 def _param(name: str):
-    return pytest.param(name, marks=[pytest.mark.e3nn] if name in E3NN else [])
+    marks = [pytest.mark.e3nn] if name in E3NN else []
+    return pytest.param(name, marks=marks if name in CHEAP else [*marks, pytest.mark.slow])
 
 
-@pytest.mark.slow  # ~2.5 min per family on 2 shared cores: model loads and real peaks
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", [_param(n) for n in CASES])
 def test_estimate_is_not_below_the_measured_peak(name):

@@ -79,7 +79,7 @@ def srv(tmp_path_factory, gate):
     tmp = tmp_path_factory.mktemp("srv")
     with running_server(["--model", gate.model, "--dtype", "float64",
                          "--zmq", "tcp://127.0.0.1:0", "--max-queue-bytes", "24M",
-                         "--max-request-memory", "256M"],
+                         "--max-request-memory", "64M"],
                         log=tmp / "serve.log", env=plugin_env(tmp)) as s:
         yield s
 
@@ -89,8 +89,9 @@ def srv(tmp_path_factory, gate):
 
 def test_dense_structures_are_refused_by_the_memory_budget(srv):
     """27 / 64 / 125 Si atoms 0.6 Å apart in a periodic cell: a ~1-3 KB request that
-    passes every geometry guard. With LJ the edges alone (~1e5 per 27 atoms, ~2 kB each
-    declared) are over the 256 MB budget: too_large with the estimate and the budget."""
+    passes every geometry guard. With LJ (cutoff 8.5 Å) the edges alone (3.2e5 for 27
+    atoms, 512 B each declared) are over the 64 MiB budget: too_large with the estimate
+    and the budget."""
     base = peak_rss_mb(srv.proc.pid)
     with Client(srv.address, heartbeat_s=5, timeout_s=120) as c:
         for n in (3, 4, 5):
@@ -98,7 +99,7 @@ def test_dense_structures_are_refused_by_the_memory_budget(srv):
                 c.compute(dense_si(n))
             assert info.value.code == "too_large", info.value
             assert "estimated memory" in str(info.value)
-            assert "budget 0.25 GiB" in str(info.value)
+            assert "budget 0.0625 GiB" in str(info.value)
     answered_correctly(srv.address)
     assert srv.proc.poll() is None
     assert peak_rss_mb(srv.proc.pid) < base + 200  # refused from counts, never computed

@@ -122,8 +122,8 @@ def run(report: Report, *, size: str, device: str) -> None:
     log = Path(f"/tmp/mlipd-soak-{time.monotonic_ns()}.log")
     args = ["--model", "lj", "--dtype", "float64", "--device", device,
             "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "20000",
-            # a budget the dense fault exceeds (LJ: ~3e5 edges x 2 kB) and no valid one does
-            "--max-request-memory", "256M"]
+            # a budget the dense fault exceeds (LJ: 3.2e5 edges x 512 B) and no valid one does
+            "--max-request-memory", "64M"]
     tally = Tally()
     # one torch thread in the server: on a small shared machine OpenMP's spinning threads
     # slowed a 4-atom step 50x (3 ms -> 150 ms, measured under load 9 on 2 cores)
