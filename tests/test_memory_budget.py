@@ -159,3 +159,30 @@ def test_nothing_is_watched_in_sane_matter():
     watch = check_structures([Structure.from_atoms(si), Structure.from_atoms(water)],
                              radius=6.5, limits=Limits(), skin=0.5)
     assert watch.watched == {}  # O-H 0.96 Å > 0.1 + 0.5 Å: no pair to follow
+
+
+# ---------------------------------------------------------------- the queue in bytes (item 2)
+
+
+def test_the_scheduler_bounds_its_queue_in_bytes_and_releases_them():
+    from mlipd.errors import Busy
+    from mlipd.server.scheduler import Scheduler, Ticket
+
+    s = _pair_structure(1.0)
+    sched = Scheduler(max_bytes=100)
+
+    def ticket(source, nbytes, token=None):
+        return Ticket(source=source, structures=(s,), arrived=0.0, nbytes=nbytes, token=token)
+
+    sched.submit(ticket("a", 500, token="big"))  # alone: always taken (the frame limit bounds it)
+    with pytest.raises(Busy, match="--max-queue-bytes"):
+        sched.submit(ticket("b", 1))
+    assert sched.remove("big").nbytes == 500  # cancelled: its bytes are free at once
+    assert sched.pending_bytes == 0
+    sched.submit(ticket("a", 60))
+    sched.submit(ticket("b", 40))
+    with pytest.raises(Busy):
+        sched.submit(ticket("c", 1))
+    assert len(sched.take(0.0, force=True)) == 2
+    assert sched.pending_bytes == 0
+    assert sched.remove("nothing") is None
