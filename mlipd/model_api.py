@@ -185,12 +185,16 @@ class MemoryCost:
     per_angle:    bytes per angle (ordered pair of bonds at one centre) of a three-body
                   graph; 0 for models without one
     angle_cutoff: Å, the bond radius of that graph (CHGNet's ``bond_graph_cutoff``)
+    recomputed:   the figures when the model recomputes activations in the backward
+                  pass, for a model that switches to it by itself when memory is short
+                  (``recompute=auto``); None otherwise
     """
 
     per_atom: float
     per_edge: float
     per_angle: float = 0.0
     angle_cutoff: float = 0.0
+    recomputed: MemoryCost | None = None
 
 
 # A model that declares nothing (a plug-in): a guess between the measured figures of the

@@ -186,3 +186,17 @@ def test_the_scheduler_bounds_its_queue_in_bytes_and_releases_them():
     assert len(sched.take(0.0, force=True)) == 2
     assert sched.pending_bytes == 0
     assert sched.remove("nothing") is None
+
+
+def test_a_model_that_recomputes_when_short_is_held_to_its_recomputed_figure():
+    s = Structure.from_atoms(bulk("Si", "diamond", a=5.43, cubic=True).repeat(3))
+    u, h, _ = _reduced(s.positions, s.cell, np.asarray(s.pbc))
+    stored = MemoryCost(per_atom=20_000, per_edge=17_000)
+    cheap = MemoryCost(per_atom=5_000, per_edge=4_000)
+    need = exact_counts(s, cutoff=6.0, radius=6.5, cost=stored)
+    budget = 0.5 * need.bytes(stored)  # stored over it, recomputed under it
+    with pytest.raises(TooLarge):
+        MemoryBudget(budget=budget, cost=stored, cutoff=6.0).check([s], u_h=[(u, h)], skin=0.5)
+    auto = MemoryCost(per_atom=20_000, per_edge=17_000, recomputed=cheap)
+    got = MemoryBudget(budget=budget, cost=auto, cutoff=6.0).check([s], u_h=[(u, h)], skin=0.5)
+    assert got == pytest.approx(need.bytes(cheap))

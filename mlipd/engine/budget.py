@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from vesin import NeighborList
@@ -75,7 +75,19 @@ class MemoryBudget:
               u_h: list[tuple[np.ndarray, np.ndarray]], skin: float) -> float:
         """Refuse the batch (``TooLarge``) when its estimate is over the budget; the
         estimate in bytes otherwise. ``u_h``: each structure's reduced coordinates and
-        face heights (``guards._reduced``), already computed by the guards."""
+        face heights (``guards._reduced``), already computed by the guards. A model
+        that recomputes activations by itself when memory is short (``cost.recomputed``)
+        is held to that figure when the stored one is over the budget."""
+        try:
+            return self._check(structures, u_h=u_h, skin=skin)
+        except TooLarge:
+            if self.cost.recomputed is None:
+                raise
+            return replace(self, cost=self.cost.recomputed).check(structures, u_h=u_h,
+                                                                   skin=skin)
+
+    def _check(self, structures: list[Structure] | tuple[Structure, ...], *,
+               u_h: list[tuple[np.ndarray, np.ndarray]], skin: float) -> float:
         radius = self.cutoff + skin
         bounds = [upper_bound(s, u, h, cutoff=self.cutoff, radius=radius, cost=self.cost)
                   for s, (u, h) in zip(structures, u_h, strict=True)]
@@ -87,8 +99,7 @@ class MemoryBudget:
             if self.share(c.bytes(self.cost)) <= self.budget / 8:
                 exact.append(c)  # small next to the budget: the bound will do
                 continue
-            pairs = c.edges / 2 * (radius / self.cutoff) ** 3
-            if pairs * PAIR_LIST_BYTES > self.budget:  # the count itself would not fit
+            if c.edges / 2 * PAIR_LIST_BYTES > self.budget:  # the count itself would not fit
                 _refuse(s, c, self.share(c.bytes(self.cost)), self.budget)
             exact.append(exact_counts(s, cutoff=self.cutoff, radius=radius, cost=self.cost))
         total = self.share(sum(c.bytes(self.cost) for c in exact))

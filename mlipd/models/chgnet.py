@@ -68,6 +68,8 @@ RECOMPUTE = ("auto", "0", "1")
 # activations stored); recompute=auto's estimate, ~15% above the 8,000-atom benchmark
 BYTES_PER_ANGLE = 12_000
 BYTES_PER_ATOM = 20_000  # memory budget only (per_atom of memory_per_item)
+# stored over recomputed activations, measured 1.5 / 0.4 MiB per atom (docs/models.md)
+RECOMPUTE_SAVING = 3.5
 BYTES_PER_EDGE = 17_000
 
 
@@ -124,11 +126,18 @@ class CHGNetModel(torch.nn.Module):
 
     def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
         """Bytes per atom, edge and angle of one step (``mlipd.model_api.MemoryCost``):
-        the stored activations (``BYTES_PER_*``), a quarter of them when recomputing
-        (``recompute=1``); see docs/reliability.md for the measurement."""
-        scale = (torch.finfo(dtype).bits // 32) / (4 if self.recompute == "1" else 1)
-        return MemoryCost(per_atom=scale * BYTES_PER_ATOM, per_edge=scale * BYTES_PER_EDGE,
-                          per_angle=scale * BYTES_PER_ANGLE, angle_cutoff=self.bond_cutoff)
+        the stored activations (``BYTES_PER_*``), 1 / 3.5 of them when recomputing
+        (``recompute=1``, or ``auto`` when memory is short); see docs/reliability.md."""
+        scale = torch.finfo(dtype).bits // 32
+
+        def cost(s: float, recomputed: MemoryCost | None = None) -> MemoryCost:
+            return MemoryCost(per_atom=s * BYTES_PER_ATOM, per_edge=s * BYTES_PER_EDGE,
+                              per_angle=s * BYTES_PER_ANGLE, angle_cutoff=self.bond_cutoff,
+                              recomputed=recomputed)
+
+        if self.recompute == "1":
+            return cost(scale / RECOMPUTE_SAVING)
+        return cost(scale, cost(scale / RECOMPUTE_SAVING) if self.recompute == "auto" else None)
 
     def _should_recompute(self, bg: BondGraph, graph: LocalGraph) -> bool:
         if self.recompute != "auto":

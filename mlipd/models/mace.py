@@ -207,15 +207,18 @@ class MaceModel(torch.nn.Module):
     def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
         """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``): the
         per-edge activations of ``mace_memory.stored_activation_bytes`` (a sixth when
-        recomputing), and ``MEMORY_FLOATS_PER_NODE_DIM`` floats per node feature; the
-        measurement is in docs/reliability.md."""
+        recomputing: ``recompute=1``, or ``auto`` when memory is short), and
+        ``MEMORY_FLOATS_PER_NODE_DIM`` floats per node feature; the measurement is in
+        docs/reliability.md."""
         per_edge = MEMORY_EDGE_FACTOR * stored_activation_bytes(self.mace, 1, dtype)
-        if self.recompute == "1":
-            per_edge /= 6
         itemsize = torch.finfo(dtype).bits // 8
         dims = sum(int(b.linear_up.irreps_out.dim) for b in self.mace.interactions)
-        return MemoryCost(per_atom=itemsize * MEMORY_FLOATS_PER_NODE_DIM * dims,
-                          per_edge=per_edge)
+        per_atom = itemsize * MEMORY_FLOATS_PER_NODE_DIM * dims
+        recomputed = MemoryCost(per_atom=per_atom, per_edge=per_edge / 6)
+        if self.recompute == "1":
+            return recomputed
+        return MemoryCost(per_atom=per_atom, per_edge=per_edge,
+                          recomputed=recomputed if self.recompute == "auto" else None)
 
     @property
     def recomputed(self) -> int:
