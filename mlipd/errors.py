@@ -69,6 +69,13 @@ class Busy(MlipdError):
     code = "busy"
 
 
+class Cancelled(MlipdError):
+    """The request was not computed: its client cancelled it (``cancel`` op) or its
+    connection closed before its turn."""
+
+    code = "cancelled"
+
+
 class ServerUnavailable(MlipdError):
     """Nothing answers at the endpoint, or the server went silent (heartbeat timeout)."""
 
@@ -90,6 +97,7 @@ _BY_CODE: dict[str, type[MlipdError]] = {
         CalculationFailed,
         DeadlineExceeded,
         Busy,
+        Cancelled,
         ServerUnavailable,
     )
 }

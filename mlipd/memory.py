@@ -28,6 +28,25 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
+             "defaultcpuallocator", "std::bad_alloc")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from) is an allocation failure: Python's
+    ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA), or the CPU allocator's
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), also when an engine
+    wrapped it (``CalculationFailed`` from a rank carries the text)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if any(t in str(e).lower() for t in _OOM_TEXT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def resident_bytes() -> int:
     """This process's resident set size now (Linux ``/proc/self/statm``), else its peak
     (``getrusage``)."""

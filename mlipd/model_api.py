@@ -173,6 +173,49 @@ class LocalGraph:
         return vec.to(dtype or self.dtype)
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """What one forward and backward pass of a model takes, per item, in bytes at the
+    model's dtype (activations autograd keeps plus the largest transient): declared by
+    the adapter from a measurement, used to refuse a request before it is allocated
+    (``mlipd.engine.guards.MemoryBudget``).
+
+    per_atom:     bytes per atom (owned or halo)
+    per_edge:     bytes per directed edge within the cutoff
+    per_angle:    bytes per angle (ordered pair of bonds at one centre) of a three-body
+                  graph; 0 for models without one
+    angle_cutoff: Å, the bond radius of that graph (CHGNet's ``bond_graph_cutoff``)
+    recomputed:   the figures when the model recomputes activations in the backward
+                  pass, for a model that switches to it by itself when memory is short
+                  (``recompute=auto``); None otherwise
+    """
+
+    per_atom: float
+    per_edge: float
+    per_angle: float = 0.0
+    angle_cutoff: float = 0.0
+    recomputed: MemoryCost | None = None
+
+
+# A model that declares nothing (a plug-in): a guess between the measured figures of the
+# cheap models (LJ 0.4 kB per edge, the 3-layer reference model 3.3 kB, at float64) and
+# well below the large ones (MACE, CHGNet: 10-100 kB). Every adapter of mlipd declares a
+# measured figure (``memory_per_item``); a plug-in should too.
+DEFAULT_MEMORY_COST = MemoryCost(per_atom=4096.0, per_edge=2048.0)
+
+
+def memory_cost(model: object, dtype: torch.dtype) -> MemoryCost:
+    """``model.memory_per_item(dtype)`` when the adapter declares it (an optional part of
+    the contract), else ``DEFAULT_MEMORY_COST`` scaled to the dtype (float64 twice
+    float32)."""
+    declared = getattr(model, "memory_per_item", None)
+    if callable(declared):
+        return declared(dtype)
+    scale = torch.finfo(dtype).bits / 64
+    d = DEFAULT_MEMORY_COST
+    return MemoryCost(per_atom=d.per_atom * scale, per_edge=d.per_edge * scale)
+
+
 @runtime_checkable
 class Model(Protocol):
     spec: ModelSpec
@@ -182,6 +225,10 @@ class Model(Protocol):
         ``graph.positions`` and ``graph.cells`` and call ``graph.exchange`` the same
         number of times on every rank."""
         ...
+
+    # Optional: ``memory_per_item(dtype) -> MemoryCost`` declares the bytes one forward
+    # and backward take per atom, edge and angle (see ``memory_cost``; default
+    # ``DEFAULT_MEMORY_COST``). Not part of the runtime-checkable protocol.
 
 
 def species_index(atomic_numbers: list[int]) -> torch.Tensor:

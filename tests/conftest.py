@@ -21,7 +21,7 @@ import pytest
 # not collect them; test_bench.py is collected by both, its cases marked `e3nn` or not, and
 # test_catalog.py runs in both.
 E3NN_MODULES = frozenset({"test_sevennet.py", "test_esen.py", "test_pretrained_e3nn.py"})
-SHARED_MODULES = frozenset({"test_bench.py", "test_catalog.py"})
+SHARED_MODULES = frozenset({"test_bench.py", "test_catalog.py", "test_memory_estimate.py"})
 BOTH_FAMILIES = frozenset({"test_catalog.py"})  # its cases run in both environments
 
 

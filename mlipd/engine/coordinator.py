@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlipd.engine import deadline
-from mlipd.engine.guards import Limits, check_structures
+from mlipd.engine.budget import MemoryBudget, default_budget
+from mlipd.engine.guards import CloseWatch, Limits, check_structures
 from mlipd.engine.partition import Geometry, partition_batch
 from mlipd.engine.rank_loop import STEP, Positions, RankLoop, StepHeader
 from mlipd.engine.results import assemble
 from mlipd.engine.step import Frame
 from mlipd.engine.verlet import RebuildPolicy
 from mlipd.errors import UnknownSpecies
-from mlipd.model_api import ModelSpec
+from mlipd.model_api import ModelSpec, memory_cost
 from mlipd.types import Result, Structure, species_names
 
 
@@ -56,6 +57,13 @@ class Coordinator:
         self.policy = RebuildPolicy(skin=skin, imbalance_limit=imbalance_limit)
         self.last_stats: np.ndarray | None = None  # (P, 3): owned atoms, edges, halo atoms
         self._owned: list[np.ndarray | None] = [None]
+        # the minimum-distance check of reused lists (guards.CloseWatch), from the rebuild
+        self._watch = CloseWatch()
+        budget = default_budget(self.limits.max_request_memory, loop.step.device,
+                                world_size=self.world_size)
+        self.memory = None if budget is None else MemoryBudget(
+            budget=budget, cost=memory_cost(loop.step.model, loop.step.dtype),
+            cutoff=loop.step.cutoff, world_size=self.world_size)
 
     @property
     def world_size(self) -> int:
@@ -72,6 +80,8 @@ class Coordinator:
         deadline.check("queued")
         rebuild = self.policy.decide(structures)
         try:
+            if not rebuild:  # the guards hold on a reused list too (guards.CloseWatch)
+                self._watch.check(structures)
             frame = self._frame(structures) if rebuild else None
             deadline.check("before the step")
         except BaseException:
@@ -110,8 +120,10 @@ class Coordinator:
         step = self.loop.step
         check_species(step.model.spec, structures)
         # before any neighbour list (vesin) and before any other rank sees the batch
-        check_structures(structures, radius=step.radius, limits=self.limits,
-                         world_size=self.world_size)
+        self._watch = CloseWatch()  # until this rebuild's checks have passed
+        self._watch = check_structures(structures, radius=step.radius, limits=self.limits,
+                                       world_size=self.world_size, skin=step.skin,
+                                       memory=self.memory)
         n = sum(s.n_atoms for s in structures)
         if self.world_size == 1:
             owner = np.zeros(n, dtype=np.int64)

@@ -8,10 +8,12 @@ aspect ratio (two atoms 1e6 Å apart, a flat open structure 3000 Å wide, a
 ~1e9 periodic images for one atom in a nearly singular cell; and a tiny cell or a
 dense cluster asks for billions of pairs. Each check below is O(N) vectorised numpy
 (hashed bins; a sort only of the few atoms that share a bucket, all pairs only below
-160 atoms), runs only when the neighbour list is rebuilt (a reused list
-keeps every atom within skin/2 of a checked structure, with the same cell), and
-raises a typed error: ``ValidationError`` (``bad_input``) for input no model can
-mean, ``TooLarge`` (``too_large``) for work beyond a budget.
+160 atoms), runs when the neighbour list is rebuilt (a reused list keeps every atom
+within skin/2 of a checked structure, with the same cell: every check but the minimum
+distance still holds, and that one is repeated at every reused step for the few pairs
+that could come that close, ``CloseWatch``), and raises a typed error:
+``ValidationError`` (``bad_input``) for input no model can mean, ``TooLarge``
+(``too_large``) for work beyond a budget.
 
 The checks, in order (``check_structure``):
 1. magnitudes: cell vectors <= ``MAX_LENGTH``, fractional coordinates on periodic
@@ -23,19 +25,23 @@ The checks, in order (``check_structure``):
    no axis capped to zero cells, and its cell-pair visits <= ``MAX_GRID_VISITS``;
 4. pairs: an upper bound on the pairs within cutoff + skin (``pair_bound``, bins as
    wide as the radius, Cauchy-Schwarz over neighbouring bins) <= ``Limits.max_pairs``;
-5. the minimum interatomic distance (``closest_pair``) >= ``Limits.min_distance``;
-6. at P > 1, the partitioner's dense bin grid (``mlipd.engine.bins``) stays small.
+5. the minimum interatomic distance (``closest_pair``, ``close_pairs``) >=
+   ``Limits.min_distance``, and the pairs to watch until the next rebuild;
+6. at P > 1, the partitioner's dense bin grid (``mlipd.engine.bins``) stays small;
+then, for the whole batch, the memory estimate against the budget
+(``mlipd.engine.budget``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mlipd.engine.bins import DEFAULT_SUBDIVISIONS, MAX_BINS_PER_AXIS, cell_basis
+from mlipd.engine.budget import MemoryBudget
 from mlipd.errors import TooLarge, ValidationError
 from mlipd.types import Structure
 
@@ -62,29 +68,54 @@ class Limits:
     max_pairs:    refuse a structure whose bound on pairs within cutoff + skin exceeds
                   this (``--max-pairs``); the bound is ~4-8x the true count in bulk
     min_distance: Å, refuse atoms closer than this (``--min-distance``; 0 turns it off)
+    max_request_memory: bytes one engine call may take per device (``--max-request-
+                  memory``; ``mlipd.engine.budget``); None: half the device's free memory
+                  when the engine starts; 0 turns the budget off
     """
 
     max_pairs: float = DEFAULT_MAX_PAIRS
     min_distance: float = DEFAULT_MIN_DISTANCE
+    max_request_memory: float | None = None
 
     def __post_init__(self) -> None:
         if not self.max_pairs >= 1 or not self.min_distance >= 0:
             raise ValueError("max_pairs must be >= 1 and min_distance >= 0")
+        if self.max_request_memory is not None and not self.max_request_memory >= 0:
+            raise ValueError("max_request_memory must be >= 0 bytes")
 
 
 def check_structures(structures: Sequence[Structure], *, radius: float, limits: Limits,
-                     world_size: int = 1) -> None:
-    """Refuse the first structure of a batch that fails a guard (see module docstring);
-    ``radius``: the neighbour lists' cutoff + skin (Å)."""
+                     world_size: int = 1, skin: float = 0.0,
+                     memory: MemoryBudget | None = None) -> CloseWatch:
+    """Refuse the first structure of a batch that fails a guard (see module docstring),
+    then the batch if its memory estimate is over ``memory``'s budget; ``radius``: the
+    neighbour lists' cutoff + skin (Å), ``skin``: the Verlet skin (Å). Returns what the
+    minimum-distance check must watch while the neighbour list is reused."""
+    checked = []
     for k, s in enumerate(structures):
         try:
-            check_structure(s, radius=radius, limits=limits, world_size=world_size)
+            checked.append(check_structure(s, radius=radius, limits=limits,
+                                           world_size=world_size, skin=skin))
         except ValidationError as e:  # TooLarge included: keep the type, name the structure
             raise type(e)(f"structure {k}: {e}" if len(structures) > 1 else str(e)) from None
+    if memory is not None:
+        memory.check(list(structures), u_h=[(c.u, c.h) for c in checked], skin=skin)
+    return CloseWatch(min_distance=limits.min_distance,
+                      watched={k: c.watch for k, c in enumerate(checked) if c.watch is not None})
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What ``check_structure`` computed: reduced coordinates (N, 3), face heights (3,),
+    and the pairs to watch between rebuilds (``Watch``; None: nothing can come close)."""
+
+    u: np.ndarray
+    h: np.ndarray
+    watch: Watch | None
 
 
 def check_structure(s: Structure, *, radius: float, limits: Limits,
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, skin: float = 0.0) -> Checked:
     pbc = np.asarray(s.pbc, dtype=bool)
     positions, cell = s.positions, s.cell
     if np.abs(cell).max() > MAX_LENGTH:  # before any product of cell entries can overflow
@@ -104,18 +135,106 @@ def check_structure(s: Structure, *, radius: float, limits: Limits,
         raise TooLarge(f"up to {bound:.3g} atom pairs within {radius:g} Å (budget "
                        f"{limits.max_pairs:.3g}, --max-pairs): too many atoms too close "
                        "together, or a cell too small for the cutoff")
+    watch = None
     if limits.min_distance > 0 and s.n_atoms > 1:
-        close = closest_pair(u, h, pbc, cell=cell, below=limits.min_distance)
-        if close is not None:
-            i, j, d = close
-            raise ValidationError(f"atoms {i} and {j} are {d:.3g} Å apart "
-                                  f"(minimum {limits.min_distance:g} Å, --min-distance)")
+        watch = _check_distances(s, u, h, pbc, min_distance=limits.min_distance, skin=skin)
     if world_size > 1:
         bins = partition_bins(u, h, pbc, radius=radius)
         if bins > MAX_PARTITION_BINS:
             raise TooLarge(f"the atoms spread over {bins:.3g} partition bins of "
                            f"{radius / DEFAULT_SUBDIVISIONS:g} Å (limit "
                            f"{MAX_PARTITION_BINS:.3g}); run it on one rank")
+    return Checked(u, h, watch)
+
+
+def _too_close(i: int, j: int, d: float, min_distance: float) -> ValidationError:
+    return ValidationError(f"atoms {i} and {j} are {d:.3g} Å apart "
+                           f"(minimum {min_distance:g} Å, --min-distance)")
+
+
+def _check_distances(s: Structure, u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *,
+                     min_distance: float, skin: float) -> Watch | None:
+    """The minimum-distance check at a rebuild, and what to watch until the next one.
+
+    While the list is reused every atom stays within skin / 2 of this structure (same
+    cell), so a pair can come closer than ``min_distance`` only if it is now closer
+    than ``min_distance + skin``: those pairs (none in sane matter at the default
+    0.1 + 0.5 Å) are watched at every reused step. That needs the nearest image to be
+    the wrapped one, i.e. face heights >= 2 (min_distance + skin); in a smaller cell
+    the whole check runs again at every step instead (such cells hold few atoms)."""
+    below = min_distance + skin
+    hp = h[pbc]
+    if skin > 0 and (hp.size == 0 or hp.min() >= 2 * below):
+        try:
+            i, j, d = close_pairs(u, h, pbc, cell=s.cell, below=below)
+        except TooLarge:  # crowded within `below` (not yet within min_distance): see below
+            i = None
+        if i is not None:
+            if d.size and d.min() < min_distance:
+                k = int(np.argmin(d))
+                raise _too_close(int(i[k]), int(j[k]), float(d[k]), min_distance)
+            return Watch(i, j, s.cell.copy(), pbc.copy()) if i.size else None
+    close = closest_pair(u, h, pbc, cell=s.cell, below=min_distance)
+    if close is not None:
+        raise _too_close(*close, min_distance)
+    return Watch(None, None, s.cell.copy(), pbc.copy()) if skin > 0 else None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Pairs of one structure (i, j: (W,) int64) that may come closer than the minimum
+    distance before the next rebuild; ``i is None``: check every pair at every step."""
+
+    i: np.ndarray | None
+    j: np.ndarray | None
+    cell: np.ndarray
+    pbc: np.ndarray
+
+
+@dataclass(frozen=True)
+class CloseWatch:
+    """The minimum-distance check of the steps that reuse a neighbour list
+    (``check_structures`` returns it at a rebuild; ``check`` runs at every reuse).
+
+    Why here and not in the step: rank 0 holds every structure's positions on the host
+    before the step starts, so the check costs no device read and stops a refused
+    structure before any rank computes (the step's candidate edges live on the device
+    and, at P > 1, on every rank). The other guards need no repeat: the cell is the same,
+    every atom is within skin / 2 of the checked structure, and the pairs are the
+    rebuild's (checked) candidates."""
+
+    min_distance: float = 0.0
+    watched: dict[int, Watch] = field(default_factory=dict)
+
+    def check(self, structures: Sequence[Structure]) -> None:
+        """Refuse (``bad_input``) a structure with atoms closer than ``min_distance``.
+        Cost: O(watched pairs), nothing when none are watched."""
+        for k, w in self.watched.items():
+            s = structures[k]
+            try:
+                if w.i is None:
+                    u, h, _ = _reduced(s.positions, w.cell, w.pbc)
+                    close = closest_pair(u, h, w.pbc, cell=w.cell, below=self.min_distance)
+                    if close is not None:
+                        raise _too_close(*close, self.min_distance)
+                    continue
+                d = _wrapped_distances(s.positions, w)
+                if d.min() < self.min_distance:
+                    m = int(np.argmin(d))
+                    raise _too_close(int(w.i[m]), int(w.j[m]), float(d[m]), self.min_distance)
+            except ValidationError as e:
+                raise type(e)(f"structure {k}: {e}" if len(structures) > 1 else str(e)
+                              ) from None
+
+
+def _wrapped_distances(positions: np.ndarray, w: Watch) -> np.ndarray:
+    """Nearest-image distances (Å) of the watched pairs (valid below half the smallest
+    periodic face height, which ``_check_distances`` ensured)."""
+    basis = cell_basis(w.cell, w.pbc)
+    du = _times(positions[w.j] - positions[w.i], np.linalg.inv(basis))
+    du[:, w.pbc] -= np.round(du[:, w.pbc])
+    x = _times(du, basis)
+    return np.sqrt((x * x).sum(axis=1))
 
 
 # ---------------------------------------------------------------- geometry
@@ -283,10 +402,41 @@ def closest_pair(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, cell: np.ndar
     cuts the pair, and 3 axes cut at most 3 grids). Atoms that share a hash bucket and
     then a bin get an exact distance; in sane matter no two atoms share a bin."""
     basis = cell_basis(cell, pbc)
+    for i, j in _near_candidates(u, h, pbc, below):
+        found = _closer(u, pbc, basis, i, j, below)
+        if found is not None:
+            return found
+    return None
+
+
+def close_pairs(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, cell: np.ndarray,
+                below: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of atoms nearer than ``below`` (nearest image): i < j (W,) int64 and
+    their distances (W,) Å. Same conditions and candidates as ``closest_pair``."""
+    basis = cell_basis(cell, pbc)
+    found_i, found_j, found_d = [], [], []
+    for i, j in _near_candidates(u, h, pbc, below):
+        if i.size == 0:
+            continue
+        d = _distances(u, pbc, basis, i, j)
+        near = d < below
+        found_i.append(np.minimum(i[near], j[near]))
+        found_j.append(np.maximum(i[near], j[near]))
+        found_d.append(d[near])
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    i, j, d = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
+    _, first = np.unique(i * u.shape[0] + j, return_index=True)  # one per pair
+    return i[first], j[first], d[first]
+
+
+def _near_candidates(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, below: float):
+    """Candidate pairs (i, j) among which every pair nearer than ``below`` is (see
+    ``closest_pair``): all pairs below a few atoms, else each grid's shared bins."""
     n_atoms = u.shape[0]
     if n_atoms <= _BRUTE_FORCE_ATOMS:
-        i, j = np.triu_indices(n_atoms, k=1)
-        return _closer(u, pbc, basis, i, j, below)
+        yield np.triu_indices(n_atoms, k=1)
+        return
     per_axis = np.where(pbc, np.maximum(np.floor(h / (4 * below)), 1.0), 1.0 / (4 * below))
     scaled = u * per_axis
     scaled[:, ~pbc] -= scaled[:, ~pbc].min(axis=0)
@@ -300,11 +450,7 @@ def closest_pair(u: np.ndarray, h: np.ndarray, pbc: np.ndarray, *, cell: np.ndar
         shared = np.flatnonzero(np.bincount(bucket)[bucket] > 1)
         if shared.size == 0:
             continue
-        i, j = _pairs_within_bins(shared, idx[shared])
-        found = _closer(u, pbc, basis, i, j, below)
-        if found is not None:
-            return found
-    return None
+        yield _pairs_within_bins(shared, idx[shared])
 
 
 def _pairs_within_bins(atoms: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -326,15 +472,20 @@ def _pairs_within_bins(atoms: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, 
     return atoms[first], atoms[first + offset + 1]
 
 
+def _distances(u: np.ndarray, pbc: np.ndarray, basis: np.ndarray, i: np.ndarray,
+               j: np.ndarray) -> np.ndarray:
+    du = u[j] - u[i]
+    du[:, pbc] -= np.round(du[:, pbc])
+    x = _times(du, basis)
+    return np.sqrt((x * x).sum(axis=1))
+
+
 def _closer(u: np.ndarray, pbc: np.ndarray, basis: np.ndarray, i: np.ndarray, j: np.ndarray,
             below: float) -> tuple[int, int, float] | None:
     if i.size == 0:
         return None
-    du = u[j] - u[i]
-    du[:, pbc] -= np.round(du[:, pbc])
-    x = _times(du, basis)
-    d2 = (x * x).sum(axis=1)
-    k = int(np.argmin(d2))
-    if d2[k] < below * below:
-        return int(i[k]), int(j[k]), math.sqrt(float(d2[k]))
+    d = _distances(u, pbc, basis, i, j)
+    k = int(np.argmin(d))
+    if d[k] < below:
+        return int(i[k]), int(j[k]), float(d[k])
     return None

@@ -76,3 +76,4 @@ class RebuildPolicy:
 
     def invalidate(self) -> None:
         self._numbers = None
+        self._positions, self._cells, self._pbc = [], [], []  # a refused batch's copies

@@ -40,7 +40,7 @@ from chgnet.model.functions import aggregate
 
 from mlipd.errors import SetupError
 from mlipd.memory import available_bytes
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
 from mlipd.models.chgnet_comm import BondExchange, BondPlans
 from mlipd.models.chgnet_graph import BondGraph, SkinGraph, build_skin_graph, select
 from mlipd.models.options import choice, parse_options
@@ -67,6 +67,9 @@ RECOMPUTE = ("auto", "0", "1")
 # the peak RSS of 1,000-atom (Li,Mn,Ni)O and (Mn,Ni)O steps on CPU (frozen weights,
 # activations stored); recompute=auto's estimate, ~15% above the 8,000-atom benchmark
 BYTES_PER_ANGLE = 12_000
+BYTES_PER_ATOM = 20_000  # memory budget only (per_atom of memory_per_item)
+# stored over recomputed activations, measured 1.5 / 0.4 MiB per atom (docs/models.md)
+RECOMPUTE_SAVING = 3.5
 BYTES_PER_EDGE = 17_000
 
 
@@ -120,6 +123,21 @@ class CHGNetModel(torch.nn.Module):
         # the last forward's graph sizes and choices, as information (the work done and
         # the rows moved are measured by mlipd.testing.work and Comm.traffic)
         self.counters: dict[str, int] = {}
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom, edge and angle of one step (``mlipd.model_api.MemoryCost``):
+        the stored activations (``BYTES_PER_*``), 1 / 3.5 of them when recomputing
+        (``recompute=1``, or ``auto`` when memory is short); see docs/reliability.md."""
+        scale = torch.finfo(dtype).bits // 32
+
+        def cost(s: float, recomputed: MemoryCost | None = None) -> MemoryCost:
+            return MemoryCost(per_atom=s * BYTES_PER_ATOM, per_edge=s * BYTES_PER_EDGE,
+                              per_angle=s * BYTES_PER_ANGLE, angle_cutoff=self.bond_cutoff,
+                              recomputed=recomputed)
+
+        if self.recompute == "1":
+            return cost(scale / RECOMPUTE_SAVING)
+        return cost(scale, cost(scale / RECOMPUTE_SAVING) if self.recompute == "auto" else None)
 
     def _should_recompute(self, bg: BondGraph, graph: LocalGraph) -> bool:
         if self.recompute != "auto":

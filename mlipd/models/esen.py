@@ -35,12 +35,16 @@ with torch.serialization.safe_globals([slice]):
 
 from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
 
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
 from mlipd.models.esen_graph import max_neighbors_mask
 from mlipd.models.esen_tasks import EnergyTask, energy_task
 from mlipd.models.options import flag, parse_options
 
 log = logging.getLogger(__name__)
+# memory budget (measured, docs/reliability.md): floats kept per layer and spherical
+# feature ((lmax + 1)^2 x channels) of an edge message and of a node
+MEMORY_EDGE_FLOATS = 16
+MEMORY_NODE_FLOATS = 32
 
 
 SYNTAX = "esen:PATH|NAME[,task=NAME][,charge=Q][,spin=S][,offline=1]"
@@ -136,6 +140,15 @@ class ESENModel(torch.nn.Module):
         dataset = [self.dataset] * n_structures if self.backbone.use_dataset_embedding else None
         return self.backbone.csd_embedding(charge=full + self.charge, spin=full + self.spin,
                                            dataset=dataset)
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``), from the
+        backbone's spherical feature size and layers (``MEMORY_*``)."""
+        b = self.backbone
+        features = int(b.sphere_channels) * (int(b.lmax) + 1) ** 2 * int(b.num_layers)
+        itemsize = torch.finfo(dtype).bits // 8
+        return MemoryCost(per_atom=itemsize * MEMORY_NODE_FLOATS * features,
+                          per_edge=itemsize * MEMORY_EDGE_FLOATS * features)
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         b, n = self.backbone, graph.n_owned

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
 from mlipd.models.options import parse_options
 
 SYNTAX = "lj[:epsilon=eV,sigma=Å,cutoff=Å]"  # --model (and `mlipd models`)
@@ -27,6 +27,12 @@ class LennardJones(torch.nn.Module):
         self.sigma = float(params["sigma"])
         rc = params["cutoff"] if params["cutoff"] is not None else 2.5 * self.sigma
         self.spec = ModelSpec(name="lj", cutoff=float(rc), n_layers=1)
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """64 floats per edge and per atom (measured: ~400 B per edge at float64 with
+        the atoms' share; docs/reliability.md)."""
+        size = 64.0 * (torch.finfo(dtype).bits // 8)
+        return MemoryCost(per_atom=size, per_edge=size)
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         r2 = (graph.edge_vectors() ** 2).sum(-1)

@@ -50,13 +50,27 @@ else:
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = _PRIOR
 
 from mlipd.errors import ModelUnavailable  # noqa: E402
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index  # noqa: E402
+from mlipd.model_api import (  # noqa: E402
+    LocalGraph,
+    MemoryCost,
+    ModelOutput,
+    ModelSpec,
+    species_index,
+)
 from mlipd.models.caches import MACE_OPTIONS  # noqa: E402
 from mlipd.models.mace_interactions import SplitInteraction, check_supported  # noqa: E402
-from mlipd.models.mace_memory import Pieces, choose_chunk, chunk_bounds, should_recompute  # noqa: E402
+from mlipd.models.mace_memory import (  # noqa: E402
+    Pieces,
+    choose_chunk,
+    chunk_bounds,
+    should_recompute,
+    stored_activation_bytes,
+)
 from mlipd.models.options import choice, flag, parse_options  # noqa: E402
 
 log = logging.getLogger(__name__)
+MEMORY_FLOATS_PER_NODE_DIM = 64  # memory budget: floats kept per node feature and layer
+MEMORY_EDGE_FACTOR = 1.5  # memory budget: measured peak over the stored activations (float64)
 
 SYNTAX = "mace:PATH" + MACE_OPTIONS
 RECOMPUTE = ("auto", "0", "1")
@@ -189,6 +203,22 @@ class MaceModel(torch.nn.Module):
         self.splits = [SplitInteraction(b) for b in model.interactions]
         self.pieces = Pieces(context=self._torchscript)
         self.counters: dict[str, int] = {}
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``): the
+        per-edge activations of ``mace_memory.stored_activation_bytes`` (a sixth when
+        recomputing: ``recompute=1``, or ``auto`` when memory is short), and
+        ``MEMORY_FLOATS_PER_NODE_DIM`` floats per node feature; the measurement is in
+        docs/reliability.md."""
+        per_edge = MEMORY_EDGE_FACTOR * stored_activation_bytes(self.mace, 1, dtype)
+        itemsize = torch.finfo(dtype).bits // 8
+        dims = sum(int(b.linear_up.irreps_out.dim) for b in self.mace.interactions)
+        per_atom = itemsize * MEMORY_FLOATS_PER_NODE_DIM * dims
+        recomputed = MemoryCost(per_atom=per_atom, per_edge=per_edge / 6)
+        if self.recompute == "1":
+            return recomputed
+        return MemoryCost(per_atom=per_atom, per_edge=per_edge,
+                          recomputed=recomputed if self.recompute == "auto" else None)
 
     @property
     def recomputed(self) -> int:

@@ -46,10 +46,14 @@ from sevenn.nn.convolution import IrrepsConvolution
 from sevenn.nn.sequential import AtomGraphSequential
 from sevenn.util import load_checkpoint
 
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec, species_index
 from mlipd.models.options import flag, parse_options
 
 log = logging.getLogger(__name__)
+# memory budget (measured, docs/reliability.md): floats per edge and per convolution
+# feature (its per-edge weights twice, its output three times), and per node feature
+MEMORY_EDGE_FACTOR = 1.0
+MEMORY_FLOATS_PER_NODE_DIM = 64
 
 SYNTAX = "sevennet[:NAME|PATH][,modal=NAME][,offline=1]"
 DEFAULT = "7net-0"
@@ -143,6 +147,19 @@ class SevenNetModel(torch.nn.Module):
         embed = self.seven._modules["onehot_to_feature_x"](
             self._node_data(onehot, present))[KEY.NODE_FEATURE]
         return embed, self.blocks[0][1](self._node_data(embed, present))[KEY.NODE_FEATURE]
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``), from the
+        convolutions' sizes (``MEMORY_*``)."""
+        edge = node = 0
+        for _, _, conv, *_ in self.blocks:
+            tp = conv.convolution
+            if tp is not None:
+                edge += 2 * int(tp.weight_numel) + 3 * int(tp.irreps_out.dim)
+            node += int(conv._comm_size)
+        itemsize = torch.finfo(dtype).bits // 8
+        return MemoryCost(per_atom=itemsize * MEMORY_FLOATS_PER_NODE_DIM * node,
+                          per_edge=itemsize * MEMORY_EDGE_FACTOR * edge)
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         n, mods = graph.n_owned, self.seven._modules

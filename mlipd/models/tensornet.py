@@ -31,11 +31,12 @@ from matgl.models import TensorNet
 from matgl.utils.cutoff import cosine_cutoff
 from matgl.utils.maths import decompose_tensor, new_radial_tensor, tensor_norm
 
-from mlipd.model_api import LocalGraph, ModelOutput, ModelSpec, species_index
+from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec, species_index
 from mlipd.models.options import flag, parse_options
 from mlipd.models.tensornet_parts import aggregate, edge_parts, pack, spread, unpack
 
 log = logging.getLogger(__name__)
+MEMORY_FLOATS_PER_UNIT = 64  # memory budget: floats per unit of width and layer (measured)
 
 
 SYNTAX = "tensornet:DIR|NAME[,offline=1]"
@@ -110,6 +111,16 @@ class TensorNetModel(torch.nn.Module):
         self.register_buffer("type_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="tensornet", cutoff=float(net.cutoff), species=frozenset(zs),
                               n_layers=int(net.num_layers))
+
+    def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
+        """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``):
+        ``MEMORY_FLOATS_PER_UNIT`` floats per unit of width and layer, per edge (its
+        3x3 tensor messages and radial features) and per atom; the measurement is in
+        docs/reliability.md."""
+        net = self.potential.model
+        floats = MEMORY_FLOATS_PER_UNIT * int(net.units) * (int(net.num_layers) + 1)
+        itemsize = torch.finfo(dtype).bits // 8
+        return MemoryCost(per_atom=itemsize * floats, per_edge=itemsize * floats)
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         pot, net, n = self.potential, self.potential.model, graph.n_owned

@@ -6,9 +6,10 @@ socket adds its routing frames in front, which this module never sees.
 
 Request::
 
-    {"v": 1, "id": <int>, "op": "compute" | "batch" | "info" | "ping" | "stats",
+    {"v": 1, "id": <int>, "op": "compute" | "batch" | "info" | "ping" | "stats" | "cancel",
      "structures": [<structure>, ...],      # compute: exactly 1; batch: >= 1
-     "virial": <bool>}                      # optional, default true
+     "virial": <bool>,                      # optional, default true
+     "target": <int>}                       # cancel only: the id of the request to drop
 
     <structure> = {"numbers": <array int>, "positions": <array float, (N, 3) Å>,
                    "cell": <array float, (3, 3) Å, rows>, "pbc": [bool, bool, bool]}
@@ -59,8 +60,8 @@ from mlipd.types import Result, Structure
 
 VERSION = 1
 COMPUTE_OPS = frozenset({"compute", "batch"})
-OPS = COMPUTE_OPS | frozenset({"info", "ping", "stats"})
-_REQUEST_KEYS = frozenset({"v", "id", "op", "structures", "virial"})
+OPS = COMPUTE_OPS | frozenset({"info", "ping", "stats", "cancel"})
+_REQUEST_KEYS = frozenset({"v", "id", "op", "structures", "virial", "target"})
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_STR = 256  # keys, op names, dtype strings: all short
 
@@ -80,6 +81,7 @@ class Request:
     op: str
     structures: tuple[Structure, ...] = ()
     virial: bool = True
+    target: int | None = None  # cancel: the id of the request to drop
 
     @property
     def n_atoms(self) -> int:
@@ -191,11 +193,16 @@ def unpack_result(d: Any) -> Result:
 
 
 def pack_request(req_id: int, op: str, structures: Sequence[Structure] = (), *,
-                 virial: bool = True) -> bytes:
-    """One request frame. ``op`` in OPS; ``structures`` only for compute (1) and batch (>= 1)."""
+                 virial: bool = True, target: int | None = None) -> bytes:
+    """One request frame. ``op`` in OPS; ``structures`` only for compute (1) and batch (>= 1);
+    ``target`` only for cancel (the id of the request to drop)."""
     if op not in OPS:
         raise ValidationError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
     msg: dict[str, Any] = {"v": VERSION, "id": int(req_id), "op": op}
+    if op == "cancel":
+        if target is None:
+            raise ValidationError("cancel needs the target request's id")
+        msg["target"] = int(target)
     if op in COMPUTE_OPS:
         msg["structures"] = [pack_structure(s) for s in structures]
         msg["virial"] = bool(virial)
@@ -222,7 +229,8 @@ def load_request(raw: bytes | memoryview, *,
                  max_structures: int = DEFAULT_MAX_STRUCTURES) -> Any:
     """msgpack -> Python objects for a request frame, bounded: strings, maps and arrays
     no longer than a request can need, and at most a request's worth of containers and
-    elements in all (``ProtocolError`` otherwise, before more is built)."""
+    elements in all (``ProtocolError`` otherwise, before more is built; ``TooLarge`` for
+    a list of more structures than allowed)."""
     budget = [64 + 16 * max_structures, 256 + 64 * max_structures]  # containers, elements
 
     def spend(obj: Any) -> Any:
@@ -233,12 +241,20 @@ def load_request(raw: bytes | memoryview, *,
         return obj
 
     try:
+        # twice what is allowed: a batch of up to 2 max_structures is decoded (within the
+        # budget above) and refused by ``check_request`` with its id (too_large); a longer
+        # list fails at its header here, also too_large (the id unread)
         return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=_MAX_STR,
-                               max_array_len=max(max_structures, 16), max_map_len=16,
+                               max_array_len=max(2 * max_structures, 16), max_map_len=16,
                                max_ext_len=0, list_hook=spend, object_hook=spend)
     except ProtocolError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+    except ValueError as e:
+        if "max_array_len" in str(e):  # msgpack's message for a list over the limit
+            raise TooLarge(f"a list longer than {max(2 * max_structures, 16)} items (at "
+                           f"most {max_structures} structures per request)") from e
+        raise ProtocolError(f"not a msgpack request: {type(e).__name__}: {e}") from e
+    except (TypeError, msgpack.UnpackException, RecursionError) as e:
         raise ProtocolError(f"not a msgpack request: {type(e).__name__}: {e}") from e
 
 
@@ -285,10 +301,18 @@ def _check_request(msg: Any, req_id: int | None, *, max_atoms: int,
     if not isinstance(op, str) or op not in OPS:
         raise ValidationError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
     if op not in COMPUTE_OPS:
-        extra = {"structures", "virial"} & set(msg)
+        extra = ({"structures", "virial"} | ({"target"} if op != "cancel" else set())) & set(msg)
         if extra:
             raise ValidationError(f"{op} takes no {', '.join(sorted(extra))}")
-        return Request(id=req_id, op=op)
+        if op != "cancel":
+            return Request(id=req_id, op=op)
+        target = request_id({"id": msg.get("target")})
+        if target is None:
+            raise ValidationError("cancel needs an integer 'target' (64-bit): the id of the "
+                                  "request to drop")
+        return Request(id=req_id, op=op, target=target)
+    if "target" in msg:
+        raise ValidationError(f"{op} takes no target")
     items = msg.get("structures")
     if not isinstance(items, list) or not items:
         raise ValidationError(f"{op}: 'structures' must be a non-empty list")

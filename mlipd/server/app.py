@@ -67,6 +67,7 @@ class Server:
     max_batch_atoms:   atoms per engine call (a larger single request runs alone)
     max_wait_s:        how long a batch waits for the other i-PI connections
     max_pending:       queued requests before ``busy``
+    max_queue_bytes:   bytes of queued requests before ``busy`` (None: the scheduler's default)
     max_request_atoms: atoms in one ZMQ request before ``too_large``
     ipi_template:      ``mlipd.driver.template.Template`` (numbers, pbc) for the i-PI links
     request_timeout_s: each request's deadline (queue and engine)
@@ -82,11 +83,13 @@ class Server:
                  ipi_template: Any = None,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  shutdown_timeout_s: float = 60.0, allow_remote: bool = False,
-                 curve: str | None = None) -> None:
+                 curve: str | None = None, max_queue_bytes: float | None = None) -> None:
         self.engine = engine
         self.metrics = Metrics()
         self.scheduler = Scheduler(max_atoms=max_batch_atoms, max_wait_s=max_wait_s,
-                                   max_pending=max_pending)
+                                   max_pending=max_pending,
+                                   **({} if max_queue_bytes is None
+                                      else {"max_bytes": int(max_queue_bytes)}))
         self._zmq_addresses = list(zmq)
         self._ipi_addresses = list(ipi)
         self._max_request_atoms = max_request_atoms

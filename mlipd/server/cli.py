@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     max_request_atoms=args.max_request_atoms, ipi_template=template,
                     request_timeout_s=args.request_timeout,
                     shutdown_timeout_s=args.shutdown_timeout, allow_remote=args.allow_remote,
-                    curve=args.curve)
+                    curve=args.curve, max_queue_bytes=getattr(args, "max_queue_bytes", None))
     clean = False
     try:
         addresses = server.start()

@@ -17,6 +17,17 @@ same id on the same connection (a client's heartbeat) is answered from the
 ``Ledger``: ``pending`` while it is queued or computing, the same reply once
 finished; it is never computed twice.
 
+A client may ``cancel`` a request of its own (same connection, by id): still queued, it
+leaves the queue at once and is answered ``cancelled``; computing or answered, the
+cancel says so and changes nothing. When a client's connection closes, its queued
+requests are dropped the same way, uncomputed, and forgotten by the ledger (a client
+that reconnects and resends gets its request computed). Which connection a request came
+over is its frame's file descriptor (ZMQ_SRCFD); a socket monitor reports each closed
+descriptor (EVENT_DISCONNECTED), read before every message, so a descriptor the kernel
+reuses for a new connection is never confused with the closed one. libzmq's
+ROUTER_NOTIFY would name the routing id, but it is a draft API that pyzmq's libzmq 4.3
+does not enable. Both count in ``stats`` (``dropped``).
+
 Every failure is an error reply: bad frames (``protocol``), bad fields
 (``bad_input``), sizes (``too_large``), a full queue or shutdown (``busy``), and any
 unexpected exception (``internal``). A frame larger than ``max_message_bytes``
@@ -36,12 +47,15 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from mlipd.errors import (
     Busy,
+    Cancelled,
     MlipdError,
     ProtocolError,
     SetupError,
+    TooLarge,
     UnknownSpecies,
     ValidationError,
 )
@@ -99,6 +113,10 @@ class ZmqEndpoint:
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_atoms, max_structures))
         self._sock.setsockopt(zmq.LINGER, _LINGER_MS)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client's reconnect keeps its id
+        self._by_fd: dict[int, set[Hashable]] = {}  # requests at work, by connection
+        self._fd_of: dict[Hashable, int] = {}
+        self._gone: set[Hashable] = set()  # keys dropped because their connection closed
+        self._peers_lock = threading.Lock()  # both: the socket's holder and the engine thread
         if parsed.ipv6:  # only then: IPv4 addresses would be reported v4-mapped
             self._sock.setsockopt(zmq.IPV6, 1)
         if curve is not None:
@@ -110,6 +128,7 @@ class ZmqEndpoint:
             self._sock.close(0)
             raise SetupError(f"cannot bind ZeroMQ endpoint {address!r}: {e}") from e
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket = self._sock
         self.lock = threading.Lock()  # held by whoever uses the socket
         self._give_back = False
@@ -138,6 +157,8 @@ class ZmqEndpoint:
             self._thread.join(timeout=30)
         with self.lock:  # the loop has lent it for good, or is stuck in the engine
             self.flush()  # what a late done-callback queued
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(linger=_LINGER_MS)
         if self._ipc is not None:
             self._ipc.remove()
@@ -174,6 +195,10 @@ class ZmqEndpoint:
     def on_readable(self) -> None:
         """Read what has arrived (a bounded burst, so replies get their turn)."""
         for _ in range(_RECV_BURST):
+            # closes first: a descriptor is reused at once (the lowest free one), and its
+            # new connection's ACCEPT, hence its messages, come after the old one's
+            # DISCONNECTED on the monitor, which is read before each message
+            self._closed_connections()
             try:
                 # zero-copy frames: msgpack reads the payload in place
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -182,15 +207,20 @@ class ZmqEndpoint:
             if len(frames) < 2:
                 continue  # no routing id: cannot answer
             envelope = [f.bytes for f in frames[:-1]]
+            payload = frames[-1]
             try:
-                self._handle(envelope, frames[-1].buffer)
+                self._handle(envelope, payload.buffer, _source_fd(payload))
             except Exception as e:  # any bug in handling: an internal error reply, not silence
                 log.exception("request handling failed")
                 self._error(envelope, None, MlipdError(f"internal error: "
                                                        f"{type(e).__name__}: {e}"))
+            finally:
+                self.worker.note_freed(len(payload))  # queued: the worker counts it again
 
     def flush(self) -> None:
-        """Send the replies of finished requests."""
+        """Drop the queued work of closed connections; send the replies of finished
+        requests."""
+        self._closed_connections()
         while self._outbox:
             envelope, payload = self._outbox.popleft()
             self._send(envelope, payload)
@@ -205,17 +235,17 @@ class ZmqEndpoint:
         self.metrics.on_error(err.code)
         self._send(envelope, zmq_msgs.pack_error(rid, err))
 
-    def _handle(self, envelope: list[bytes], raw: memoryview) -> None:
+    def _handle(self, envelope: list[bytes], raw: memoryview, fd: int | None = None) -> None:
         self.metrics.on_request("zmq")
         try:
             msg = zmq_msgs.load_request(raw, max_structures=self.max_structures)
-        except ProtocolError as e:
+        except (ProtocolError, TooLarge) as e:  # TooLarge: a list of too many structures
             self._error(envelope, None, e)
             return
         rid = zmq_msgs.request_id(msg)
         op = msg.get("op") if isinstance(msg, Mapping) else None
         key = (tuple(envelope), rid)
-        fp = (0, 0)
+        fp = b""
         if rid is not None and isinstance(op, str) and op in zmq_msgs.COMPUTE_OPS:
             fp = fingerprint(raw)
             entry = self.ledger.get(key)
@@ -242,8 +272,54 @@ class ZmqEndpoint:
             self._send(envelope, zmq_msgs.pack_value(req.id, self.info))
         elif req.op == "stats":
             self._send(envelope, zmq_msgs.pack_value(req.id, self.stats()))
+        elif req.op == "cancel":
+            state = self._cancel((tuple(envelope), req.target))
+            self._send(envelope, zmq_msgs.pack_value(req.id, {"target": req.target,
+                                                              "state": state}))
         else:
-            self._compute(envelope, key, req, fp)
+            self._compute(envelope, key, req, fp, len(raw), fd)
+
+    def _cancel(self, key: Hashable) -> str:
+        """Drop this connection's request ``key`` if it is still queued: "cancelled",
+        else "computing", "finished" or "unknown"."""
+        entry = self.ledger.get(key)
+        if entry is None:
+            return "unknown"
+        if entry.reply is not None or entry.future is None:
+            return "finished"
+        if self.worker.drop(entry.future, Cancelled(f"request {key[1]} cancelled by its "
+                                                    "client"), reason="cancelled"):
+            return "cancelled"
+        return "finished" if entry.future.done() else "computing"
+
+    def _closed_connections(self) -> None:
+        """Read the monitor's closed connections and drop their queued requests."""
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connection_closed(int(event["value"]))
+
+    def _connection_closed(self, fd: int) -> None:
+        """Drop the queued requests that came over ``fd`` (not the one computing)."""
+        with self._peers_lock:
+            keys = list(self._by_fd.pop(fd, ()))
+            for key in keys:
+                self._fd_of.pop(key, None)
+        for key in keys:
+            entry = self.ledger.get(key)
+            if entry is None or entry.future is None:
+                continue
+            with self._peers_lock:
+                self._gone.add(key)
+            if not self.worker.drop(entry.future, Cancelled("client disconnected"),
+                                    reason="disconnected"):
+                with self._peers_lock:
+                    self._gone.discard(key)  # computing: its reply is kept for a resend
+        if keys:
+            log.debug("connection %d closed; %d requests of it were at work", fd, len(keys))
 
     def _repeat(self, envelope: list[bytes], rid: int, entry: Entry) -> None:
         self.metrics.on_request("repeat")
@@ -256,7 +332,7 @@ class ZmqEndpoint:
                                                    waited_s=self.ledger.clock() - entry.arrived))
 
     def _compute(self, envelope: list[bytes], key: Hashable, req: zmq_msgs.Request,
-                 fp: tuple[int, int]) -> None:
+                 fp: bytes, nbytes: int, fd: int | None) -> None:
         if self.species is not None:
             for k, s in enumerate(req.structures):
                 unknown = s.species() - self.species
@@ -268,15 +344,32 @@ class ZmqEndpoint:
             self._error(envelope, req.id, Busy("server is shutting down"))
             return
         try:
-            fut = self.worker.submit(envelope[0], req.structures, virial=req.virial)
+            fut = self.worker.submit(envelope[0], req.structures, virial=req.virial,
+                                     nbytes=nbytes)
         except Busy as e:
             self._error(envelope, req.id, e)
             return
         self.ledger.start(key, fut, fp)
+        if fd is not None:
+            with self._peers_lock:
+                self._by_fd.setdefault(fd, set()).add(key)
+                self._fd_of[key] = fd
         fut.add_done_callback(functools.partial(self._done, envelope, key, req.id))
 
     def _done(self, envelope: list[bytes], key: Hashable, rid: int, fut: Future) -> None:
         """On the thread that resolved ``fut`` (the engine's): pack, remember, queue."""
+        with self._peers_lock:
+            fd = self._fd_of.pop(key, None)
+            keys = self._by_fd.get(fd) if fd is not None else None
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_fd[fd]
+            gone = key in self._gone
+            self._gone.discard(key)
+        if gone:  # its client closed: nobody to answer, nothing to keep
+            self.ledger.discard(key)
+            return
         exc = fut.exception()
         try:
             payload = (zmq_msgs.pack_results(rid, fut.result()) if exc is None
@@ -287,6 +380,15 @@ class ZmqEndpoint:
             payload = zmq_msgs.pack_error(rid, err)
         self.ledger.finish(key, payload)
         self._outbox.append((envelope, payload))
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection a frame came over (ZMQ_SRCFD), or None."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _names(numbers: set[int]) -> str:

@@ -45,6 +45,10 @@ class Metrics:
     batch_atoms_max: int = 0
     queue_depth: int = 0
     queue_depth_max: int = 0
+    queue_bytes: int = 0
+    queue_bytes_max: int = 0
+    dropped: Counter = field(default_factory=Counter)  # not computed: cancelled, disconnected
+    heap_trims: int = 0
     engine_time: _Timing = field(default_factory=_Timing)
     request_latency: _Timing = field(default_factory=_Timing)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -61,6 +65,20 @@ class Metrics:
         with self._lock:
             self.queue_depth = depth
             self.queue_depth_max = max(self.queue_depth_max, depth)
+
+    def on_queue_bytes(self, nbytes: int) -> None:
+        with self._lock:
+            self.queue_bytes = nbytes
+            self.queue_bytes_max = max(self.queue_bytes_max, nbytes)
+
+    def on_dropped(self, reason: str) -> None:
+        """A request not computed because its client cancelled it or went away."""
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def on_trim(self) -> None:
+        with self._lock:
+            self.heap_trims += 1
 
     def on_engine_call(self, *, n_structures: int, n_atoms: int, seconds: float) -> None:
         with self._lock:
@@ -87,6 +105,10 @@ class Metrics:
                 "batch_atoms_max": self.batch_atoms_max,
                 "queue_depth": self.queue_depth,
                 "queue_depth_max": self.queue_depth_max,
+                "queue_bytes": self.queue_bytes,
+                "queue_bytes_max": self.queue_bytes_max,
+                "dropped": dict(self.dropped),
+                "heap_trims": self.heap_trims,
                 "engine_time": self.engine_time.as_dict(),
                 "request_latency": self.request_latency.as_dict(),
             }

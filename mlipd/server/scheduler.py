@@ -17,8 +17,11 @@ The rules:
   atoms reach ``max_atoms``, or the oldest ticket has waited ``max_wait_s``.
   Ungated requests never wait for a timer: while the engine is busy, what
   arrives piles up and goes out together in the next call.
-* The queue holds at most ``max_pending`` tickets; ``submit`` beyond that
-  raises ``Busy`` instead of growing without limit.
+* The queue holds at most ``max_pending`` tickets and ``max_bytes`` bytes of
+  requests (the frames they keep alive); ``submit`` beyond either raises ``Busy``
+  instead of growing without limit. A ticket larger than ``max_bytes`` alone is
+  taken when nothing else is queued (its size is bounded by the front end's frame
+  limit), so every request the front end admits can run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Ticket:
     arrived:    seconds (the caller's clock)
     token:      opaque to the scheduler (how the caller answers it)
     virial:     whether the caller wants the virial
+    nbytes:     memory the queued request holds (its frame), for the byte bound
     """
 
     source: Hashable
@@ -48,22 +52,29 @@ class Ticket:
     arrived: float
     token: Any = None
     virial: bool = True
+    nbytes: int = 0
     n_atoms: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_atoms", sum(s.n_atoms for s in self.structures))
 
 
+DEFAULT_MAX_BYTES = 1 << 30  # queued requests' frames: 16 requests of 2M atoms (64 MB)
+
+
 class Scheduler:
     """Pending tickets per source, and the packing policy (see module docstring)."""
 
     def __init__(self, *, max_atoms: int = 200_000, max_wait_s: float = 0.002,
-                 max_pending: int = 1024) -> None:
-        if max_atoms < 1 or max_wait_s < 0 or max_pending < 1:
-            raise ValueError("max_atoms and max_pending must be >= 1, max_wait_s >= 0")
+                 max_pending: int = 1024, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_atoms < 1 or max_wait_s < 0 or max_pending < 1 or max_bytes < 1:
+            raise ValueError("max_atoms, max_pending and max_bytes must be >= 1, "
+                             "max_wait_s >= 0")
         self.max_atoms = max_atoms
         self.max_wait_s = max_wait_s
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self._pending_bytes = 0
         self._queues: OrderedDict[Hashable, deque[Ticket]] = OrderedDict()
         self._gated: set[Hashable] = set()
         self._pending = 0
@@ -91,21 +102,48 @@ class Scheduler:
     def pending_atoms(self) -> int:
         return self._pending_atoms
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
     def submit(self, ticket: Ticket) -> None:
-        """Queue ``ticket``; raises ``Busy`` when ``max_pending`` tickets wait already."""
+        """Queue ``ticket``; raises ``Busy`` when ``max_pending`` tickets or ``max_bytes``
+        bytes wait already."""
         if self._pending >= self.max_pending:
             raise Busy(f"server busy: {self._pending} requests queued (limit {self.max_pending})")
+        if self._pending and self._pending_bytes + ticket.nbytes > self.max_bytes:
+            raise Busy(f"server busy: {self._pending_bytes / 2**20:.1f} MiB of requests queued; "
+                       f"this one ({ticket.nbytes / 2**20:.1f} MiB) would pass the limit of "
+                       f"{self.max_bytes / 2**20:.0f} MiB (--max-queue-bytes)")
         self._queues.setdefault(ticket.source, deque()).append(ticket)
         self._pending += 1
         self._pending_atoms += ticket.n_atoms
+        self._pending_bytes += ticket.nbytes
+
+    def _removed(self, gone: Sequence[Ticket]) -> None:
+        self._pending -= len(gone)
+        self._pending_atoms -= sum(t.n_atoms for t in gone)
+        self._pending_bytes -= sum(t.nbytes for t in gone)
 
     def drop_source(self, source: Hashable) -> list[Ticket]:
         """Remove and return every pending ticket of ``source`` (it went away)."""
         self._gated.discard(source)
         gone = list(self._queues.pop(source, ()))
-        self._pending -= len(gone)
-        self._pending_atoms -= sum(t.n_atoms for t in gone)
+        self._removed(gone)
         return gone
+
+    def remove(self, token: Any) -> Ticket | None:
+        """Remove the pending ticket whose ``token`` is ``token`` (its client cancelled
+        it or went away); None when it is not queued (running, answered, unknown)."""
+        for source, q in self._queues.items():
+            for t in q:
+                if t.token is token:
+                    q.remove(t)
+                    if not q:
+                        del self._queues[source]
+                    self._removed([t])
+                    return t
+        return None
 
     # ------------------------------------------------------------ policy
 
@@ -158,8 +196,7 @@ class Scheduler:
                 break
         for source in [s for s, q in self._queues.items() if not q]:
             del self._queues[source]
-        self._pending -= len(batch)
-        self._pending_atoms -= atoms
+        self._removed(batch)
         return batch
 
 

@@ -74,11 +74,14 @@ def _read_ready(proc: subprocess.Popen, *, timeout_s: float, log: Path) -> list[
 
 @contextlib.contextmanager
 def running_server(args: Sequence[str], *, log: Path, ready_timeout_s: float = 120.0,
-                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """``python -m mlipd -v serve *args``; stderr goes to ``log``."""
+                   env: dict[str, str] | None = None,
+                   preexec_fn=None) -> Iterator[ServerProcess]:
+    """``python -m mlipd -v serve *args``; stderr goes to ``log``; ``preexec_fn`` runs in
+    the child before it starts (e.g. a resource limit)."""
     cmd = [sys.executable, "-m", "mlipd", "-v", "serve", *args]
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env,
+                                preexec_fn=preexec_fn)
     server = ServerProcess(proc=proc, addresses=[], log=log)
     try:
         server.addresses = _read_ready(proc, timeout_s=ready_timeout_s, log=log)

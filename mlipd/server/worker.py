@@ -24,6 +24,14 @@ batch's earliest deadline between its stages (``mlipd.engine.deadline``). An eng
 error in a batch of several requests is retried request by request, so one bad
 structure (or one late request) fails only its own request.
 
+Memory: the scheduler bounds the queue in bytes as well as in requests. An allocation
+failure inside the engine (CPU or CUDA) becomes ``too_large`` for that request, and
+after a large request (``TRIM_AFTER_BYTES`` of frames, or an allocation failure) the
+loop gives the heap back to the system (``mlipd.malloc.give_back_heap``), so the
+resident memory returns near its baseline instead of keeping the largest request's.
+A request cancelled by its client, or whose client went away, leaves the queue at
+once and is answered ``cancelled`` (``cancel``), never computed.
+
 ``close`` stops taking requests, computes what is queued while its time lasts,
 answers the rest ``busy``, and reports whether the loop had to be abandoned (an
 engine call that did not return in time).
@@ -45,7 +53,16 @@ from typing import Protocol
 import zmq
 
 from mlipd.engine.deadline import deadline
-from mlipd.errors import Busy, CalculationFailed, DeadlineExceeded, MlipdError, ServerUnavailable
+from mlipd.errors import (
+    Busy,
+    CalculationFailed,
+    DeadlineExceeded,
+    MlipdError,
+    ServerUnavailable,
+    TooLarge,
+)
+from mlipd.malloc import give_back_heap
+from mlipd.memory import is_out_of_memory
 from mlipd.server.metrics import Metrics
 from mlipd.server.scheduler import Scheduler, Ticket, flatten, split
 from mlipd.types import Result, Structure
@@ -54,6 +71,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 LEND_AFTER_S = 0.05  # an engine call this long lends the sockets to their own threads
+# freed memory of large requests (frames of LARGE_REQUEST_BYTES or more) after which the
+# heap is trimmed: a trim walks the heap (milliseconds per GB) and the next request pays
+# the page faults again, which mlipd.malloc's tuning avoids for the steady MD steps
+LARGE_REQUEST_BYTES = 8 << 20  # ~250k atoms
+TRIM_AFTER_BYTES = 64 << 20
 
 
 class FrontEnd(Protocol):
@@ -96,6 +118,7 @@ class EngineWorker:
         self._front_ends: list[FrontEnd] = []
         self._running = False  # the loop is between start and its end
         self.busy_since: float | None = None  # when the running engine call started
+        self._freed = 0  # bytes of large requests finished since the last heap trim
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -122,20 +145,55 @@ class EngineWorker:
     # ------------------------------------------------------------ any thread
 
     def submit(self, source: Hashable, structures: Sequence[Structure], *,
-               virial: bool = True) -> Future:
+               virial: bool = True, nbytes: int | None = None) -> Future:
         """Queue one request; the future gives its results. Raises ``Busy`` when full
-        or shutting down."""
+        or shutting down. ``nbytes``: the memory the request holds while queued (its
+        frame; default: its arrays)."""
         fut: Future = Future()
+        if nbytes is None:
+            nbytes = sum(s.positions.nbytes + s.numbers.nbytes + s.cell.nbytes
+                         for s in structures)
         ticket = Ticket(source=source, structures=tuple(structures), arrived=self.clock(),
-                        token=fut, virial=virial)
+                        token=fut, virial=virial, nbytes=int(nbytes))
         with self._lock:
             if self._stopping:
                 raise Busy("server is shutting down")
             self.scheduler.submit(ticket)
             self.metrics.on_queue(len(self.scheduler))
+            self.metrics.on_queue_bytes(self.scheduler.pending_bytes)
         if threading.current_thread() is not self._thread:
             self._wake()
         return fut
+
+    def drop(self, fut: Future, error: MlipdError, *, reason: str) -> bool:
+        """Take a queued request out of the queue and answer it ``error`` (its client
+        cancelled it or went away; counted in ``stats`` as ``dropped[reason]``). False
+        when it is not queued any more (computing or answered): it runs to its end."""
+        with self._lock:
+            ticket = self.scheduler.remove(fut)
+            if ticket is not None:
+                self.metrics.on_queue(len(self.scheduler))
+                self.metrics.on_queue_bytes(self.scheduler.pending_bytes)
+        if ticket is None:
+            return False
+        self.metrics.on_dropped(reason)
+        self.note_freed(ticket.nbytes)
+        self._finish(ticket, error)
+        return True
+
+    def note_freed(self, nbytes: int) -> None:
+        """A front end let go of ``nbytes`` of a request (refused, dropped, answered):
+        counts towards the next heap trim (``TRIM_AFTER_BYTES``)."""
+        if nbytes >= LARGE_REQUEST_BYTES:  # only large frames leave much behind
+            self._freed += nbytes
+
+    def trim_if_due(self) -> None:
+        """Give the heap back once enough large requests have been let go, or once the
+        queue is empty after any large request (the process is idle: back to baseline)."""
+        if self._freed >= TRIM_AFTER_BYTES or (self._freed and not len(self.scheduler)):
+            self._freed = 0
+            give_back_heap()
+            self.metrics.on_trim()
 
     def add_gated(self, source: Hashable) -> None:
         """Register an i-PI-like source: batches wait (bounded) for all such sources."""
@@ -234,6 +292,7 @@ class EngineWorker:
             batch = self.scheduler.take(now, force=self._stopping)
             if batch:
                 self.metrics.on_queue(len(self.scheduler))
+                self.metrics.on_queue_bytes(self.scheduler.pending_bytes)
             due = self.scheduler.deadline()
         if batch:
             self._current = batch
@@ -264,6 +323,7 @@ class EngineWorker:
     def _flush(self) -> None:
         for fe in self._front_ends:
             fe.flush()
+        self.trim_if_due()
 
     def _take_all(self) -> list[Ticket]:
         """Every queued ticket (hold the lock)."""
@@ -271,6 +331,7 @@ class EngineWorker:
         while batch := self.scheduler.take(self.clock(), force=True):
             out += batch
         self.metrics.on_queue(0)
+        self.metrics.on_queue_bytes(0)
         return out
 
     def _run(self, batch: list[Ticket]) -> None:
@@ -286,6 +347,7 @@ class EngineWorker:
         if not live:
             return
         self.busy_since = now
+        self.note_freed(sum(t.nbytes for t in batch))  # answered below, one way or another
         try:
             results = self._call(live)
         except MlipdError as e:
@@ -305,8 +367,16 @@ class EngineWorker:
     def _call(self, batch: list[Ticket]) -> list[tuple[Ticket, list[Result]]]:
         structures = flatten(batch)
         t0 = self.clock()
-        with deadline(min(t.arrived for t in batch) + self.request_timeout_s):
-            results = self.engine.compute(structures, virial=any(t.virial for t in batch))
+        try:
+            with deadline(min(t.arrived for t in batch) + self.request_timeout_s):
+                results = self.engine.compute(structures, virial=any(t.virial for t in batch))
+        except (MemoryError, RuntimeError, CalculationFailed) as e:
+            if not is_out_of_memory(e):
+                raise
+            self._freed += TRIM_AFTER_BYTES  # give the failed call's memory back now
+            raise TooLarge(f"out of memory computing {sum(t.n_atoms for t in batch)} atoms "
+                           f"({type(e).__name__}: {str(e)[:200]}); lower the request's size "
+                           "or --max-request-memory") from e
         self.metrics.on_engine_call(n_structures=len(structures),
                                     n_atoms=sum(t.n_atoms for t in batch),
                                     seconds=self.clock() - t0)

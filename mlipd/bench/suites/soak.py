@@ -6,7 +6,8 @@ handling dominates); ``clients`` threads, each with its own ``mlipd.client.Clien
 a raw DEALER socket, send ``requests`` each. About 85% are valid structures of 4 to
 108 atoms (after the run, each answer is compared with a direct evaluation in this
 process: a difference is a *mismatch*); the rest are faults from ``FAULTS`` (geometry
-the guards refuse, frames the decoder refuses), each with the error code it must get.
+the guards or the memory budget refuse, frames the decoder refuses), each with the
+error code it must get.
 A request with no answer is *lost*. The server's resident memory is read at the start
 (after a warm-up) and at the end.
 """
@@ -53,6 +54,12 @@ def _frame(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _small_structure() -> dict:
+    from mlipd.protocols import zmq_msgs
+
+    return zmq_msgs.pack_structure(_bad([[0, 0, 0], [2, 2, 2]], np.eye(3) * 6, True))
+
+
 # fault name: (how it is sent: "structure" through the Client or "frame" raw, the
 # structure or frame maker, the error code it must get)
 FAULTS: dict[str, tuple[str, Callable, str]] = {
@@ -80,6 +87,15 @@ FAULTS: dict[str, tuple[str, Callable, str]] = {
         "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "batch",
                                      "structures": [[{}] * 4096] * 400}), "protocol"),
     "not msgpack": ("frame", lambda rng: b"\xc1" + rng.bytes(64), "protocol"),
+    # issue 22: over the memory budget before anything is allocated, and an oversized batch
+    "27 atoms 0.6 Å apart in a 1.8 Å cell": (
+        "structure", lambda rng: _bad(0.6 * np.stack(np.meshgrid(*[np.arange(3)] * 3,
+                                                                  indexing="ij"),
+                                                      -1).reshape(-1, 3),
+                                      np.eye(3) * 1.8, True), "too_large"),
+    "4,097 structures in one batch": (
+        "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "batch",
+                                     "structures": [_small_structure()] * 4097}), "too_large"),
     "unknown key": (
         "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "ping", "evil": 1}), "bad_input"),
 }
@@ -105,7 +121,9 @@ def run(report: Report, *, size: str, device: str) -> None:
     clients, per_client = SIZES[size]
     log = Path(f"/tmp/mlipd-soak-{time.monotonic_ns()}.log")
     args = ["--model", "lj", "--dtype", "float64", "--device", device,
-            "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "20000"]
+            "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "20000",
+            # a budget the dense fault exceeds (LJ: 3.2e5 edges x 512 B) and no valid one does
+            "--max-request-memory", "64M"]
     tally = Tally()
     # one torch thread in the server: on a small shared machine OpenMP's spinning threads
     # slowed a 4-atom step 50x (3 ms -> 150 ms, measured under load 9 on 2 cores)
