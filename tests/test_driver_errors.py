@@ -283,7 +283,8 @@ def run_cli(processes, *args, timeout=60):
 
 @pytest.mark.parametrize(("address", "words"), [
     ("tcp://127.0.0.1:5555", "not a URL (tcp://... is for mlipd serve --zmq)"),
-    ("127.0.0.1", "expected unix:NAME, unix:/path/to/socket or HOST:PORT"),
+    ("127.0.0.1", "expected unix:NAME, unix:/path/to/socket, shm:NAME (i-PI's shm mode) "
+                  "or HOST:PORT"),
     ("::1:31415", "an IPv6 address goes in brackets: [::1]:PORT"),
     ("localhost:port", "port 'port' is not a number"),
     ("unix:", "empty socket name"),
@@ -387,7 +388,8 @@ def test_progress_start_up_line_and_counts(processes, short_tmp):
     assert "DEBUG" in out  # -v after the command: debug output
     progress = [line for line in out.splitlines() if "mlipd.driver.progress" in line]
     assert progress, out
-    assert any("structures/s), mean engine time" in line for line in progress), out
+    assert any("structures/s) in 1 engine call, mean engine time" in line
+               for line in progress), out
     assert "EXIT after 3 force requests (3 structures, 3 computed)" in out
     assert "in all" in out
     assert "3 force requests, 3 structures (" in out

@@ -17,7 +17,7 @@ from helpers_server import argon
 
 from mlipd.client import Client
 from mlipd.errors import ServerUnavailable, SetupError
-from mlipd.server.security import keygen
+from mlipd.curve import keygen
 from mlipd.server.testing import running_server
 
 pytestmark = pytest.mark.timeout(180)
