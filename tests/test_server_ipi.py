@@ -16,7 +16,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-from helpers_ipi import ipi_xml, unix_socket_xml
+from helpers.ipi_run import ipi_xml, unix_socket_xml
 
 from mlipd.client import Client
 from mlipd.engine import make_engine

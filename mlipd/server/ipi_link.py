@@ -238,6 +238,19 @@ class IpiLink:
         log.log(logging.DEBUG if quiet else logging.INFO, "%s", line)
 
     def _run(self) -> None:
+        # a link that connects once (drive) is a gated source from the start: the first
+        # force requests wait (bounded) for the connections still being made, so the
+        # beads of the first step share one engine call too
+        gate_all_along = self.worker is not None and not self.options.reconnect
+        if gate_all_along:
+            self.worker.add_gated(self.source)
+        try:
+            self._connect_and_serve()
+        finally:
+            if gate_all_along:
+                self.worker.remove_gated(self.source)
+
+    def _connect_and_serve(self) -> None:
         o = self.options
         while not self._stop.is_set():
             self._waits_logged = 0
@@ -264,7 +277,8 @@ class IpiLink:
         name = self.address.text
         self.connected = True
         self.sessions += 1
-        if self.worker is not None:
+        gate = self.worker is not None and self.options.reconnect
+        if gate:
             self.worker.add_gated(self.source)
         log.info("%s: connected", name)
         transport = self._transport()
@@ -289,7 +303,7 @@ class IpiLink:
             self.metrics.on_error("internal")
         finally:
             self.outcome.reports.append(report)
-            if self.worker is not None:
+            if gate:
                 self.worker.remove_gated(self.source)
             self.connected = False
             transport.close()

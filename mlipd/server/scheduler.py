@@ -87,10 +87,6 @@ class Scheduler:
     def __len__(self) -> int:
         return self._pending
 
-    @property
-    def pending_atoms(self) -> int:
-        return self._pending_atoms
-
     def submit(self, ticket: Ticket) -> None:
         """Queue ``ticket``; raises ``Busy`` when ``max_pending`` tickets wait already."""
         if self._pending >= self.max_pending:
@@ -98,14 +94,6 @@ class Scheduler:
         self._queues.setdefault(ticket.source, deque()).append(ticket)
         self._pending += 1
         self._pending_atoms += ticket.n_atoms
-
-    def drop_source(self, source: Hashable) -> list[Ticket]:
-        """Remove and return every pending ticket of ``source`` (it went away)."""
-        self._gated.discard(source)
-        gone = list(self._queues.pop(source, ()))
-        self._pending -= len(gone)
-        self._pending_atoms -= sum(t.n_atoms for t in gone)
-        return gone
 
     # ------------------------------------------------------------ policy
 
