@@ -72,16 +72,25 @@ class FakeIpi:
     def step(self, structures: list[Structure], *, init: bytes = b"",
              frame: bytes | None = None) -> list[Result]:
         """One exchange (INIT when needed, POSDATA, GETFORCE); the client's results."""
+        self.post(structures, init=init, frame=frame)
+        return self.collect(len(structures))
+
+    def post(self, structures: list[Structure], *, init: bytes = b"",
+             frame: bytes | None = None) -> None:
+        """The first half of ``step``: INIT when needed, then POSDATA (or ``frame``)."""
         self.init(text=init)
         if self.status() is not ipi.Header.READY:
             raise AssertionError("client not READY")
         self.conn.sendall(frame if frame is not None else self.posdata_frame(structures))
+
+    def collect(self, n_structures: int) -> list[Result]:
+        """The second half of ``step``: wait for the results, GETFORCE, read them."""
         if self.status() is not ipi.Header.HAVEDATA:
             raise AssertionError("client has no data")
         self.conn.sendall(ipi.Header.GETFORCE.value)
         if ipi.read_header(self.read_exact) is not ipi.Header.FORCEREADY:
             raise AssertionError("no FORCEREADY")
-        reply = ipi.read_forceready(self.read_exact, batch_size=len(structures))
+        reply = ipi.read_forceready(self.read_exact, batch_size=n_structures)
         return results_from_forceready(reply)
 
     def exit(self) -> None:
