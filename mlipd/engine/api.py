@@ -15,7 +15,7 @@ import torch
 
 from mlipd.engine.guards import Limits
 from mlipd.errors import SetupError
-from mlipd.model_api import ModelSpec
+from mlipd.model_api import ModelSpec, is_whole_structure
 from mlipd.types import Result, Structure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -121,7 +121,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
         if threads is not None:
             torch.set_num_threads(threads)
         loaded = load_model(model)
-        if getattr(loaded, "whole_structure", False):
+        if is_whole_structure(loaded):
             from mlipd.engine.whole import WholeEngine
 
             return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
@@ -166,14 +166,12 @@ def describe(engine: Engine) -> str:
 
 
 def _whole_structure(model: str) -> bool:
-    """Whether the entry point behind ``model`` declares ``whole_structure`` (no import of
-    the model's own package beyond its adapter module)."""
-    from importlib.metadata import entry_points
+    """Whether the model behind ``model`` declares itself whole-structure (its adapter
+    module is imported, not the model's own package beyond it)."""
+    from mlipd.errors import ModelUnavailable
+    from mlipd.models.registry import model_factory
 
-    name = model.partition(":")[0]
-    for ep in entry_points(group="mlipd.models", name=name):
-        try:
-            return bool(getattr(ep.load(), "whole_structure", False))
-        except ImportError:
-            return False  # the distributed engine reports the missing package
-    return False
+    try:
+        return is_whole_structure(model_factory(model))
+    except ModelUnavailable:
+        return False  # the distributed engine reports the missing package
