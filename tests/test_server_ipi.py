@@ -15,7 +15,7 @@ import time
 import ase.io
 import numpy as np
 import pytest
-from ase.build import bulk
+from helpers import systems
 from helpers.ipi_run import ipi_xml, unix_socket_xml
 
 from mlipd.client import Client
@@ -30,10 +30,7 @@ STEPS = 5
 
 
 def write_argon(workdir) -> ase.Atoms:
-    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat(2)
-    atoms.rattle(0.05, seed=3)
-    ase.io.write(workdir / "init.xyz", atoms, format="extxyz")
-    return atoms
+    return systems.write_argon(workdir, seed=3)
 
 
 def start_ipi(processes, workdir, *, name: str, batch_size: int, mode: str = "unix"):

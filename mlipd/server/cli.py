@@ -123,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
         CurveKeys(Path(args.curve), allow_readable_secret=args.allow_readable_key
                   ).server_pair()  # a bad or readable key: refused before the model loads
 
-    interrupts = Interrupts()
-    with interrupts:
-        engine = engine_from_args(args)
+    engine = engine_from_args(args)  # Ctrl-C while it loads: KeyboardInterrupt, exit 130
+    try:
+        if options is not None:
+            options.template.check_species(engine.spec)  # before any connection
         server = Server(engine, zmq=args.zmq, ipi=ipi_addresses if args.ipi else (),
                         max_batch_atoms=args.max_batch_atoms,
                         max_wait_s=args.max_wait_ms / 1e3, max_pending=args.max_queue,
@@ -134,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
                         shutdown_timeout_s=args.shutdown_timeout,
                         allow_remote=args.allow_remote, curve=args.curve,
                         allow_readable_key=args.allow_readable_key)
+    except BaseException:
+        engine.close()
+        raise
+    interrupts = Interrupts()
+    with interrupts:
         clean = False
         try:
             addresses = server.start()

@@ -138,23 +138,23 @@ def run(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0:
         raise SetupError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     say_missing_sockets(addresses)
+    engine = engine_from_args(args)  # Ctrl-C while it loads: KeyboardInterrupt, exit 130
+    t0 = time.monotonic()
+    try:
+        template.check_species(engine.spec)  # before any connection
+        options = LinkOptions(template=template, reconnect=False,
+                              connect_timeout_s=args.connect_timeout,
+                              idle_timeout_s=args.timeout,
+                              frame_timeout_s=args.frame_timeout, max_atoms=args.max_atoms)
+        server = Server(engine, ipi=addresses, ipi_options=options,
+                        max_wait_s=args.max_wait_ms / 1e3, shutdown_timeout_s=10.0)
+    except BaseException:
+        engine.close()
+        raise
+    log.info("connecting to %s (retrying for up to %g s)",
+             ", ".join(a.describe() for a in addresses), args.connect_timeout)
     interrupts = Interrupts()
     with interrupts:
-        engine = engine_from_args(args)
-        t0 = time.monotonic()
-        try:
-            template.check_species(engine.spec)  # before any connection
-            options = LinkOptions(template=template, reconnect=False,
-                                  connect_timeout_s=args.connect_timeout,
-                                  idle_timeout_s=args.timeout,
-                                  frame_timeout_s=args.frame_timeout, max_atoms=args.max_atoms)
-            server = Server(engine, ipi=addresses, ipi_options=options,
-                            max_wait_s=args.max_wait_ms / 1e3, shutdown_timeout_s=10.0)
-        except BaseException:
-            engine.close()
-            raise
-        log.info("connecting to %s (retrying for up to %g s)",
-                 ", ".join(a.describe() for a in addresses), args.connect_timeout)
         try:
             server.start()
             with Progress(lambda: Counts.from_stats(server.metrics.snapshot()),

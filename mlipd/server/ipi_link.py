@@ -128,6 +128,9 @@ class Scheduled:
         limit = time.monotonic() + self.worker.request_timeout_s + 60.0
         while not fut.done():
             events = dict(watch.poll(1e3 * _WATCH_S))
+            if self._wake_r.fileno() in events:  # a wake-up, perhaps an earlier request's
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(64)
             if conn.sock.fileno() in events:
                 if conn.peer_closed():
                     if fut.cancel():
@@ -140,8 +143,6 @@ class Scheduled:
                 watch.unregister(conn.sock)  # a message waits (i-PI's STATUS): read later
             if time.monotonic() > limit:  # the deadline fails a request; a lost future:
                 raise ServerUnavailable("no result from the engine worker")
-        with contextlib.suppress(BlockingIOError):
-            self._wake_r.recv(64)
         try:
             return fut.result()
         except CancelledError:
