@@ -74,6 +74,24 @@ def test_engine_option_defaults_are_the_engines():
     assert engine_options.DEFAULT_HEARTBEAT_S == distributed.DEFAULT_HEARTBEAT_S
 
 
+def test_parsing_a_command_line_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from mlipd import cli; cli.parse(['drive', '--address', 'unix:x', "
+            "'--species', 'Ar']); cli.parse(['serve', '--zmq', 'tcp://127.0.0.1:0']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_serve_request_timeout_default_is_the_workers():
+    from mlipd.server import cli, worker
+
+    assert cli.DEFAULT_REQUEST_TIMEOUT_S == worker.DEFAULT_REQUEST_TIMEOUT_S
+
+
 def test_engines_satisfy_the_whole_engine_protocol():
     from mlipd.engine import Engine, make_engine
     from mlipd.engine.guards import Limits

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 from mlipd.errors import SetupError
-from mlipd.server.worker import DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+# mlipd.server.worker's default, repeated so that parsing loads no torch (the worker
+# imports the engine); tests/test_layers.py checks they agree
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_STATS_EVERY_S = 60.0  # a line a minute: visible progress, 1,440 short lines a day
 
 
