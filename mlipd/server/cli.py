@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 if time.monotonic() >= next_stats:
                     log.info("stats: %s", server.metrics.summary())
                     next_stats += period
-            log.warning("interrupted by %s: no new requests; answering the queued ones",
+            log.warning("interrupted by %s: stopping: no new requests; answering the queued ones",
                         interrupts.name)
         finally:
             clean = server.close()
