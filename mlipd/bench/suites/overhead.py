@@ -7,9 +7,9 @@
    (real LJ). Runs alternate between the clients (``ROUNDS``); a sample is the mean
    step over a block of consecutive steps (``ipi_runs``, ``blocks``).
 2. The same comparison timed end to end (8 atoms): the wall time of whole i-PI NVE
-   runs of ``WHOLE_STEPS`` steps, from i-PI's start to its exit, for ``i-pi-py_driver
-   -m dummy`` and mlipd-zero; the slope between the two lengths is the cost of one
-   step with start-up and shutdown taken out.
+   runs of ``WHOLE_STEPS`` steps (100 and 500 at quick), from i-PI's start to its exit,
+   for ``i-pi-py_driver -m dummy`` and mlipd-zero; the slope between the two lengths is
+   the cost of one step with start-up and shutdown taken out.
 3. Where mlipd-zero's time goes, in this process: the driver's protocol path (decode
    POSDATA, build Structures, encode FORCEREADY) against the engine call.
 4. Round-trip overhead per structure through one ``mlipd serve`` (``roundtrip``):
@@ -48,7 +48,8 @@ BLOCKS = 3
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
 ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
-WHOLE_STEPS = (100, 500)  # two run lengths: the slope between them is one step
+# two run lengths per size: the slope between them is one step
+WHOLE_STEPS = {"tiny": (50, 150), "quick": (100, 500), "full": (100, 500)}
 WHOLE_ATOMS = 8
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 CUTOFF = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}  # 3 Å < the 3.8 Å spacing: no neighbours
@@ -74,7 +75,7 @@ def run(report: Report, *, size: str, device: str) -> None:
         _, deadline = next(parts)
         _drivers(report, size=size, tmp=Path(tmp), deadline=deadline)
         _, deadline = next(parts)
-        _whole_runs(report, tmp=Path(tmp), deadline=deadline)
+        _whole_runs(report, lengths=WHOLE_STEPS[size], tmp=Path(tmp), deadline=deadline)
         _, deadline = next(parts)
         _split(report, size=size, deadline=deadline)
         _, deadline = next(parts)
@@ -122,30 +123,31 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
     ]
 
 
-def _whole_runs(report: Report, *, tmp: Path, deadline: Deadline) -> None:
+def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
+                deadline: Deadline) -> None:
     """The step timed end to end: whole i-PI runs of two lengths per client."""
     names = ("ipi-dummy", "mlipd-zero")
     table = report.table(
         f"The same step timed end to end ({WHOLE_ATOMS} atoms): wall time of whole i-PI "
         "NVE runs, s, and the slope per step, ms",
-        ["client", *(f"{n} steps, s" for n in WHOLE_STEPS), "ms per step (slope)",
+        ["client", *(f"{n} steps, s" for n in lengths), "ms per step (slope)",
          "slope / dummy's"])
     slopes: dict[str, float] = {}
     for name in names:
         argv = clients()[name]
         walls = []
-        for steps in WHOLE_STEPS if not deadline.passed else ():  # a client's pair is whole
+        for steps in lengths if not deadline.passed else ():  # a client's pair is whole
             try:
                 walls.append(_whole_run_s(tmp / f"whole-{name}-{steps}", lattice(WHOLE_ATOMS),
                                           argv, steps=steps, timeout=RUN_TIMEOUT_S))
             except (RuntimeError, TimeoutError) as e:
                 table.notes.append(f"{name}, {steps} steps: failed: {str(e)[:200]}")
                 break
-        if len(walls) < len(WHOLE_STEPS):
+        if len(walls) < len(lengths):
             table.add(name, *(f"{w:.2f}" for w in walls),
-                      *["not run"] * (len(WHOLE_STEPS) - len(walls)), "", "")
+                      *["not run"] * (len(lengths) - len(walls)), "", "")
             continue
-        slopes[name] = (walls[-1] - walls[0]) / (WHOLE_STEPS[-1] - WHOLE_STEPS[0])
+        slopes[name] = (walls[-1] - walls[0]) / (lengths[-1] - lengths[0])
         ratio = (f"{slopes[name] / slopes['ipi-dummy']:.2f}" if "ipi-dummy" in slopes
                  else "")
         table.add(name, *(f"{w:.2f}" for w in walls), f"{1e3 * slopes[name]:.3f}", ratio)
