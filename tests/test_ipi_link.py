@@ -208,3 +208,27 @@ def test_serve_refuses_a_readable_secret_key_before_loading(processes, short_tmp
     assert proc.returncode == 2, out
     assert "--allow-readable-key" in out, out
     assert "engine ready" not in out, out
+
+
+def test_serve_with_one_ipi_link_alone_computes_inline(short_tmp):
+    """`serve --ipi` with no ZeroMQ endpoint: the link is the only source and calls the
+    engine itself; its counters, forces and shutdown are those of the scheduled path."""
+    from mlipd.engine import make_engine
+
+    fake = FakeIpi(short_tmp / "srv")
+    reference = make_engine(LJ, dtype="float64")
+    try:
+        with running_server(["--model", LJ, "--dtype", "float64", "--species", "Ar",
+                             "--ipi", f"unix:{fake.path}"], log=short_tmp / "serve.log") as srv:
+            assert srv.addresses == []
+            fake.accept()
+            for seed in range(2):
+                s = argon(seed=seed)
+                (got,) = fake.step([s])
+                (ref,) = reference.compute([s])
+                assert abs(got.energy - ref.energy) < 1e-12 * abs(ref.energy)  # units round trip
+            assert srv.stop() == 0
+            text = srv.log_text()
+    finally:
+        fake.close()
+    assert "server stopped: requests=2 errors=0 engine_calls=2 structures=2" in text, text
