@@ -78,6 +78,7 @@ class Server:
     shutdown_timeout_s: how long ``close`` computes queued requests before ``busy``
     allow_remote:      bind ZeroMQ beyond loopback
     curve:             a key directory (``mlipd keygen``): CURVE on every ZeroMQ endpoint
+    allow_readable_key: accept a secret key file readable by group or others (warned)
     """
 
     def __init__(self, engine, *, zmq: Sequence[str] = (), ipi: Sequence[str | Address] = (),
