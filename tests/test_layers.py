@@ -109,6 +109,18 @@ def test_engines_satisfy_the_whole_engine_protocol():
             engine.close()
 
 
+def test_the_distributed_engine_keeps_its_spec_after_close():
+    from mlipd.engine import Engine, make_engine
+
+    engine = make_engine("lj", ranks=2, dtype="float64", device="cpu")
+    try:
+        assert isinstance(engine, Engine)
+        assert (engine.devices, engine.backend, engine.restarts) == (("cpu", "cpu"), "gloo", 0)
+    finally:
+        engine.close()
+    assert engine.spec.name == "lj"  # was None once the ranks were gone
+
+
 def test_the_ase_adapter_declares_the_whole_structure_protocol():
     from ase.calculators.emt import EMT
 
