@@ -86,7 +86,7 @@ def check_secret_mode(path: Path, *, allow: bool) -> None:
             f"{stat.S_IMODE(mode):o}); fix with `chmod 600 {path}`")
     log.warning("%s", what)
     if not allow:
-        raise SetupError(f"{what}, or pass --allow-readable-key to use it anyway")
+        raise SetupError(f"{what} (or `mlipd serve --allow-readable-key` to use it anyway)")
 
 
 def apply_client_curve(sock, directory: str | os.PathLike, *,
