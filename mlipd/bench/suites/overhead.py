@@ -155,14 +155,16 @@ def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
         "One run per client and length, one after the other; wall time from i-PI's start "
         "to its exit (the client's start-up, i-PI's start-up and shutdown cancel in the "
         "slope).",
-        "Why the two ways differ: the per-step table times when i-PI writes each step's "
-        "line, i.e. the time between two force requests as the client's latency adds to "
-        "i-PI's own work on the critical path; the whole run's slope is the same quantity "
-        "averaged over all steps, but i-PI's threads (its force-field poller and the "
-        "integrator) hand each request over with sleeps of their own (i-PI's latency), so "
-        "a client that answers within one such sleep costs i-PI nothing more: a faster "
-        "client shows in the per-step table only while its answer is longer than i-PI's "
-        "wait. On a loaded machine both are noisy; the slope (two whole runs) more so.",
+        "Why the two ways differ: the per-step table is the mean interval between i-PI's "
+        "property lines over blocks of consecutive steps inside one run, warm-up excluded; "
+        "the slope is (T(long) - T(short)) / (long - short) over two separate runs, so it "
+        "cancels start-up and shutdown only as far as they are equal in both runs, carries "
+        "both runs' scheduling noise in one difference, and includes steps whose requests "
+        "i-PI's threads (its force-field poller and the integrator, which hand requests "
+        "over with sleeps of i-PI's latency) overlap with the client's work. On a quiet "
+        "machine the issue measured 1.0 vs 2.6 ms per step but 2.3 ms for both by the "
+        "slope; on a loaded one (the load average above) either can swing by several ms: "
+        "compare figures of one run only.",
     ]
 
 
