@@ -35,33 +35,6 @@ exit status: 0 done, 1 failed while running, 2 bad options or set-up (unknown mo
 missing file), 130 interrupted"""
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="chgnet",
-                   help="model name, or NAME:ARG (e.g. mace:model.pt); see `mlipd models`")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--devices", type=lambda s: [d for d in s.split(",") if d],
-                   metavar="DEV,DEV,...",
-                   help="the devices of the ranks, rank r on the r-th (in turn when fewer), "
-                        "e.g. cuda:0,cuda:1")
-    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
-                   help="how ranks talk: nccl needs one GPU per rank; gloo lets ranks share "
-                        "a GPU (rows staged through host memory); auto picks")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="the model's features (geometry, sums, forces and virials are "
-                        "float64 either way); float64 for reference runs")
-    p.add_argument("--ranks", type=int, default=1,
-                   help="number of local ranks the structure is partitioned across")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="intra-op (torch) threads of each rank (default: one rank keeps "
-                        "torch's default; several share the host's cores, cores / ranks)")
-    p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
-                   help="give up on a collective (a rank that stopped answering) after S s")
-    from mlipd.engine.robustness import add_options as add_robustness_options
-
-    add_robustness_options(p)
-
-
 def _para(text: str) -> str:
     """One paragraph wrapped for a help screen (raw formatters keep line breaks)."""
     return textwrap.fill(text, 79)
@@ -81,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="more log output (-v: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from mlipd.driver.cli import add_arguments as add_drive
+    from mlipd.engine_options import add_engine_options
+    from mlipd.server.drive import add_arguments as add_drive
 
     drive = sub.add_parser(
         "drive", parents=[after],
@@ -152,7 +126,7 @@ def run(args: argparse.Namespace, *, world=None) -> int:
         if args.command == "bench":
             from mlipd.bench.cli import run as run_command
         elif args.command == "drive":
-            from mlipd.driver.cli import run as run_command
+            from mlipd.server.drive import run as run_command
         elif args.command in ("stats", "keygen"):
             from mlipd.server.cli import run_tool as run_command
         else:
@@ -166,23 +140,6 @@ def run(args: argparse.Namespace, *, world=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def engine_from_args(args: argparse.Namespace):
-    """The engine the engine options ask for (``add_engine_options``); logs one line
-    with what is in use (model, cutoff, device, dtype, ranks, threads, memory)."""
-    from mlipd.engine import make_engine
-    from mlipd.engine.api import describe
-    from mlipd.engine.robustness import limits_from
-
-    t0 = time.perf_counter()
-    engine = make_engine(args.model, device=args.device, devices=args.devices,
-                         backend=args.backend, dtype=args.dtype, ranks=args.ranks,
-                         world=getattr(args, "world", None),
-                         timeout_s=args.collective_timeout, threads=args.threads,
-                         limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat)
-    log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, describe(engine))
-    return engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:

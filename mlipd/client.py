@@ -78,7 +78,7 @@ class Client:
             # knows our requests by (connection, id)
             self._sock.setsockopt(zmq.ROUTING_ID, b"mlipd-" + os.urandom(12))
             if curve is not None:
-                from mlipd.server.security import apply_client_curve
+                from mlipd.curve import apply_client_curve
 
                 apply_client_curve(self._sock, curve)
             self._sock.connect(address.text)

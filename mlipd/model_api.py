@@ -11,6 +11,9 @@ path is just P = 1 of the same loop.
 The engine, not the model, turns energies into forces and virial (autograd with
 respect to positions and cell), sums across ranks, and converts nothing: the model
 sees Å and eV only.
+
+A second, narrower contract (``WholeStructureModel``) takes whole structures: no
+graph, no partition, one rank (ASE calculators).
 """
 
 from __future__ import annotations
@@ -229,6 +232,28 @@ class Model(Protocol):
     # Optional: ``memory_per_item(dtype) -> MemoryCost`` declares the bytes one forward
     # and backward take per atom, edge and angle (see ``memory_cost``; default
     # ``DEFAULT_MEMORY_COST``). Not part of the runtime-checkable protocol.
+
+
+@runtime_checkable
+class WholeStructureModel(Protocol):
+    """The second kind of model: whole structures in, energy and forces out, with no
+    local graph and no halo (an ASE calculator, ``mlipd.models.ase_generic``). It runs
+    at one rank only, in ``mlipd.engine.whole.WholeEngine``.
+
+    whole_structure: True, as a class attribute: the engine reads it from the entry
+                     point's class, before constructing anything (``is_whole_structure``)
+    spec:            its ModelSpec (``cutoff`` bounds the geometry guards)
+    calculator:      the ``ase.calculators.calculator.Calculator`` evaluated per structure
+    """
+
+    whole_structure: bool
+    spec: ModelSpec
+    calculator: Any
+
+
+def is_whole_structure(model_or_class: Any) -> bool:
+    """Whether a model (or its class, or factory) declares ``whole_structure = True``."""
+    return getattr(model_or_class, "whole_structure", False) is True
 
 
 def species_index(atomic_numbers: list[int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from ase.calculators.counterions import AtomicCounterIon
 from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones
 from ase.stress import full_3x3_to_voigt_6_stress
-from helpers_ase import evaluate_through_ase_socket
+from helpers.ase_socket import evaluate_through_ase_socket
 
 from mlipd.engine import make_engine
 from mlipd.engine.whole import WholeEngine

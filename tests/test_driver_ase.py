@@ -15,7 +15,7 @@ from ase.build import bulk
 from ase.calculators.socketio import SocketIOCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 from conftest import MLIPD, free_tcp_port
-from helpers_ase import evaluate_through_ase_socket
+from helpers.ase_socket import evaluate_through_ase_socket
 
 from mlipd.engine import make_engine
 from mlipd.types import Structure

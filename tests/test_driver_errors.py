@@ -8,17 +8,18 @@ The misbehaving servers are small fakes written on ``mlipd.protocols.ipi``
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
 import numpy as np
 import pytest
 from conftest import MLIPD
+from helpers import systems
+from helpers.fake_ipi import FakeIpi
 
 from mlipd.engine import make_engine
 from mlipd.protocols import ipi
-from mlipd.protocols.convert import posdata_from_structures, results_from_forceready
+from mlipd.protocols.convert import posdata_from_structures
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(90)
@@ -26,77 +27,8 @@ pytestmark = pytest.mark.timeout(90)
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff=6.0"
 
 
-def argon(n_cells=2, seed=0):
-    from ase.build import bulk
-
-    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((n_cells, n_cells, n_cells))
-    atoms.rattle(0.05, seed=seed)
-    return Structure.from_atoms(atoms)
-
-
-class FakeServer:
-    """An i-PI-like server on a UNIX socket, one client connection."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.listener.settimeout(0.2)
-        self.conn: socket.socket | None = None
-
-    def accept(self, proc, timeout=30.0):
-        """Wait for the driver, failing fast if its process died (no hang)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"driver exited early:\n{proc.stdout.read()}")
-            try:
-                self.conn, _ = self.listener.accept()
-                self.conn.settimeout(30)
-                return
-            except TimeoutError:
-                continue
-        raise AssertionError("driver did not connect")
-
-    def read_exact(self, n):
-        out = b""
-        while len(out) < n:
-            chunk = self.conn.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("driver closed the connection")
-            out += chunk
-        return out
-
-    def status(self) -> ipi.Header:
-        self.conn.sendall(ipi.Header.STATUS.value)
-        return ipi.read_header(self.read_exact)
-
-    def step(self, structures, *, init=b"") -> list:
-        if self.status() is ipi.Header.NEEDINIT:
-            self.conn.sendall(ipi.encode_init(ipi.Init(bead=0, text=init)))
-        assert self.status() is ipi.Header.READY
-        self.conn.sendall(ipi.encode_posdata(posdata_from_structures(structures)))
-        assert self.status() is ipi.Header.HAVEDATA
-        self.conn.sendall(ipi.Header.GETFORCE.value)
-        assert ipi.read_header(self.read_exact) is ipi.Header.FORCEREADY
-        m = ipi.read_forceready(self.read_exact, batch_size=len(structures))
-        return results_from_forceready(m)
-
-    def closed_by_driver(self, timeout=30.0) -> bool:
-        """True once the driver has closed its end (EOF or reset)."""
-        self.conn.settimeout(timeout)
-        try:
-            while self.conn.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
-        return True
-
-    def close(self):
-        for s in (self.conn, self.listener):
-            if s is not None:
-                s.close()
+def argon(seed=0):
+    return systems.argon(2, seed=seed, a=5.3)
 
 
 def bad_garbage(srv, s):
@@ -164,7 +96,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp):
     send_bad, message = CASES[case]
-    good, bad = FakeServer(short_tmp / "good"), FakeServer(short_tmp / "bad")
+    good, bad = FakeIpi(short_tmp / "good"), FakeIpi(short_tmp / "bad")
     s = argon()
     try:
         proc = processes.start([*MLIPD, "drive", "--address", f"unix:{good.path}",
@@ -175,7 +107,7 @@ def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp
         bad.accept(proc)
         first = good.step([s])
         send_bad(bad, s)
-        assert bad.closed_by_driver()
+        assert bad.closed_by_peer()
         # the same process still serves the good connection, correctly
         engine = make_engine(LJ, dtype="float64")
         for seed in (1, 2):
@@ -212,7 +144,7 @@ def test_template_mismatch_closes_connection(processes, short_tmp):
     from ase.build import bulk
 
     bulk("Ar", "fcc", a=5.3, cubic=True).write(short_tmp / "four.xyz", format="extxyz")
-    srv = FakeServer(short_tmp / "srv")
+    srv = FakeIpi(short_tmp / "srv")
     try:
         proc = processes.start([*MLIPD, "drive", "--address", f"unix:{srv.path}",
                                 "--structure", short_tmp / "four.xyz", "--model", LJ,
@@ -220,7 +152,7 @@ def test_template_mismatch_closes_connection(processes, short_tmp):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         srv.accept(proc)
         srv.conn.sendall(ipi.encode_posdata(posdata_from_structures([argon()])))
-        assert srv.closed_by_driver()
+        assert srv.closed_by_peer()
         out, _ = proc.communicate(timeout=30)
     finally:
         srv.close()
@@ -283,7 +215,8 @@ def run_cli(processes, *args, timeout=60):
 
 @pytest.mark.parametrize(("address", "words"), [
     ("tcp://127.0.0.1:5555", "not a URL (tcp://... is for mlipd serve --zmq)"),
-    ("127.0.0.1", "expected unix:NAME, unix:/path/to/socket or HOST:PORT"),
+    ("127.0.0.1", "expected unix:NAME, unix:/path/to/socket, shm:NAME (i-PI's shm mode) "
+                  "or HOST:PORT"),
     ("::1:31415", "an IPv6 address goes in brackets: [::1]:PORT"),
     ("localhost:port", "port 'port' is not a number"),
     ("unix:", "empty socket name"),
@@ -331,7 +264,7 @@ def test_socket_appearing_within_connect_timeout_is_served(processes, short_tmp)
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(2.0)  # the driver is up and retrying by now (or still loading: both fine)
         assert proc.poll() is None
-        srv = FakeServer(short_tmp / "late")
+        srv = FakeIpi(short_tmp / "late")
         srv.accept(proc)
         (got,) = srv.step([argon()])
         srv.conn.sendall(ipi.Header.EXIT.value)
@@ -350,7 +283,7 @@ def test_unknown_element_refused_at_start_up(processes, short_tmp):
 
     Atoms("SiOg", positions=[[0, 0, 0], [2, 0, 0]], cell=np.eye(3) * 8, pbc=True).write(
         short_tmp / "og.xyz", format="extxyz")
-    srv = FakeServer(short_tmp / "srv")
+    srv = FakeIpi(short_tmp / "srv")
     try:
         rc, out, _ = run_cli(processes, "drive", "--address", f"unix:{srv.path}",
                              "--structure", short_tmp / "og.xyz", "--model", "chgnet")
@@ -367,7 +300,7 @@ def test_unknown_element_refused_at_start_up(processes, short_tmp):
 def test_progress_start_up_line_and_counts(processes, short_tmp):
     """The start-up line says what runs; progress lines come every --progress-every s;
     the end counts force requests (``-v`` after the command is accepted)."""
-    srv = FakeServer(short_tmp / "srv")
+    srv = FakeIpi(short_tmp / "srv")
     try:
         proc = processes.start([*MLIPD, "drive", "-v", "--address", f"unix:{srv.path}",
                                 "--species", "Ar", "--model", LJ, "--dtype", "float64",
@@ -387,7 +320,8 @@ def test_progress_start_up_line_and_counts(processes, short_tmp):
     assert "DEBUG" in out  # -v after the command: debug output
     progress = [line for line in out.splitlines() if "mlipd.driver.progress" in line]
     assert progress, out
-    assert any("structures/s), mean engine time" in line for line in progress), out
+    assert any("structures/s) in 1 engine call, mean engine time" in line
+               for line in progress), out
     assert "EXIT after 3 force requests (3 structures, 3 computed)" in out
     assert "in all" in out
     assert "3 force requests, 3 structures (" in out

@@ -9,16 +9,23 @@ decimals, so i-PI's files match a direct evaluation to rtol 1e-6 (+ 2e-8 eV/Å).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from ase.build import bulk
 from conftest import MLIPD
-from helpers_ipi import inet_socket_xml, ipi_xml, run_ipi_and_driver, unix_socket_xml
+from helpers.ipi_run import (
+    check_trajectory,
+    inet_socket_xml,
+    ipi_xml,
+    run_ipi_and_driver,
+    unix_socket_xml,
+)
+from helpers.systems import write_argon
 
 from mlipd.engine import make_engine
-from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,32 +37,14 @@ def lj_engine():
     return make_engine(LJ, dtype="float64")
 
 
-def argon(workdir):
-    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((2, 2, 2))
-    atoms.rattle(0.05, seed=1)
-    atoms.write(workdir / "init.xyz", format="extxyz")
-    return atoms
-
-
-def check_against_engine(run, engine, template, *, nbeads, steps):
-    """Every recorded step: i-PI's forces of every bead and its potential (bead
+def check_against_engine(run, engine, atoms, *, nbeads, steps):
+    """Every 5th recorded step: i-PI's forces of every bead and its potential (bead
     average) equal a direct evaluation of the positions i-PI recorded."""
-    props = run.properties()
-    assert props.shape[0] == steps + 1
-    positions = [run.frames("pos", b) for b in range(nbeads)]
-    forces = [run.frames("for", b) for b in range(nbeads)]
-    for step in range(0, steps + 1, 5):
-        structures = [Structure(numbers=template.numbers, positions=positions[b][step],
-                                cell=template.cell.array, pbc=True) for b in range(nbeads)]
-        results = engine.compute(structures)
-        for b, r in enumerate(results):
-            np.testing.assert_allclose(forces[b][step], r.forces, rtol=1e-6, atol=2e-8)
-        mean = np.mean([r.energy for r in results])
-        np.testing.assert_allclose(props[step, 4], mean, rtol=1e-6)
+    check_trajectory(run, atoms, engine.compute, nbeads=nbeads, steps=steps, min_motion=0)
 
 
 def test_nvt_unix_socket_path(processes, short_tmp, lj_engine):
-    atoms = argon(short_tmp)
+    atoms = write_argon(short_tmp)
     prefix = f"{short_tmp}/ipi_"
     run = run_ipi_and_driver(
         processes, short_tmp,
@@ -78,7 +67,7 @@ def pimd_tcp(tmp_path_factory):
     from conftest import Processes
 
     workdir = tmp_path_factory.mktemp("pimd_tcp")
-    atoms = argon(workdir)
+    atoms = write_argon(workdir)
     procs = Processes()
     try:
         run = run_ipi_and_driver(
@@ -101,18 +90,36 @@ def test_pimd_4_beads_tcp(pimd_tcp, lj_engine):
     assert np.abs(beads[0] - beads[1]).max() > 1e-4  # the beads did spread
 
 
-def test_batched_mode_same_trajectory(processes, short_tmp, pimd_tcp):
-    """batch_size 4: one POSDATA carries all 4 beads -> one compute call per step,
-    and the trajectory equals the unbatched one."""
+@pytest.fixture(scope="module")
+def pimd_batched(tmp_path_factory):
+    """The same PIMD in i-PI's batched mode (batch_size 4: one POSDATA carries all 4
+    beads), over one UNIX socket."""
+    import tempfile
+    from pathlib import Path
+
+    from conftest import Processes
+
+    workdir = Path(tempfile.mkdtemp(prefix="mlipd-", dir="/tmp"))  # short UNIX path
+    write_argon(workdir)
+    procs = Processes()
+    try:
+        yield run_ipi_and_driver(
+            procs, workdir,
+            xml_for=lambda _port: ipi_xml(
+                init_file="init.xyz", socket_xml=unix_socket_xml("b4", batch_size=4),
+                sockets_prefix=f"{workdir}/ipi_", nbeads=4, steps=20),
+            driver_args=["--address", "unix:b4", "--sockets-prefix", f"{workdir}/ipi_",
+                         "--species", "Ar", "--model", LJ, "--dtype", "float64"])
+    finally:
+        procs.kill_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_batched_mode_same_trajectory(pimd_tcp, pimd_batched):
+    """batch_size 4: one compute call per step, and the trajectory equals the unbatched
+    one."""
     reference, _ = pimd_tcp
-    argon(short_tmp)
-    run = run_ipi_and_driver(
-        processes, short_tmp,
-        xml_for=lambda _port: ipi_xml(
-            init_file="init.xyz", socket_xml=unix_socket_xml("b4", batch_size=4),
-            sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
-        driver_args=["--address", "unix:b4", "--sockets-prefix", f"{short_tmp}/ipi_",
-                     "--species", "Ar", "--model", LJ, "--dtype", "float64"])
+    run = pimd_batched
     assert run.driver_rc == 0, run.driver_log
     assert "batch size 4" in run.driver_log
     # 21 POSDATA of 4 structures; at step 0 the 4 beads are identical copies of
@@ -124,11 +131,45 @@ def test_batched_mode_same_trajectory(processes, short_tmp, pimd_tcp):
                                    rtol=1e-12, atol=1e-12)
 
 
+def engine_calls(driver_log: str) -> tuple[int, int]:
+    """(force requests, engine calls) of drive's closing "in all" line."""
+    m = re.search(r"in all, .*?: (\d+) force requests, \d+ structures \(.*?\) in (\d+) "
+                  r"engine calls?", driver_log)
+    assert m is not None, driver_log
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_four_connections_one_engine_call_per_step(processes, short_tmp, pimd_batched):
+    """4 beads, unbatched, over 4 connections of one `mlipd drive`: the 4 force requests
+    of each force evaluation become one engine call (21 for 20 steps), and the
+    trajectory equals batched mode's. The wait for the other connections' beads is
+    long here (--max-wait-ms 5000) so a loaded machine cannot split a step; the gate
+    lets a step go as soon as all 4 have arrived."""
+    write_argon(short_tmp)
+    prefix = f"{short_tmp}/ipi_"
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("c4"),
+                                      sockets_prefix=prefix, nbeads=4, steps=20),
+        driver_args=[*[a for _ in range(4) for a in ("--address", f"unix:{prefix}c4")],
+                     "--species", "Ar", "--model", LJ, "--dtype", "float64",
+                     "--max-wait-ms", "5000"])
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    assert run.driver_log.count(": connected") == 4, run.driver_log
+    assert engine_calls(run.driver_log) == (84, 21), run.driver_log
+    np.testing.assert_allclose(run.properties(), pimd_batched.properties(), rtol=1e-12,
+                               atol=1e-14)
+    for b in range(4):
+        np.testing.assert_allclose(run.frames("pos", b)[-1], pimd_batched.frames("pos", b)[-1],
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_shm_mode_same_trajectory(processes, short_tmp, pimd_tcp, batch_size):
     """i-PI's shared-memory mode (positions and forces through /dev/shm)."""
     reference, _ = pimd_tcp
-    argon(short_tmp)
+    write_argon(short_tmp)
     run = run_ipi_and_driver(
         processes, short_tmp,
         xml_for=lambda _port: ipi_xml(
@@ -145,7 +186,7 @@ def test_shm_mode_same_trajectory(processes, short_tmp, pimd_tcp, batch_size):
 
 def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
     """Two connections of one driver process to one i-PI: both serve beads."""
-    atoms = argon(short_tmp)
+    atoms = write_argon(short_tmp)
     prefix = f"{short_tmp}/ipi_"
     run = run_ipi_and_driver(
         processes, short_tmp,
@@ -194,7 +235,7 @@ def test_chgnet_nvt_matches_chgnet_calculator(processes, short_tmp):
 def test_shm_mode_without_mode_shm_says_so(processes, short_tmp):
     """The real i-PI in shm mode, the driver left in socket mode: the driver says what
     to do (before: "atom count 1198680438 outside ...") instead of misreading names."""
-    argon(short_tmp)
+    write_argon(short_tmp)
     (short_tmp / "input.xml").write_text(ipi_xml(
         init_file="init.xyz", socket_xml=unix_socket_xml("shm", mode="shm"),
         sockets_prefix=f"{short_tmp}/ipi_", steps=5))

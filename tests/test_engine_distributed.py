@@ -294,7 +294,7 @@ def test_torchrun_launch(tmp_path, local, systems):
     import sys
 
     from mlipd.client import Client
-    from mlipd.server.testing import _read_ready
+    from mlipd.server.testing import read_ready
 
     with socket.socket() as probe:  # torchrun's static rendezvous cannot take port 0
         probe.bind(("127.0.0.1", 0))
@@ -306,7 +306,7 @@ def test_torchrun_launch(tmp_path, local, systems):
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     try:
-        (address,) = _read_ready(proc, timeout_s=120, log=log)
+        (address,) = read_ready(proc, timeout_s=120, log=log)
         s = systems["slab"]
         with Client(address) as c:
             got = c.compute(s)
@@ -329,7 +329,7 @@ def test_slurm_launch(tmp_path, local, systems, processes):
     import sys
 
     from mlipd.client import Client
-    from mlipd.server.testing import _read_ready
+    from mlipd.server.testing import read_ready
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -345,7 +345,7 @@ def test_slurm_launch(tmp_path, local, systems, processes):
             procs.append(processes.start(cmd, stdout=subprocess.PIPE, stderr=err,
                                          env={**env, "SLURM_PROCID": str(r),
                                               "SLURM_LOCALID": str(r)}))
-    (address,) = _read_ready(procs[0], timeout_s=120, log=logs[0])
+    (address,) = read_ready(procs[0], timeout_s=120, log=logs[0])
     s = systems["slab"]
     with Client(address) as c:
         got = c.compute(s)

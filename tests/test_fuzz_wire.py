@@ -15,7 +15,9 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from helpers_server import Dealer, FakeIpi, argon
+from helpers.fake_ipi import FakeIpi
+from helpers.server import Dealer
+from helpers.systems import argon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -170,7 +172,7 @@ def test_ipi_bit_flips_in_float_fields(served, seed, n_flips):
         byte = int(rng.choice([b for b in floats if not count_at <= b < count_at + 4]))
         frame[byte] ^= 1 << int(rng.integers(8))
     try:
-        forces = fake.step([s], frame=bytes(frame))
+        (got,) = fake.step([s], frame=bytes(frame))
     except (ConnectionError, OSError, AssertionError, MlipdError):
         assert fake.closed_by_peer(timeout_s=30)
         _reconnected(fake)
@@ -178,7 +180,7 @@ def test_ipi_bit_flips_in_float_fields(served, seed, n_flips):
     m = ipi.read_posdata(ipi.BufferReader(bytes(frame[ipi.HEADER_LEN:])).read_exact)
     (flipped,) = structures_from_posdata(m, numbers=s.numbers, pbc=np.ones(3, bool))
     (ref,) = REFERENCE.compute([flipped])
-    np.testing.assert_allclose(forces[0], ref.forces, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
 
 
 @FUZZ
@@ -202,7 +204,7 @@ def test_ipi_after_the_batches_the_link_and_the_process_answer(served):
     srv, _, fake = served
     _reconnected(fake)
     s = argon(seed=5)
-    (forces,) = fake.step([s])
+    (got,) = fake.step([s])
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(forces, ref.forces, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
     still_serving(srv, srv.proc.pid)

@@ -403,35 +403,11 @@ def test_distributed_equals_single(tmp_path, ranks, scale_shift, zbl):
 def test_mace_file_drives_real_ipi(processes, short_tmp):
     """``mlipd drive --model mace:PATH`` against the real ``i-pi`` for 20 NVT steps; every
     5th recorded step, i-PI's forces and potential equal the engine on its positions."""
-    from helpers_ipi import ipi_xml, run_ipi_and_driver, unix_socket_xml
+    from helpers.ipi_run import check_trajectory, drive_real_ipi
 
     model = build_mace()
     torch.save(model, short_tmp / "tiny.model")
     atoms = bulk_box([6, 14], reps=1, a=4.6, seed=7)
-    atoms.write(short_tmp / "init.xyz", format="extxyz")
-    prefix = f"{short_tmp}/ipi_"
-    run = run_ipi_and_driver(
-        processes, short_tmp,
-        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("mace"),
-                                      sockets_prefix=prefix, steps=20, temperature_k=100,
-                                      timestep_fs=0.5),
-        driver_args=["--address", "unix:mace", "--sockets-prefix", prefix,
-                     "--structure", "init.xyz", "--model", f"mace:{short_tmp / 'tiny.model'}",
-                     "--dtype", "float64"],
-        timeout=170)
-    assert run.driver_rc == 0, run.driver_log
-    assert run.ipi_rc == 0, run.ipi_log
-    props = run.properties()
-    assert props.shape[0] == 21
-    positions, forces = run.frames("pos", 0), run.frames("for", 0)
-    engine = LocalEngine(MaceModel(model=model))
-    moved = 0.0
-    for step in range(0, 21, 5):
-        s = Structure(numbers=atoms.numbers, positions=positions[step], cell=atoms.cell.array,
-                      pbc=True)
-        (r,) = engine.compute([s])
-        # i-PI's constants differ from ASE's by ~1e-7 relative; files keep 8 decimals
-        np.testing.assert_allclose(forces[step], r.forces, rtol=1e-6, atol=2e-8)
-        np.testing.assert_allclose(props[step, 4], r.energy, rtol=1e-6)
-        moved = max(moved, float(np.abs(positions[step] - positions[0]).max()))
-    assert moved > 1e-3  # the atoms really moved: forces came from the model each step
+    run = drive_real_ipi(processes, short_tmp, atoms, name="mace",
+                         model=f"mace:{short_tmp / 'tiny.model'}")
+    check_trajectory(run, atoms, LocalEngine(MaceModel(model=model)).compute)

@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mace  # noqa: F401  (mace before e3nn, see mlipd/models/mace.py)
-import numpy as np
 import pytest
 import torch
 from conftest import MLIPD
@@ -182,35 +182,25 @@ def test_mace_mp_medium_from_cache_drives_real_ipi(processes, short_tmp, cache_h
     """A random MACE saved as MACE-MP-0 medium's cache file: ``mlipd drive --model
     mace-mp:medium`` serves i-PI for 20 steps with no route out, and equals
     MACECalculator on that file at the positions i-PI recorded."""
-    from helpers_ipi import ipi_xml, run_ipi_and_driver, unix_socket_xml
+    from helpers.ipi_run import check_trajectory, drive_real_ipi
 
     path = cache_home / "mace" / medium_file()
     path.parent.mkdir(parents=True)
     torch.save(tiny_mace(), path)
     atoms = bulk_box([6, 14], reps=1, a=4.6, seed=7)
-    atoms.write(short_tmp / "init.xyz", format="extxyz")
-    prefix = f"{short_tmp}/ipi_"
-    run = run_ipi_and_driver(
-        processes, short_tmp,
-        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("mp"),
-                                      sockets_prefix=prefix, steps=20, temperature_k=100,
-                                      timestep_fs=0.5),
-        driver_args=["--address", "unix:mp", "--sockets-prefix", prefix, "--structure",
-                     "init.xyz", "--model", "mace-mp:medium", "--dtype", "float64"],
-        timeout=170)
-    assert run.driver_rc == 0, run.driver_log
-    assert run.ipi_rc == 0, run.ipi_log
-    props = run.properties()
-    assert props.shape[0] == 21
-    positions, forces = run.frames("pos", 0), run.frames("for", 0)
+    run = drive_real_ipi(processes, short_tmp, atoms, name="mp", model="mace-mp:medium")
     calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
-    for step in range(0, 21, 5):
-        a = atoms.copy()
-        a.positions = positions[step]
-        a.calc = calc
-        np.testing.assert_allclose(forces[step], a.get_forces(), rtol=1e-6, atol=2e-8)
-        np.testing.assert_allclose(props[step, 4], a.get_potential_energy(), rtol=1e-6)
-    assert np.abs(positions[20] - positions[0]).max() > 1e-3
+
+    def mace_calculator(structures):
+        out = []
+        for s in structures:
+            a = atoms.copy()
+            a.positions = s.positions
+            a.calc = calc
+            out.append(SimpleNamespace(energy=a.get_potential_energy(), forces=a.get_forces()))
+        return out
+
+    check_trajectory(run, atoms, mace_calculator)
 
 
 def test_mace_mp_missing_exits_2_at_once(short_tmp, cache_home):

@@ -15,8 +15,8 @@ import time
 import ase.io
 import numpy as np
 import pytest
-from ase.build import bulk
-from helpers_ipi import ipi_xml, unix_socket_xml
+from helpers import systems
+from helpers.ipi_run import ipi_xml, unix_socket_xml
 
 from mlipd.client import Client
 from mlipd.engine import make_engine
@@ -30,17 +30,15 @@ STEPS = 5
 
 
 def write_argon(workdir) -> ase.Atoms:
-    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat(2)
-    atoms.rattle(0.05, seed=3)
-    ase.io.write(workdir / "init.xyz", atoms, format="extxyz")
-    return atoms
+    return systems.write_argon(workdir, seed=3)
 
 
-def start_ipi(processes, workdir, *, name: str, batch_size: int):
+def start_ipi(processes, workdir, *, name: str, batch_size: int, mode: str = "unix"):
     """Start i-PI and wait until its socket file exists (so all clients join at once)."""
     prefix = f"{workdir}/ipi_"
     (workdir / "input.xml").write_text(ipi_xml(
-        init_file="init.xyz", socket_xml=unix_socket_xml(name, batch_size=batch_size),
+        init_file="init.xyz", socket_xml=unix_socket_xml(name, batch_size=batch_size,
+                                                         mode=mode),
         sockets_prefix=prefix, nbeads=NBEADS, steps=STEPS))
     log = (workdir / "ipi.log").open("w")
     proc = processes.start(["i-pi", "input.xml"], cwd=workdir, stdout=log,
@@ -132,3 +130,36 @@ def test_pimd_batched_connection_and_ipi_restart(processes, short_tmp):
     finally:
         ipi_log.close()
     check_forces_against_direct(short_tmp, atoms)
+
+
+def test_shm_link_and_ipi_restart(processes, short_tmp):
+    """``--ipi shm:PATH``: i-PI's shared-memory mode on a link that reconnects when i-PI
+    restarts; every force right, and the log counts force requests (8 beads x 6 force
+    evaluations = 48 per run), not "steps"."""
+    atoms = write_argon(short_tmp)
+    ipi, ipi_log, address = start_ipi(processes, short_tmp, name="shm", batch_size=1,
+                                      mode="shm")
+    shm_address = "shm:" + address.removeprefix("unix:")
+    args = ["--model", "lj", "--dtype", "float64", "--zmq", "tcp://127.0.0.1:0", "--species",
+            "Ar", "--ipi", shm_address]
+    try:
+        with running_server(args, log=short_tmp / "serve.log",
+                            env=dict(os.environ, OMP_NUM_THREADS="1")) as srv:
+            for run in (1, 2):
+                if run == 2:  # i-PI restarts on the same address: the link reconnects
+                    for f in short_tmp.glob("sim.*"):
+                        f.unlink()
+                    ipi, ipi_log, _ = start_ipi(processes, short_tmp, name="shm",
+                                                batch_size=1, mode="shm")
+                assert ipi.wait(timeout=180) == 0, (short_tmp / "ipi.log").read_text()
+                ipi_log.close()
+                check_forces_against_direct(short_tmp, atoms)
+            with Client(srv.address) as c:
+                stats = c.stats()
+            assert stats["requests"]["ipi"] == 2 * NBEADS * (STEPS + 1)
+            assert srv.stop() == 0
+            text = srv.log_text()
+    finally:
+        ipi_log.close()
+    assert text.count(f"EXIT after {NBEADS * (STEPS + 1)} force requests") == 2, text
+    assert " steps" not in text, text

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers_server import FakeIpi, argon
+from helpers.fake_ipi import FakeIpi
+from helpers.systems import argon
 
 from mlipd.client import Client
 from mlipd.engine import make_engine
@@ -28,9 +29,9 @@ REFERENCE = make_engine("lj", dtype="float64")
 
 def check_step(fake: FakeIpi, seed: int) -> None:
     s = argon(seed=seed)
-    (forces,) = fake.step([s])
+    (got,) = fake.step([s])
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(forces, ref.forces, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
 
 
 def with_positions(s: Structure, positions: np.ndarray) -> Structure:

@@ -19,7 +19,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from helpers_server import Dealer, Gate, argon, peak_rss_mb, plugin_env, raw
+from helpers.server import Dealer, Gate, peak_rss_mb, plugin_env, raw
+from helpers.systems import argon
 
 from mlipd.client import Client
 from mlipd.engine import make_engine

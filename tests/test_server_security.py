@@ -13,11 +13,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers_server import argon
+from helpers.systems import argon
 
 from mlipd.client import Client
+from mlipd.curve import keygen
 from mlipd.errors import ServerUnavailable, SetupError
-from mlipd.server.security import keygen
 from mlipd.server.testing import running_server
 
 pytestmark = pytest.mark.timeout(180)

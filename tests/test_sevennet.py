@@ -215,30 +215,12 @@ def test_float32_on_four_ranks(measured):
 def test_drives_real_ipi(processes, short_tmp):
     """``mlipd drive --model sevennet`` against the real i-PI for 20 NVT steps: i-PI's
     forces and potential equal the engine on the positions i-PI recorded."""
-    from helpers_ipi import ipi_xml, run_ipi_and_driver, unix_socket_xml
+    from helpers.ipi_run import check_trajectory, drive_real_ipi
 
     atoms = oxide(8)
-    atoms.write(short_tmp / "init.xyz", format="extxyz")
-    prefix = f"{short_tmp}/ipi_"
-    run = run_ipi_and_driver(
-        processes, short_tmp,
-        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml("7n"),
-                                      sockets_prefix=prefix, steps=20, temperature_k=300),
-        driver_args=["--address", "unix:7n", "--sockets-prefix", prefix, "--structure",
-                     "init.xyz", "--model", "sevennet", "--dtype", "float64"],
-        timeout=300)
-    assert run.driver_rc == 0, run.driver_log
-    assert run.ipi_rc == 0, run.ipi_log
-    props = run.properties()
-    assert props.shape[0] == 21
-    positions, forces = run.frames("pos", 0), run.frames("for", 0)
-    engine = LocalEngine(adapter(), dtype=torch.float64)
-    for step in range(0, 21, 5):
-        s = Structure(numbers=atoms.numbers, positions=positions[step], cell=atoms.cell.array,
-                      pbc=True)
-        (r,) = engine.compute([s])
-        # i-PI's files keep 8 decimals: positions rounded by 5e-9 Å move an oxide's
-        # forces by ~1e-7 eV/Å (force constants ~20 eV/Å²)
-        np.testing.assert_allclose(forces[step], r.forces, rtol=1e-6, atol=2e-7)
-        np.testing.assert_allclose(props[step, 4], r.energy, rtol=1e-6)
-    assert np.abs(positions[20] - positions[0]).max() > 1e-3
+    run = drive_real_ipi(processes, short_tmp, atoms, name="7n", model="sevennet",
+                         temperature_k=300, timestep_fs=2.0, timeout=300)
+    # i-PI's files keep 8 decimals: positions rounded by 5e-9 Å move an oxide's forces by
+    # ~1e-7 eV/Å (force constants ~20 eV/Å²)
+    check_trajectory(run, atoms, LocalEngine(adapter(), dtype=torch.float64).compute,
+                     force_atol=2e-7)

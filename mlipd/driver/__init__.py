@@ -1,6 +1,7 @@
-"""mlipd as an i-PI *client*: connects to i-PI or ASE SocketIOCalculator servers.
+"""mlipd's i-PI client side, per connection: ``loop.py`` (the state machine of one
+connection), ``socket_io.py`` and ``shm.py`` (addresses and transports),
+``template.py`` (what i-PI never sends), ``progress.py`` (the periodic log line).
 
-``serve_connection`` (loop.py) is the per-connection state machine, reusable by
-``mlipd.server`` for its i-PI front ends; ``connect``/``FramedSocket``
-(socket_io.py) the transport; ``cli.py`` the ``mlipd drive`` command.
+The link that uses them for ``mlipd drive`` and ``mlipd serve --ipi`` is
+``mlipd.server.ipi_link``.
 """

@@ -1,7 +1,7 @@
 """One i-PI client connection as an explicit state machine.
 
-The loop owns no model: it receives ``compute(list[Structure]) -> list[Result]``,
-so the driver can pass a locked engine and the server its batching scheduler.
+The loop owns no model: it receives ``compute(list[Structure]) -> list[Result]``
+(``mlipd.server.ipi_link`` passes the engine, inline or through the scheduler).
 How positions arrive and forces leave (plain socket or shared memory) is a
 ``Transport``; the message order is the same for both.
 """
@@ -113,25 +113,22 @@ class ConnectionReport:
     computed: int = 0
     exit: bool = False
 
-    @property
-    def steps(self) -> int:
-        """The old name of ``requests`` (``mlipd.server.ipi_link`` still reads it)."""
-        return self.requests
-
     def describe(self) -> str:
         return (f"{self.requests} force requests ({self.structures} structures, "
                 f"{self.computed} computed)")
 
 
 def serve_connection(conn: FramedSocket, compute: Compute, transport: Transport, *,
-                     name: str = "") -> ConnectionReport:
-    """Answer one server until EXIT or a clean close between messages.
+                     name: str = "", report: ConnectionReport | None = None
+                     ) -> ConnectionReport:
+    """Answer one server until EXIT or a clean close between messages; counts go into
+    ``report`` (a new one when None), which the caller keeps when this raises.
 
     Bad bytes or messages in the wrong order raise ProtocolError; a structure
     that cannot be computed raises ValidationError/CalculationFailed. The
     protocol has no error message, so the caller closes the connection.
     """
-    report = ConnectionReport()
+    report = ConnectionReport() if report is None else report
     phase, batch_size, reply = Phase.NEEDINIT, 1, b""
     while True:
         raw = conn.recv_exact_or_eof(ipi.HEADER_LEN)

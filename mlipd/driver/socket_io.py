@@ -4,6 +4,8 @@ Address forms (``--address``):
     unix:NAME       i-PI's and ASE's convention: the socket file ``/tmp/ipi_NAME``
                     (the prefix is i-PI's ``<simulation sockets_prefix>``)
     unix:/abs/path  any other socket file (a NAME containing "/" is a path)
+    shm:NAME        i-PI's ``shm`` mode: control messages on the UNIX socket NAME (as
+    shm:/abs/path   ``unix:``), positions and forces in i-PI's shared memory
     HOST:PORT       TCP (``tcp:HOST:PORT`` also accepted; ``[::1]:PORT`` for IPv6)
 """
 
@@ -11,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from mlipd.errors import ConnectionClosed, ProtocolError, ServerUnavailable, SetupError
 
@@ -23,20 +28,26 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKETS_PREFIX = "/tmp/ipi_"
 _RETRY_S = 0.05  # first pause between connection attempts; doubles up to _RETRY_MAX_S
 _RETRY_MAX_S = 1.0
+_CONNECT_TRY_S = 10.0  # one connect() call (a TCP handshake; UNIX sockets answer at once)
+WAIT_LOG_EVERY_S = 10.0  # "still waiting for ..." while a server is not up
+DEFAULT_FRAME_TIMEOUT_S = 30.0  # a message begun must be complete within this
 
 
-EXPECTED_FORMS = "unix:NAME, unix:/path/to/socket or HOST:PORT (e.g. localhost:31415)"
+EXPECTED_FORMS = ("unix:NAME, unix:/path/to/socket, shm:NAME (i-PI's shm mode) or HOST:PORT "
+                  "(e.g. localhost:31415)")
 _HOST = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.%A-Za-z]+\])$")
 
 
 @dataclass(frozen=True)
 class Address:
-    """A parsed address: ``path`` for UNIX sockets, else ``host`` and ``port``."""
+    """A parsed address: ``path`` for UNIX sockets, else ``host`` and ``port``;
+    ``shm``: i-PI's shared-memory mode on that UNIX socket."""
 
     text: str
     path: str | None = None
     host: str | None = None
     port: int | None = None
+    shm: bool = False
 
     @property
     def is_unix(self) -> bool:
@@ -53,11 +64,14 @@ class Address:
 def parse_address(text: str, *, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) -> Address:
     """Parse ``unix:NAME``, ``unix:/path``, ``HOST:PORT`` or ``tcp:HOST:PORT``; anything
     else is a SetupError that names the expected forms."""
-    if text.startswith("unix:"):
-        name = text[len("unix:"):]
-        if not name:
-            raise SetupError(f"address {text!r}: empty socket name; expected {EXPECTED_FORMS}")
-        return Address(text, path=name if "/" in name else sockets_prefix + name)
+    for scheme in ("unix:", "shm:"):
+        if text.startswith(scheme):
+            name = text[len(scheme):]
+            if not name:
+                raise SetupError(f"address {text!r}: empty socket name; expected "
+                                 f"{EXPECTED_FORMS}")
+            return Address(text, path=name if "/" in name else sockets_prefix + name,
+                           shm=scheme == "shm:")
     rest = text[len("tcp:"):] if text.startswith("tcp:") else text
     if "://" in text:  # a URL, e.g. the tcp://HOST:PORT that mlipd serve --zmq takes
         hint = f" (here: {rest.lstrip('/')})" if text.startswith("tcp://") else ""
@@ -80,6 +94,14 @@ def parse_address(text: str, *, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) ->
     return Address(text, host=host.strip("[]"), port=number)
 
 
+def with_shm(address: Address) -> Address:
+    """``address`` in i-PI's shm mode (``--mode shm``); SetupError unless it is UNIX."""
+    if not address.is_unix:
+        raise SetupError(f"{address.text}: i-PI's shm mode needs a unix: address "
+                         "(it is same-node)")
+    return replace(address, shm=True)
+
+
 def resolve(address: Address) -> None:
     """Check that a TCP address's host name resolves (SetupError at once, not a retry
     loop: a name that does not resolve now will not resolve in a second either)."""
@@ -92,17 +114,26 @@ def resolve(address: Address) -> None:
                          f"({e.strerror})") from None
 
 
-def connect(address: Address, *, timeout: float) -> socket.socket:
-    """Connect, retrying while the server is not up yet, for at most ``timeout`` s.
+def connect(address: Address, *, timeout: float, stop: threading.Event | None = None,
+            say: Callable[[str], None] | None = None) -> socket.socket:
+    """Connect, retrying while the server is not up yet, for at most ``timeout`` s
+    (``stop``: give up early when set).
 
-    A host name that does not resolve fails at once. Raises ServerUnavailable naming
-    the address (and the socket file it means) and why the last try failed.
+    ``say`` gets one line at the first failed try and every ``WAIT_LOG_EVERY_S`` after
+    ("waiting for ..., the socket file ... is not there yet"). A host name that does not
+    resolve fails at once. Raises ServerUnavailable naming the address (and the socket
+    file it means) and why the last try failed.
     """
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    next_say = t0
     pause = _RETRY_S
     while True:
+        if stop is not None and stop.is_set():
+            raise ServerUnavailable(f"{address.describe()}: stopped while connecting")
         try:
-            return _connect_once(address, timeout=max(deadline - time.monotonic(), 0.1))
+            return _connect_once(address, timeout=min(max(deadline - time.monotonic(), 0.1),
+                                                      _CONNECT_TRY_S))
         except socket.gaierror as e:
             raise ServerUnavailable(f"cannot connect to {address.text}: host "
                                     f"{address.host!r} does not resolve ({e.strerror})") from e
@@ -112,7 +143,18 @@ def connect(address: Address, *, timeout: float) -> socket.socket:
                 raise ServerUnavailable(f"cannot connect to {address.describe()} within "
                                         f"{timeout:g} s: {_why(address, e)}") from e
             log.debug("connect %s: %s; retrying", address.describe(), e)
-            time.sleep(min(pause, left))
+            now = time.monotonic()
+            if say is not None and now >= next_say:
+                waited = f" for {now - t0:.0f} s" if now > t0 + 1 else ""
+                until = ("until it is up" if math.isinf(timeout)
+                         else f"for up to {timeout:g} s")
+                say(f"{address.describe()}: waiting{waited} ({_why(address, e)}); "
+                    f"retrying {until}")
+                next_say = now + WAIT_LOG_EVERY_S
+            if stop is not None:
+                stop.wait(min(pause, left))
+            else:
+                time.sleep(min(pause, left))
             pause = min(2 * pause, _RETRY_MAX_S)
 
 
@@ -151,35 +193,57 @@ class FramedSocket:
     """A connected socket read in exact byte counts into one reused buffer.
 
     ``recv_exact`` returns a view that is valid until the next call (the codec
-    copies what it keeps). ``timeout`` (s) bounds every wait for data.
+    copies what it keeps). Two limits: ``timeout`` (s) is the idle time allowed
+    between messages (``recv_exact_or_eof``, which starts a message); once a message
+    has begun, all of it must arrive within ``frame_timeout`` (s), so a peer that
+    trickles a frame byte by byte cannot hold the connection.
     """
 
-    def __init__(self, sock: socket.socket, *, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, *, timeout: float,
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S) -> None:
         self.sock = sock
+        self.timeout = timeout
+        self.frame_timeout = frame_timeout
         self.sock.settimeout(timeout)
         self._buf = bytearray(1 << 16)
+        self._frame_deadline = float("inf")  # the message being read must end by then
 
     def recv_exact(self, n: int) -> memoryview:
-        """Exactly ``n`` bytes. A closed peer raises ConnectionClosed, silence
-        for longer than the timeout raises ProtocolError."""
+        """Exactly ``n`` bytes of the message begun. A closed peer raises
+        ConnectionClosed; the message not complete by its deadline raises ProtocolError."""
         self._reserve(n)
+        if self._frame_deadline == float("inf"):  # a read outside recv_exact_or_eof
+            self._frame_deadline = time.monotonic() + self.frame_timeout
         self._fill(0, n)
         return memoryview(self._buf)[:n]
 
     def recv_exact_or_eof(self, n: int) -> memoryview | None:
-        """Like ``recv_exact``, but None when the peer closed before the first byte
-        (a clean end between messages: ASE's server closes without EXIT)."""
+        """The first ``n`` bytes of the next message (waiting up to ``timeout``), or None
+        when the peer closed before the first byte (a clean end between messages:
+        ASE's server closes without EXIT)."""
         self._reserve(n)
+        self.sock.settimeout(self.timeout)
         try:
             first = self.sock.recv_into(memoryview(self._buf)[:n], n)
         except TimeoutError:
-            raise ProtocolError(f"no message for {self.sock.gettimeout():g} s") from None
+            raise ProtocolError(f"no message for {self.timeout:g} s") from None
         except ConnectionResetError:
             return None
         if first == 0:
             return None
+        self._frame_deadline = time.monotonic() + self.frame_timeout
         self._fill(first, n)
         return memoryview(self._buf)[:n]
+
+    def peer_closed(self) -> bool:
+        """Whether the peer has closed (end of stream pending, nothing before it);
+        does not block and consumes nothing."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def _reserve(self, n: int) -> None:
         if n > len(self._buf):
@@ -188,11 +252,16 @@ class FramedSocket:
     def _fill(self, got: int, n: int) -> None:
         view = memoryview(self._buf)
         while got < n:
+            left = self._frame_deadline - time.monotonic()
             try:
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
                 k = self.sock.recv_into(view[got:n], n - got)
             except TimeoutError:
                 raise ProtocolError(
-                    f"no data for {self.sock.gettimeout():g} s (had {got} of {n} bytes)") from None
+                    f"message incomplete after {self.frame_timeout:g} s (had {got} of {n} "
+                    "bytes of a read; --frame-timeout)") from None
             if k == 0:
                 raise ConnectionClosed(f"peer closed the connection after {got} of {n} bytes")
             got += k

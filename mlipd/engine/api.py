@@ -13,8 +13,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mlipd.engine.guards import Limits
 from mlipd.errors import SetupError
-from mlipd.model_api import ModelSpec
+from mlipd.model_api import ModelSpec, is_whole_structure
 from mlipd.types import Result, Structure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -25,10 +26,15 @@ DEFAULT_DTYPE = "float32"  # model features; geometry and sums are float64 whate
 class Engine(Protocol):
     """One step of physics for a batch of structures.
 
-    spec:       the model's ModelSpec
+    spec:       the model's ModelSpec (never None, also after ``close``)
     device:     where rank 0 computes
+    devices:    every local rank's device, rank order
     dtype:      the model's floating dtype
     world_size: ranks the structures are partitioned across
+    backend:    the process group's backend (nccl, gloo), None without one
+    threads:    intra-op threads of each rank
+    limits:     the geometry guards' budgets (``mlipd.engine.guards.Limits``)
+    restarts:   times the ranks were torn down and started again
     calls:      engine calls so far (batching counters)
     """
 
@@ -45,6 +51,21 @@ class Engine(Protocol):
 
     @property
     def world_size(self) -> int: ...
+
+    @property
+    def devices(self) -> tuple[str, ...]: ...
+
+    @property
+    def backend(self) -> str | None: ...
+
+    @property
+    def threads(self) -> int: ...
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def restarts(self) -> int: ...
 
     def compute(self, structures: Sequence[Structure], *,
                 virial: bool = True) -> list[Result]:
@@ -100,7 +121,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
         if threads is not None:
             torch.set_num_threads(threads)
         loaded = load_model(model)
-        if getattr(loaded, "whole_structure", False):
+        if is_whole_structure(loaded):
             from mlipd.engine.whole import WholeEngine
 
             return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
@@ -125,9 +146,9 @@ def describe(engine: Engine) -> str:
 
     spec = engine.spec
     ranks = engine.world_size
-    devices = sorted(set(getattr(engine, "devices", (str(engine.device),))))
-    backend = getattr(engine, "backend", None)
-    threads = getattr(engine, "threads", None) or torch.get_num_threads()
+    devices = sorted(set(engine.devices))
+    backend = engine.backend
+    threads = engine.threads
     layers = f"{spec.n_layers} layer{'s' if spec.n_layers > 1 else ''}"
     parts = [f"model {spec.name} (cutoff {spec.cutoff:g} Å, {layers})",
              f"device {', '.join(devices)}",
@@ -145,14 +166,12 @@ def describe(engine: Engine) -> str:
 
 
 def _whole_structure(model: str) -> bool:
-    """Whether the entry point behind ``model`` declares ``whole_structure`` (no import of
-    the model's own package beyond its adapter module)."""
-    from importlib.metadata import entry_points
+    """Whether the model behind ``model`` declares itself whole-structure (its adapter
+    module is imported, not the model's own package beyond it)."""
+    from mlipd.errors import ModelUnavailable
+    from mlipd.models.registry import model_factory
 
-    name = model.partition(":")[0]
-    for ep in entry_points(group="mlipd.models", name=name):
-        try:
-            return bool(getattr(ep.load(), "whole_structure", False))
-        except ImportError:
-            return False  # the distributed engine reports the missing package
-    return False
+    try:
+        return is_whole_structure(model_factory(model))
+    except ModelUnavailable:
+        return False  # the distributed engine reports the missing package

@@ -145,6 +145,7 @@ class DistributedEngine:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         model = load_local_model(cfg, device)  # a bad model fails here, before any rank exists
+        self._spec = model.spec  # kept while the ranks restart or after close
         if dist.is_initialized():
             raise SetupError("a process group already exists in this process: "
                              "one DistributedEngine per process")
@@ -286,8 +287,8 @@ class DistributedEngine:
 
     # --- engine API ---------------------------------------------------------------
     @property
-    def spec(self) -> ModelSpec | None:
-        return self._front.loop.step.model.spec if self._front else None
+    def spec(self) -> ModelSpec:
+        return self._spec
 
     @property
     def device(self) -> torch.device:

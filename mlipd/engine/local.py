@@ -65,6 +65,24 @@ class LocalEngine:
         return self._coordinator.limits
 
     @property
+    def devices(self) -> tuple[str, ...]:
+        return (str(self.device),)
+
+    @property
+    def backend(self) -> str | None:
+        """No process group: None."""
+        return None
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def restarts(self) -> int:
+        """One process: never restarted."""
+        return 0
+
+    @property
     def rebuilds(self) -> int:
         """Neighbour-list builds so far (calls minus reuses)."""
         return self._coordinator.policy.rebuilds

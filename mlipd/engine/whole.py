@@ -48,6 +48,22 @@ class WholeEngine:
     def world_size(self) -> int:
         return 1
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (str(self.device),)
+
+    @property
+    def backend(self) -> str | None:
+        return None
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def restarts(self) -> int:
+        return 0
+
     def close(self) -> None:
         """Nothing to release: the calculator lives as long as the engine."""
 

@@ -1,4 +1,4 @@
-"""Model adapters and the plug-in interface (see ``base``)."""
+"""Model adapters; the plug-in interface they implement is ``mlipd.model_api``."""
 
 from mlipd.model_api import Model, ModelOutput, ModelSpec
 from mlipd.models.registry import load_model, names

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from mlipd.model_api import ModelSpec
 from mlipd.models.options import literal, parse_options
@@ -53,7 +53,8 @@ class ASECalculatorModel:
     ``cutoff`` (Å) is taken by mlipd (see ``NOMINAL_CUTOFF``), not passed on.
     """
 
-    whole_structure = True  # make_engine: no graph, no partition, WholeEngine at P = 1
+    # mlipd.model_api.WholeStructureModel: no graph, no partition, WholeEngine at P = 1
+    whole_structure: ClassVar[bool] = True
 
     def __init__(self, arg: str | None = None, *, calculator: Any = None,
                  cutoff: float = NOMINAL_CUTOFF) -> None:

@@ -22,19 +22,26 @@ def names() -> list[str]:
     return sorted(_entry_points())
 
 
-def load_model(spec: str, **options: Any) -> Any:
-    """Load ``"name"`` or ``"name:arg"`` (arg is usually a model file path)."""
-    name, _, arg = spec.partition(":")
+def model_factory(spec: str) -> Any:
+    """The class or factory behind ``"name"`` or ``"name:arg"``, imported (its adapter
+    module only) but not called: UnknownModel / ModelUnavailable otherwise."""
+    name = spec.partition(":")[0]
     ep = _entry_points().get(name)
     if ep is None:
         raise UnknownModel(f"unknown model {name!r}; known: {', '.join(names()) or 'none'}")
     try:
-        factory = ep.load()
+        return ep.load()
     except ImportError as e:
         raise ModelUnavailable(
             f"model {name!r} needs a package that is not installed ({e}); "
             f"try: pip install 'mlipd[{name}]'"
         ) from e
+
+
+def load_model(spec: str, **options: Any) -> Any:
+    """Load ``"name"`` or ``"name:arg"`` (arg is usually a model file path)."""
+    factory = model_factory(spec)
+    arg = spec.partition(":")[2]
     try:
         return factory(arg, **options) if arg else factory(**options)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:

@@ -4,6 +4,10 @@
     i-PI / ASE  <--socket-- IpiLink ------+--> own thread while the engine computes)
                              (a thread each)   EngineWorker: scheduler + engine
 
+``mlipd drive`` is this server with i-PI links only, which do not reconnect. A single
+i-PI link with no ZeroMQ endpoint is the only source of work: it calls the engine on
+its own thread (``ipi_link.Inline``), with no engine thread in between.
+
 ``Server.close()`` stops taking new work, answers what is queued (computed while
 ``shutdown_timeout_s`` lasts, ``busy`` after), sends every reply, then closes the
 front ends and the engine; it returns False only when an engine call had to be
@@ -20,7 +24,7 @@ from typing import Any
 import zmq
 
 import mlipd
-from mlipd.engine.guards import Limits
+from mlipd.driver.socket_io import Address, parse_address
 from mlipd.errors import SetupError
 from mlipd.protocols import zmq_msgs
 from mlipd.server.endpoint import ZmqEndpoint
@@ -36,7 +40,7 @@ def engine_info(engine, *, max_request_atoms: int, max_structures: int,
     """The ``info`` op's value: what a client needs to know about the model, units and
     limits (it checks a request's size against them before sending)."""
     spec = engine.spec
-    limits = getattr(engine, "limits", None) or Limits()
+    limits = engine.limits
     return {
         "version": mlipd.__version__,
         "protocol": zmq_msgs.VERSION,
@@ -48,7 +52,7 @@ def engine_info(engine, *, max_request_atoms: int, max_structures: int,
                   "virial": "eV (-dE/dstrain)"},
         "ranks": int(engine.world_size),
         "device": str(engine.device),
-        "devices": list(getattr(engine, "devices", (str(engine.device),))),
+        "devices": list(engine.devices),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "max_request_atoms": max_request_atoms,
         "max_structures": max_structures,
@@ -63,27 +67,30 @@ class Server:
 
     engine:            a ``mlipd.engine`` engine (closed by ``close``)
     zmq:               addresses to bind (``tcp://127.0.0.1:0`` picks a port)
-    ipi:               i-PI/ASE socket addresses to connect to (reconnecting)
+    ipi:               i-PI/ASE socket addresses to connect to (``Address`` or its text)
     max_batch_atoms:   atoms per engine call (a larger single request runs alone)
     max_wait_s:        how long a batch waits for the other i-PI connections
     max_pending:       queued requests before ``busy``
     max_queue_bytes:   bytes of queued requests before ``busy`` (None: the scheduler's default)
     max_request_atoms: atoms in one ZMQ request before ``too_large``
-    ipi_template:      ``mlipd.driver.template.Template`` (numbers, pbc) for the i-PI links
+    ipi_options:       ``mlipd.server.ipi_link.LinkOptions`` of the i-PI links (template,
+                       reconnecting or not, timeouts)
     request_timeout_s: each request's deadline (queue and engine)
     shutdown_timeout_s: how long ``close`` computes queued requests before ``busy``
     allow_remote:      bind ZeroMQ beyond loopback
     curve:             a key directory (``mlipd keygen``): CURVE on every ZeroMQ endpoint
+    allow_readable_key: accept a secret key file readable by group or others (warned)
     """
 
-    def __init__(self, engine, *, zmq: Sequence[str] = (), ipi: Sequence[str] = (),
+    def __init__(self, engine, *, zmq: Sequence[str] = (), ipi: Sequence[str | Address] = (),
                  max_batch_atoms: int = 200_000, max_wait_s: float = 0.002,
                  max_pending: int = 1024,
                  max_request_atoms: int = zmq_msgs.DEFAULT_MAX_ATOMS,
-                 ipi_template: Any = None,
+                 ipi_options: Any = None,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  shutdown_timeout_s: float = 60.0, allow_remote: bool = False,
-                 curve: str | None = None, max_queue_bytes: float | None = None) -> None:
+                 curve: str | None = None, allow_readable_key: bool = False,
+                 max_queue_bytes: float | None = None) -> None:
         self.engine = engine
         self.metrics = Metrics()
         self.scheduler = Scheduler(max_atoms=max_batch_atoms, max_wait_s=max_wait_s,
@@ -91,15 +98,17 @@ class Server:
                                    **({} if max_queue_bytes is None
                                       else {"max_bytes": int(max_queue_bytes)}))
         self._zmq_addresses = list(zmq)
-        self._ipi_addresses = list(ipi)
+        self._ipi_addresses = [a if isinstance(a, Address) else parse_address(a) for a in ipi]
         self._max_request_atoms = max_request_atoms
-        self._ipi_template = ipi_template
+        self._ipi_options = ipi_options
         self._request_timeout_s = request_timeout_s
         self._shutdown_timeout_s = shutdown_timeout_s
         self._allow_remote = allow_remote
         self._curve_dir = curve
-        if self._ipi_addresses and ipi_template is None:
-            raise SetupError("i-PI links need a template (atomic numbers and pbc)")
+        self._allow_readable_key = allow_readable_key
+        if self._ipi_addresses and ipi_options is None:
+            raise SetupError("i-PI links need their options (a template: atomic numbers "
+                             "and pbc)")
         self._started = time.monotonic()
         self._context: zmq.Context | None = None
         self._curve = None
@@ -115,7 +124,7 @@ class Server:
         s["ipi_connected"] = sum(1 for link in self.links if link.connected)
         busy = self.worker.busy_since if self.worker is not None else None
         s["engine_busy_s"] = 0.0 if busy is None else now - busy
-        s["rank_restarts"] = int(getattr(self.engine, "restarts", 0))
+        s["rank_restarts"] = int(self.engine.restarts)
         return s
 
     def start(self) -> list[str]:
@@ -130,7 +139,8 @@ class Server:
             if self._curve_dir is not None:
                 from mlipd.server.security import CurveServer
 
-                self._curve = CurveServer(self._curve_dir, context=self._context)
+                self._curve = CurveServer(self._curve_dir, context=self._context,
+                                          allow_readable_secret=self._allow_readable_key)
             for address in self._zmq_addresses:
                 self.endpoints.append(ZmqEndpoint(
                     address, worker=self.worker, info=info, stats=self.stats,
@@ -140,18 +150,34 @@ class Server:
         except BaseException:
             self._close_zmq()
             raise
-        self.worker.start()
+        inline = len(self._ipi_addresses) == 1 and not self.endpoints
+        if not inline:
+            self.worker.start()
         for ep in self.endpoints:
             ep.start()
         if self._ipi_addresses:
-            from mlipd.server.ipi_link import IpiLink
+            from mlipd.server.ipi_link import Inline, IpiLink, Scheduled
 
             for k, address in enumerate(self._ipi_addresses):
-                link = IpiLink(address, worker=self.worker, metrics=self.metrics,
-                               template=self._ipi_template, source=("ipi", k))
+                source = ("ipi", k)
+                compute = (Inline(self.engine, metrics=self.metrics,
+                                  request_timeout_s=self._request_timeout_s) if inline
+                           else Scheduled(self.worker, source=source, metrics=self.metrics))
+                link = IpiLink(address, compute=compute, options=self._ipi_options,
+                               metrics=self.metrics, source=source,
+                               worker=None if inline else self.worker)
                 self.links.append(link)
                 link.start()
         return [ep.address for ep in self.endpoints]
+
+    def wait_links(self, stop) -> bool:
+        """Block until every i-PI link has ended (links that do not reconnect) or
+        ``stop`` (a ``threading.Event``) is set; True when the links ended."""
+        while not stop.is_set():
+            if all(link.done for link in self.links):
+                return True
+            stop.wait(0.05)
+        return False
 
     def close(self) -> bool:
         """Stop taking work, answer what is queued, close front ends and engine; False
@@ -165,7 +191,8 @@ class Server:
             clean = self.worker.close(timeout_s=self._shutdown_timeout_s)
         self._close_zmq()
         for link in self.links:
-            link.join()
+            link.join(timeout_s=max(self._shutdown_timeout_s, 1.0))
+        clean = clean and not any(link.running for link in self.links)
         if clean:
             self.engine.close()
         log.info("server stopped%s: %s", "" if clean else " (engine call abandoned)",

@@ -6,7 +6,9 @@ addresses, possibly none), once everything is bound and connected; tests and
 scripts wait for it. Everything else goes through logging.
 
 Exit status of ``serve``: 0 after SIGINT/SIGTERM once every queued request was
-answered; 1 when an engine call had to be abandoned at shutdown; 2 for setup errors.
+answered (an "interrupted" line and the summary are logged first); 1 when an engine
+call had to be abandoned at shutdown; 2 for setup errors (an address in use among
+them, found before the model loads).
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
+from pathlib import Path
 
 from mlipd.errors import SetupError
-from mlipd.server.worker import DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+# mlipd.server.worker's default, repeated so that parsing loads no torch (the worker
+# imports the engine); tests/test_layers.py checks they agree
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_STATS_EVERY_S = 60.0  # a line a minute: visible progress, 1,440 short lines a day
 
 
@@ -32,16 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zmq", action="append", default=[], metavar="ADDRESS",
                    help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555, tcp://127.0.0.1:0 "
                         "(any free port) or ipc:///tmp/mlipd.sock; repeatable")
+    from mlipd.server.drive import add_link_arguments, add_template_arguments, address_form
+
     p.add_argument("--ipi", action="append", default=[], metavar="ADDRESS",
+                   type=address_form,
                    help="i-PI/ASE socket server to serve forces to (unix:NAME, unix:/path, "
-                        "HOST:PORT); repeatable, once per client connection; reconnects "
-                        "when it restarts")
-    tmpl = p.add_mutually_exclusive_group()
-    tmpl.add_argument("--structure", metavar="FILE",
-                      help="for --ipi: template structure (any ase.io format) giving atomic "
-                           "numbers and pbc, in the order i-PI sends the atoms")
-    tmpl.add_argument("--species", metavar="SYMBOL",
-                      help="for --ipi: every atom is this element (periodic in 3D)")
+                        "shm:NAME for i-PI's shm mode, HOST:PORT); repeatable, once per "
+                        "client connection; reconnects when it restarts")
+    add_template_arguments(p, required=False)
+    add_link_arguments(p)
     p.add_argument("--max-batch-atoms", type=int, default=200_000,
                    help="atoms per engine call (a larger single request runs alone)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
@@ -65,21 +67,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", metavar="DIR",
                    help="CURVE authentication and encryption with the keys `mlipd keygen DIR` "
                         "wrote: only clients whose public keys are in DIR/clients are served")
+    p.add_argument("--allow-readable-key", action="store_true",
+                   help="use a secret key file that group or others can read (refused "
+                        "otherwise; fix with chmod 600)")
 
 
 def _check_addresses(addresses: list[str], allow_remote: bool) -> None:
-    """Refuse a malformed or non-loopback address before loading any model."""
+    """Refuse a malformed, non-loopback or taken address before loading any model."""
     from mlipd.protocols.zmq_address import parse_zmq_address
-    from mlipd.server.security import check_reach
+    from mlipd.server.security import check_free, check_reach
 
     for a in addresses:
-        check_reach(parse_zmq_address(a, bind=True), allow_remote=allow_remote)
+        address = parse_zmq_address(a, bind=True)
+        check_reach(address, allow_remote=allow_remote)
+        check_free(address)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlipd.cli import engine_from_args
+    from mlipd.engine_options import engine_from_args
     from mlipd.malloc import keep_freed_memory
     from mlipd.server.app import Server
+    from mlipd.server.signals import Interrupts
 
     keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
 
@@ -93,43 +101,66 @@ def run(args: argparse.Namespace) -> int:
     if args.request_timeout <= 0 or args.shutdown_timeout < 0:
         raise SetupError("--request-timeout must be > 0 and --shutdown-timeout >= 0")
     _check_addresses(args.zmq, args.allow_remote)
-    template = None
+    options = None
     if args.ipi:
-        from mlipd.driver.template import Template
+        from mlipd.driver.socket_io import parse_address, resolve
+        from mlipd.server.drive import check_link_args, say_missing_sockets, template_from_args
+        from mlipd.server.ipi_link import LinkOptions
 
         if not (args.structure or args.species):
             raise SetupError("--ipi needs --structure FILE or --species SYMBOL "
                              "(i-PI sends no atomic numbers)")
-        template = (Template.from_file(args.structure) if args.structure
-                    else Template.from_species(args.species))
+        check_link_args(args)
+        ipi_addresses = [parse_address(a, sockets_prefix=args.sockets_prefix)
+                         for a in args.ipi]
+        for a in ipi_addresses:
+            resolve(a)
+        options = LinkOptions(template=template_from_args(args), reconnect=True,
+                              idle_timeout_s=args.timeout, frame_timeout_s=args.frame_timeout,
+                              max_atoms=args.max_atoms)
+        say_missing_sockets(ipi_addresses)
+    if args.curve is not None:
+        from mlipd.curve import CurveKeys
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        CurveKeys(Path(args.curve), allow_readable_secret=args.allow_readable_key
+                  ).server_pair()  # a bad or readable key: refused before the model loads
 
-    engine = engine_from_args(args)
-    server = Server(engine, zmq=args.zmq, ipi=args.ipi, max_batch_atoms=args.max_batch_atoms,
-                    max_wait_s=args.max_wait_ms / 1e3, max_pending=args.max_queue,
-                    max_request_atoms=args.max_request_atoms, ipi_template=template,
-                    request_timeout_s=args.request_timeout,
-                    shutdown_timeout_s=args.shutdown_timeout, allow_remote=args.allow_remote,
-                    curve=args.curve, max_queue_bytes=getattr(args, "max_queue_bytes", None))
-    clean = False
+    engine = engine_from_args(args)  # Ctrl-C while it loads: KeyboardInterrupt, exit 130
     try:
-        addresses = server.start()
-        sys.stdout.write(" ".join(["READY", *addresses]) + "\n")
-        sys.stdout.flush()
-        log.info("serving model %s on %s", engine.spec.name, " ".join(addresses + args.ipi))
-        # short waits keep the signal handler prompt; stats are logged when due
-        period = args.stats_every if args.stats_every > 0 else float("inf")
-        next_stats = time.monotonic() + period
-        while not stop.wait(0.25):
-            if time.monotonic() >= next_stats:
-                log.info("stats: %s", server.metrics.summary())
-                next_stats += period
-        log.info("stopping: no new requests; answering the queued ones")
-    finally:
-        clean = server.close()
+        if options is not None:
+            options.template.check_species(engine.spec)  # before any connection
+        server = Server(engine, zmq=args.zmq, ipi=ipi_addresses if args.ipi else (),
+                        max_batch_atoms=args.max_batch_atoms,
+                        max_wait_s=args.max_wait_ms / 1e3, max_pending=args.max_queue,
+                        max_request_atoms=args.max_request_atoms, ipi_options=options,
+                        request_timeout_s=args.request_timeout,
+                        shutdown_timeout_s=args.shutdown_timeout,
+                        allow_remote=args.allow_remote, curve=args.curve,
+                        allow_readable_key=args.allow_readable_key,
+                        max_queue_bytes=args.max_queue_bytes)
+    except BaseException:
+        engine.close()
+        raise
+    interrupts = Interrupts()
+    with interrupts:
+        clean = False
+        try:
+            addresses = server.start()
+            sys.stdout.write(" ".join(["READY", *addresses]) + "\n")
+            sys.stdout.flush()
+            log.info("serving model %s on %s", engine.spec.name,
+                     " ".join(addresses + args.ipi))
+            # short waits keep the signal handler prompt; stats are logged when due
+            period = args.stats_every if args.stats_every > 0 else float("inf")
+            next_stats = time.monotonic() + period
+            while not interrupts.event.wait(0.25):
+                if time.monotonic() >= next_stats:
+                    log.info("stats: %s", server.metrics.summary())
+                    next_stats += period
+            log.warning("interrupted by %s: stopping: no new requests; answering the queued ones",
+                        interrupts.name)
+        finally:
+            clean = server.close()
     return 0 if clean else 1
 
 
@@ -152,7 +183,7 @@ def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
 def run_tool(args: argparse.Namespace) -> int:
     """``mlipd stats ENDPOINT`` (the counters as JSON on stdout) or ``mlipd keygen DIR``."""
     if args.command == "keygen":
-        from mlipd.server.security import keygen
+        from mlipd.curve import keygen
 
         for path in keygen(args.directory):
             sys.stdout.write(f"{path}\n")

@@ -99,10 +99,6 @@ class Scheduler:
         return self._pending
 
     @property
-    def pending_atoms(self) -> int:
-        return self._pending_atoms
-
-    @property
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
@@ -124,13 +120,6 @@ class Scheduler:
         self._pending -= len(gone)
         self._pending_atoms -= sum(t.n_atoms for t in gone)
         self._pending_bytes -= sum(t.nbytes for t in gone)
-
-    def drop_source(self, source: Hashable) -> list[Ticket]:
-        """Remove and return every pending ticket of ``source`` (it went away)."""
-        self._gated.discard(source)
-        gone = list(self._queues.pop(source, ()))
-        self._removed(gone)
-        return gone
 
     def remove(self, token: Any) -> Ticket | None:
         """Remove the pending ticket whose ``token`` is ``token`` (its client cancelled

@@ -6,14 +6,9 @@
   refused over an existing file that is not a socket (ZeroMQ would delete it) and
   over a socket another server still listens on (ZeroMQ would take it over
   silently), and are removed at stop (``IpcSocket``).
-- CURVE (``CurveKeys``, ``mlipd keygen DIR``): the server's key pair and the public
-  keys it accepts, in pyzmq's certificate format::
-
-      DIR/server.key, DIR/server.key_secret      the server's pair
-      DIR/client.key, DIR/client.key_secret      a client's pair (the one keygen made)
-      DIR/clients/*.key                          the public keys the server accepts
-
-  Denied clients are logged (warning) with their public key.
+- CURVE (``CurveServer``): the server's key pair and the public keys it accepts, read
+  with ``mlipd.curve`` (the key files, shared with the client). Denied clients are
+  logged (warning) with their public key.
 """
 
 from __future__ import annotations
@@ -21,22 +16,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import stat
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
+from mlipd.curve import UMASK_LOCK, CurveKeys
 from mlipd.errors import SetupError
 from mlipd.protocols.zmq_address import ZmqAddress
 
 log = logging.getLogger(__name__)
 
-_UMASK_LOCK = threading.Lock()  # the umask is per process: one bind at a time changes it
 
 
 def check_reach(address: ZmqAddress, *, allow_remote: bool) -> None:
@@ -45,6 +37,35 @@ def check_reach(address: ZmqAddress, *, allow_remote: bool) -> None:
         raise SetupError(f"{address.text}: binds beyond loopback (anyone who reaches the "
                          "port is served); pass --allow-remote to mean it, ideally with "
                          "--curve DIR")
+
+
+def check_free(address: ZmqAddress) -> None:
+    """Refuse, before the model loads, an address another process holds: a TCP port
+    bound already (tried with a plain socket, as libzmq binds: SO_REUSEADDR), an ipc
+    path that is not free (``IpcSocket.check_free``). Port 0 / ``*`` is always free."""
+    if address.transport == "ipc":
+        IpcSocket(address.path).check_free()
+        return
+    if address.port == 0:
+        return
+    host = None if address.host == "*" else address.host
+    try:
+        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SetupError(f"{address.text}: host does not resolve ({e.strerror})") from None
+    for family, kind, proto, _name, sockaddr in infos[:1]:
+        probe = socket.socket(family, kind, proto)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+        except OSError as e:
+            shown = address.text.rsplit(":", 1)[0]
+            raise SetupError(f"cannot bind {address.text}: {e.strerror} (another process "
+                             f"listens there); pick another port, or {shown}:* for any "
+                             "free one (the READY line names it)") from None
+        finally:
+            probe.close()
 
 
 class IpcSocket:
@@ -79,7 +100,7 @@ class IpcSocket:
     @contextlib.contextmanager
     def owner_only(self) -> Iterator[None]:
         """Bind inside this block: the socket file is created with mode 0600."""
-        with _UMASK_LOCK:
+        with UMASK_LOCK:
             old = os.umask(0o177)
             try:
                 yield
@@ -100,44 +121,6 @@ class IpcSocket:
 
 
 # ---------------------------------------------------------------- CURVE
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """A key directory (layout in the module docstring)."""
-
-    directory: Path
-
-    @property
-    def clients(self) -> Path:
-        return self.directory / "clients"
-
-    def server_pair(self) -> tuple[bytes, bytes]:
-        return _load(self.directory / "server.key_secret", secret=True)
-
-    def server_public(self) -> bytes:
-        return _load(self.directory / "server.key", secret=False)[0]
-
-    def client_pair(self) -> tuple[bytes, bytes]:
-        return _load(self.directory / "client.key_secret", secret=True)
-
-    def accepted(self) -> set[bytes]:
-        """The public keys (z85) in ``clients/``."""
-        if not self.clients.is_dir():
-            raise SetupError(f"{self.clients}: no such directory (mlipd keygen makes it)")
-        return {_load(p, secret=False)[0] for p in sorted(self.clients.glob("*.key"))}
-
-
-def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
-    from zmq.auth import load_certificate
-
-    try:
-        public, private = load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise SetupError(f"cannot read CURVE certificate {path}: {e}") from e
-    if secret and private is None:
-        raise SetupError(f"{path}: holds no secret key")
-    return public, private
 
 
 class _KnownClients:
@@ -162,12 +145,13 @@ class _KnownClients:
 class CurveServer:
     """CURVE on the server's sockets, with a ZAP authenticator thread."""
 
-    def __init__(self, directory: str | os.PathLike, *, context: zmq.Context) -> None:
+    def __init__(self, directory: str | os.PathLike, *, context: zmq.Context,
+                 allow_readable_secret: bool = False) -> None:
         from zmq.auth.thread import ThreadAuthenticator
 
         if not zmq.has("curve"):
             raise SetupError("this libzmq was built without CURVE")
-        self.keys = CurveKeys(Path(directory))
+        self.keys = CurveKeys(Path(directory), allow_readable_secret=allow_readable_secret)
         self.public, self.secret = self.keys.server_pair()
         n = len(self.keys.accepted())
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("mlipd.server.zap"))
@@ -183,34 +167,3 @@ class CurveServer:
 
     def stop(self) -> None:
         self._auth.stop()
-
-
-def apply_client_curve(sock: zmq.Socket, directory: str | os.PathLike) -> None:
-    """CURVE on a client socket: its pair and the server's public key from ``directory``."""
-    keys = CurveKeys(Path(directory))
-    sock.curve_publickey, sock.curve_secretkey = keys.client_pair()
-    sock.curve_serverkey = keys.server_public()
-
-
-def keygen(directory: str | os.PathLike) -> list[Path]:
-    """Write a server pair, a client pair, and the client's public key into ``clients/``;
-    secret files are owner-only. Refuses to overwrite existing keys."""
-    from zmq.auth import create_certificates
-
-    d = Path(directory)
-    targets = [d / f"{n}.{e}" for n in ("server", "client") for e in ("key", "key_secret")]
-    existing = [p for p in targets if p.exists()]
-    if existing:
-        raise SetupError(f"{', '.join(map(str, existing))} exist; keygen never overwrites keys")
-    (d / "clients").mkdir(parents=True, exist_ok=True)
-    with _UMASK_LOCK:
-        old = os.umask(0o077)
-        try:
-            for name in ("server", "client"):
-                create_certificates(d, name)
-        finally:
-            os.umask(old)
-    for p in targets:
-        os.chmod(p, 0o600 if p.suffix == ".key_secret" else 0o644)
-    shutil.copy(d / "client.key", d / "clients" / "client.key")
-    return [*targets, d / "clients" / "client.key"]

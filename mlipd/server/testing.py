@@ -48,7 +48,9 @@ class ServerProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _read_ready(proc: subprocess.Popen, *, timeout_s: float, log: Path) -> list[str]:
+def read_ready(proc: subprocess.Popen, *, timeout_s: float, log: Path) -> list[str]:
+    """The addresses of a started server's ``READY`` line (its stdout, a pipe); raises
+    ServerUnavailable with the end of ``log`` when it exits first or takes too long."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s
@@ -84,7 +86,7 @@ def running_server(args: Sequence[str], *, log: Path, ready_timeout_s: float = 1
                                 preexec_fn=preexec_fn)
     server = ServerProcess(proc=proc, addresses=[], log=log)
     try:
-        server.addresses = _read_ready(proc, timeout_s=ready_timeout_s, log=log)
+        server.addresses = read_ready(proc, timeout_s=ready_timeout_s, log=log)
         yield server
     finally:
         server.stop()

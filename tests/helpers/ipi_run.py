@@ -1,4 +1,5 @@
-"""Run the real i-PI program against ``mlipd drive`` and read what it wrote."""
+"""Run the real i-PI program against ``mlipd drive``, read what it wrote, and check its
+trajectory against a direct evaluation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from conftest import MLIPD, Processes, free_tcp_port
+
+from mlipd.types import Structure
 
 
 def ipi_xml(*, init_file: str, socket_xml: str, nbeads: int = 1, steps: int = 20,
@@ -99,3 +102,51 @@ def run_ipi_and_driver(processes: Processes, workdir: Path, *, xml_for, driver_a
             continue
         return Run(workdir, ipi_rc, driver.returncode, out, log, time.perf_counter() - t0)
     raise RuntimeError(f"no free TCP port for i-PI after {retries} tries")
+
+
+def drive_real_ipi(processes: Processes, workdir: Path, atoms, *, model: str,
+                   name: str = "md", steps: int = 20, temperature_k: float = 100.0,
+                   timestep_fs: float = 0.5, dtype: str = "float64",
+                   timeout: float = 170.0) -> Run:
+    """i-PI NVT MD of ``atoms`` (one bead, a UNIX socket) forced by ``mlipd drive --model
+    model``; both must exit cleanly."""
+    atoms.write(workdir / "init.xyz", format="extxyz")
+    prefix = f"{workdir}/ipi_"
+    run = run_ipi_and_driver(
+        processes, workdir,
+        xml_for=lambda _port: ipi_xml(init_file="init.xyz", socket_xml=unix_socket_xml(name),
+                                      sockets_prefix=prefix, steps=steps,
+                                      temperature_k=temperature_k, timestep_fs=timestep_fs),
+        driver_args=["--address", f"unix:{name}", "--sockets-prefix", prefix, "--structure",
+                     "init.xyz", "--model", model, "--dtype", dtype],
+        timeout=timeout)
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    return run
+
+
+def check_trajectory(run: Run, atoms, compute, *, nbeads: int = 1, steps: int = 20,
+                     every: int = 5, force_atol: float = 2e-8, min_motion: float = 1e-3) -> None:
+    """Every ``every``-th recorded step: i-PI's forces of every bead and its potential
+    (the bead average) equal ``compute(structures)`` (anything with ``.energy`` and
+    ``.forces`` per structure) at the positions i-PI recorded; and the atoms moved.
+
+    Tolerances: i-PI's constants differ from ASE's (used by mlipd) by ~1e-7 relative and
+    its files keep 8 decimals, hence rtol 1e-6 and ``force_atol`` (2e-8 eV/Å for soft
+    systems; stiff ones move their forces by more when positions are rounded by 5e-9 Å).
+    """
+    props = run.properties()
+    assert props.shape[0] == steps + 1
+    positions = [run.frames("pos", b) for b in range(nbeads)]
+    forces = [run.frames("for", b) for b in range(nbeads)]
+    for step in range(0, steps + 1, every):
+        structures = [Structure(numbers=atoms.numbers, positions=positions[b][step],
+                                cell=atoms.cell.array, pbc=True) for b in range(nbeads)]
+        results = compute(structures)
+        for b, r in enumerate(results):
+            np.testing.assert_allclose(forces[b][step], r.forces, rtol=1e-6, atol=force_atol)
+        np.testing.assert_allclose(props[step, 4], np.mean([r.energy for r in results]),
+                                   rtol=1e-6)
+    if min_motion:
+        moved = max(float(np.abs(positions[0][steps] - positions[0][0]).max()), 0.0)
+        assert moved > min_motion  # the atoms moved: forces came from the model each step
