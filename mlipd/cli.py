@@ -7,7 +7,6 @@ import argparse
 import logging
 import sys
 import textwrap
-import time
 from collections.abc import Sequence
 
 from mlipd.errors import MlipdError, SetupError

@@ -74,12 +74,12 @@ def test_ipi_request_of_a_closed_socket_is_dropped_not_computed(short_tmp):
                     assert time.monotonic() < deadline, c.stats()
                     time.sleep(0.02)
                 a.drop()
-                while c.stats()["dropped"].get("ipi", 0) < 1:
+                while c.stats()["dropped"].get("disconnected", 0) < 1:
                     assert time.monotonic() < deadline, c.stats()
                     time.sleep(0.02)
                 stats = c.stats()
                 assert stats["engine_calls"] == 0, stats
-                assert stats["dropped"] == {"ipi": 1}, stats
+                assert stats["dropped"] == {"disconnected": 1}, stats
                 a.accept()  # the link is back: both beads of the next step, one call
                 a.post([argon(seed=1)])
                 b.post([argon(seed=2)])

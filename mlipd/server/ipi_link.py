@@ -134,7 +134,7 @@ class Scheduled:
             if conn.sock.fileno() in events:
                 if conn.peer_closed():
                     if fut.cancel():
-                        self.metrics.on_dropped("ipi")
+                        self.metrics.on_dropped("disconnected")
                         raise ConnectionClosed("the server closed the connection while its "
                                                "request waited; dropped, not computed")
                     fut.exception()  # computing already: let it finish, then end

@@ -39,7 +39,6 @@ class Metrics:
 
     requests: Counter = field(default_factory=Counter)  # by front end (zmq, ipi) and by op
     errors: Counter = field(default_factory=Counter)  # by error code
-    dropped: Counter = field(default_factory=Counter)  # by front end: client gone, not computed
     structures: int = 0
     engine_calls: int = 0
     batch_structures: Counter = field(default_factory=Counter)  # structures per call -> calls
@@ -49,6 +48,7 @@ class Metrics:
     queue_bytes: int = 0
     queue_bytes_max: int = 0
     dropped: Counter = field(default_factory=Counter)  # not computed: cancelled, disconnected
+    # (a ZeroMQ client's connection or an i-PI socket closed while its request was queued)
     heap_trims: int = 0
     engine_time: _Timing = field(default_factory=_Timing)
     request_latency: _Timing = field(default_factory=_Timing)
@@ -61,11 +61,6 @@ class Metrics:
     def on_error(self, code: str) -> None:
         with self._lock:
             self.errors[code] += 1
-
-    def on_dropped(self, kind: str) -> None:
-        """A queued request whose client went away, dropped before its engine call."""
-        with self._lock:
-            self.dropped[kind] += 1
 
     def on_queue(self, depth: int) -> None:
         with self._lock:
@@ -105,7 +100,6 @@ class Metrics:
             return {
                 "requests": dict(self.requests),
                 "errors": dict(self.errors),
-                "dropped": dict(self.dropped),
                 "structures": self.structures,
                 "engine_calls": self.engine_calls,
                 "batch_structures": {str(k): v for k, v in sorted(self.batch_structures.items())},
