@@ -25,6 +25,7 @@ from mlipd.model_api import LocalGraph
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
 from mlipd.models.chgnet_graph import build_bond_graph
 from mlipd.models.registry import load_model
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -367,3 +368,16 @@ def test_bond_graph_reproduces_package_rows(package64, name):
     assert torch.equal(bg.angles[:, 1], bg.edge_bond[bg.angle_d1])
     assert torch.equal(bg.angles[:, 2], bg.edge_bond[bg.angle_d2])
     assert bg.n_owned_bonds == bg.n_bonds  # one rank owns every bond
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ranks):
+    """A warm step (lists reused) of 64-atom Si makes no data-dependent host read: its
+    edges, bonds and angles are the topology's with weights, never a selection; at two
+    ranks the exchanges are all that waits."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    for reads in warm_step_reads(CHGNetModel, Structure.from_atoms(atoms), ranks):
+        assert reads.total == 0, reads.report()

@@ -30,7 +30,8 @@ MODELS = {"reference": lambda: ReferenceMP("layers=3,features=16,cutoff=5"),
 def _edge_keys(step: Step) -> np.ndarray:
     g = step.last_graph
     gid = g.global_ids
-    return torch.cat([gid[g.receivers, None], gid[g.senders, None], g.images], 1).numpy()
+    keys = torch.cat([gid[g.receivers, None], gid[g.senders, None], g.images], 1)
+    return (keys if g.edge_mask is None else keys[g.edge_mask]).numpy()  # r < cutoff
 
 
 class RecordingStep(Step):
@@ -42,7 +43,7 @@ class RecordingStep(Step):
 
     def run(self, positions, cells, *, virial):
         out = super().run(positions, cells, virial=virial)
-        counts = list(getattr(self.model, "last_counts", []))
+        counts = [(a, int(m)) for a, m in getattr(self.model, "last_counts", [])]
         g = self.last_graph
         self.records.append((g.global_ids[: g.n_owned].numpy().copy(), _edge_keys(self),
                              counts))
@@ -150,7 +151,7 @@ def test_zero_redundancy(distributed_results, systems):
     engine = LocalEngine(model)
     for k, (name, s) in enumerate(systems.items()):
         engine.compute([s])
-        single_counts = list(model.last_counts)
+        single_counts = [(a, int(m)) for a, m in model.last_counts]
         e = neighbor_list(s, model.spec.cutoff)
         full = _key_set(np.column_stack([e.centers, e.neighbors, e.shifts]))
         for p in P_VALUES:

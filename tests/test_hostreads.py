@@ -24,8 +24,9 @@ def test_each_data_dependent_read_is_named_and_counted():
         bool(mask.any())
         t.tolist()
         torch.bincount(torch.tensor([0, 2]))
+        torch.nn.functional.one_hot(torch.tensor([0, 2]))  # its width is max + 1
     assert reads.counts == {"nonzero": 2, "index[bool mask]": 1, "index_put[bool mask]": 1,
-                            "masked_select": 1, "unique": 1, "item": 2, "tolist": 1,
+                            "masked_select": 1, "unique": 1, "item": 4, "tolist": 1,
                             "repeat_interleave without output_size": 1, "bincount": 1,
                             }, reads.report()
     assert all(site.startswith("tests/test_hostreads.py") or "hostreads" in site
@@ -43,4 +44,5 @@ def test_fixed_shape_ops_are_not_reads():
         r = torch.repeat_interleave(t, torch.tensor([1, 1, 2, 1, 1, 1]), output_size=7)
         (y.sum() + z.sum() + w.sum() + r.sum()).backward()
         torch.nonzero_static(mask, size=6)
+        torch.nn.functional.one_hot(idx, 6)  # range checked on the device on CUDA
     assert reads.total == 0, reads.report()

@@ -16,8 +16,9 @@ travel.
 A halo atom is a distinct global atom: several periodic images of one atom are one
 halo row, and the edges that reach it carry their own integer image shifts.
 
-Between rebuilds the same topology serves: ``edge_mask`` drops edges that are now
-at ``r >= cutoff``, so results equal a fresh neighbour list exactly.
+Between rebuilds the same topology serves: the step marks the candidate edges now at
+``r < cutoff`` (``LocalGraph.edge_mask``, weighted by ``masked_edges`` models) or selects
+them (other models), so results equal a fresh neighbour list exactly.
 """
 
 from __future__ import annotations
@@ -140,21 +141,37 @@ def build_topology(*, positions: np.ndarray, cells: np.ndarray, pbc: np.ndarray,
 class HostToDevice:
     """Every host-to-device copy of a rank's step goes through here and is counted
     (``bytes``, all copies; ``step_bytes``, since the last ``new_step``), so a test can
-    hold the warm step to positions and cells."""
+    hold the warm step to positions and cells.
+
+    ``staged=True`` (a step's positions and cells) on CUDA: the array is copied into a
+    page-locked buffer kept for its slot (the k-th staged copy of a step, its shape and
+    dtype) and sent with a non-blocking copy, so the host neither waits for the transfer
+    nor pays the driver's extra staging of pageable memory. A buffer is rewritten one
+    step later, after that step's result came back (which waits for every copy before)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.bytes = 0
         self.step_bytes = 0
+        self._slot = 0
+        self._pinned: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def pins(self) -> bool:
+        return self.device.type == "cuda"
 
     def new_step(self) -> None:
         self.step_bytes = 0
+        self._slot = 0
 
-    def __call__(self, data: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, data: np.ndarray | torch.Tensor, dtype: torch.dtype, *,
+                 staged: bool = False) -> torch.Tensor:
         if isinstance(data, torch.Tensor):
             if data.device == self.device:
                 return data.to(dtype)
             t = data.to(self.device, dtype)
+        elif staged and self.pins:
+            t = self._staged(data, dtype)
         elif data.flags.writeable:
             t = torch.as_tensor(data, dtype=dtype, device=self.device)
         else:
@@ -167,6 +184,19 @@ class HostToDevice:
         self.bytes += n
         self.step_bytes += n
         return t
+
+    def _staged(self, data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        key = (self._slot, tuple(data.shape), dtype)
+        self._slot += 1
+        buf = self._pinned.get(key)
+        if buf is None:
+            if len(self._pinned) > 64:  # batch shapes changed many times: start over
+                self._pinned.clear()
+            buf = self._pinned[key] = torch.empty(data.shape, dtype=dtype).pin_memory()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            buf.copy_(torch.as_tensor(data))
+        return buf.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -182,6 +212,11 @@ class DeviceTopology:
                 the rebuild); images: (E, 3) int64 and images_f the same as float64
     plan:       the atom halo plan (``mlipd.engine.halo.HaloPlan``), None at one rank
     cache:      models' per-topology structures (``LocalGraph.cache``)
+    n_real:     the batch's atoms among the owned rows (the first); the rest, up to
+                n_owned, pad the counts to a bucket (``mlipd.engine.padding``)
+    pad_positions: (n_owned - n_real, 3) float64 Å of the padding atoms, or None
+    real:       (n_owned,) float64, 1 for the batch's atoms and 0 for padding; None
+                without padding. n_real_t: n_real as a float64 device scalar (or None)
     """
 
     n_owned: int
@@ -200,6 +235,14 @@ class DeviceTopology:
     images_f: torch.Tensor
     plan: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+    n_real: int = -1
+    pad_positions: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    n_real_t: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_real < 0:
+            self.n_real = self.n_owned
 
     @property
     def n_edges(self) -> int:
@@ -207,10 +250,20 @@ class DeviceTopology:
 
 
 def upload(topo: Topology, *, numbers: np.ndarray, offsets: np.ndarray, one_rank: bool,
-           h2d: HostToDevice, plan: Any = None) -> DeviceTopology:
-    """``topo`` on ``h2d.device``; numbers: (N,) of the whole batch."""
+           h2d: HostToDevice, plan: Any = None, padding=None) -> DeviceTopology:
+    """``topo`` on ``h2d.device``; numbers: (N,) of the whole batch; padding: the
+    ``mlipd.engine.padding.Padding`` of a padded one-rank topology, or None."""
     long = torch.long
     images = h2d(topo.images, long)
+    extra = {}
+    if padding is not None:
+        numbers = np.concatenate([numbers, padding.numbers])
+        real = np.zeros(padding.n_atoms)
+        real[: padding.n_real] = 1.0
+        extra = dict(n_real=padding.n_real,
+                     pad_positions=h2d(padding.positions, GEOMETRY_DTYPE),
+                     real=h2d(real, GEOMETRY_DTYPE),
+                     n_real_t=h2d(np.array(float(padding.n_real)), GEOMETRY_DTYPE))
     return DeviceTopology(
         n_owned=topo.n_owned, n_local=topo.n_local, n_structures=int(offsets.shape[0] - 1),
         local_ids=None if one_rank else h2d(topo.local_ids, long),
@@ -221,4 +274,4 @@ def upload(topo: Topology, *, numbers: np.ndarray, offsets: np.ndarray, one_rank
         owner=None if one_rank else h2d(topo.local_owner, long),
         receivers=h2d(topo.receivers, long), senders=h2d(topo.senders, long),
         edge_batch=h2d(topo.edge_batch, long), images=images,
-        images_f=images.to(GEOMETRY_DTYPE), plan=plan)
+        images_f=images.to(GEOMETRY_DTYPE), plan=plan, **extra)

@@ -24,13 +24,15 @@ class LennardJones(torch.nn.Module):
         self.epsilon = float(params["epsilon"])
         self.sigma = float(params["sigma"])
         rc = params["cutoff"] if params["cutoff"] is not None else 2.5 * self.sigma
-        self.spec = ModelSpec(name="lj", cutoff=float(rc), n_layers=1)
+        self.spec = ModelSpec(name="lj", cutoff=float(rc), n_layers=1, masked_edges=True)
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         r2 = (graph.edge_vectors() ** 2).sum(-1)
         s6 = (self.sigma**2 / r2) ** 3
         sc6 = (self.sigma / self.spec.cutoff) ** 6
         pair = 4.0 * self.epsilon * ((s6 * s6 - s6) - (sc6 * sc6 - sc6))
+        if graph.edge_mask is not None:  # not cut off past rc by itself
+            pair = pair * graph.edge_mask.to(pair.dtype)
         site = torch.zeros(graph.n_owned, dtype=pair.dtype, device=pair.device)
         # each unordered pair appears twice in the full list: half to each receiver
         site = site.index_add(0, graph.receivers, 0.5 * pair)

@@ -21,6 +21,8 @@ or that reach the host's copy of device memory):
   ``bool(t)``, ``if t.any():``), ``equal``, ``is_nonzero``, linalg's error checks;
 - a copy to the host of a device tensor (``.cpu()``, ``.tolist()``, ``.numpy()``); on a CPU
   run ``tolist`` and ``numpy`` of a tensor are counted too (there, they never dispatch).
+Not counted: the range checks ``one_hot`` makes on a CPU when given ``num_classes``
+(two ``item`` reads there; on CUDA it checks on the device and reads nothing).
 A TorchDispatchMode sees every aten op (also inside autograd's backward); a
 TorchFunctionMode sees the Python conversions that do not dispatch on a CPU.
 """
@@ -113,6 +115,7 @@ class HostReads:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.where: dict[str, Counter[str]] = defaultdict(Counter)
+        self._quiet = 0  # > 0 inside a call whose CPU-only reads a GPU does not make
         self._dispatch = _DispatchCounter(self)
         self._function = _FunctionCounter(self)
 
@@ -121,6 +124,8 @@ class HostReads:
         return sum(self.counts.values())
 
     def add(self, name: str) -> None:
+        if self._quiet:
+            return
         self.counts[name] += 1
         self.where[name][_caller()] += 1
 
@@ -160,11 +165,22 @@ class _FunctionCounter(TorchFunctionMode):
         self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.one_hot and _num_classes(args, kwargs) >= 0:
+            self.owner._quiet += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.owner._quiet -= 1
         name = _PYTHON_READS.get(func)
         if name is not None and args and isinstance(args[0], torch.Tensor) \
                 and args[0].device.type == "cpu":
             self.owner.add(name)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _num_classes(args, kwargs) -> int:
+    return int(args[1] if len(args) > 1 else kwargs.get("num_classes", -1))
 
 
 def warm_step_reads(factory, structure, ranks: int = 1, *, skin: float = 0.5,
