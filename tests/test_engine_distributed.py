@@ -379,7 +379,9 @@ def _comm_check(rank: int, world: int) -> dict:
                 want_grad[k] += torch.arange(1.0 + 2 * row, 3.0 + 2 * row)
     partial_owned = torch.ones(4, 1, dtype=torch.float64)
     partial_wanted = torch.full((len(wanted), 1), 2.0, dtype=torch.float64)
-    total_owned, total_wanted = comm.reduce_replicas(plan, partial_owned, partial_wanted)
+    # an item held by its owner and others: every holder gets the sum of all partials
+    total_owned = partial_owned + comm.scatter_home(plan, partial_wanted)
+    total_wanted = comm.exchange(plan, total_owned)
     y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
     (gy,) = torch.autograd.grad((comm.all_reduce_sum(y) * (rank + 1)).sum(), y)
     bad_owner = torch.tensor([0]) if rank == 1 else torch.zeros(0, dtype=torch.long)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "0", "1")
 MAX_GRAPHS = 8  # captured graphs kept (each holds its own memory pool's buffers)
 WARMUP = 2  # eager runs on a side stream before a capture (cuBLAS/cuDNN handles, caches)
-# DeviceTopology fields that may differ between topologies sharing a graph: the batch's
+# Topology fields that may differ between topologies sharing a graph: the batch's
 # own atom count is used outside the graph only (``Step.unpad``)
 _FREE_FIELDS = frozenset({"n_real"})
 

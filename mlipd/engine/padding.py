@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from mlipd.engine.topology import Topology
+from mlipd.engine.topology import RankEdges
 
 PAD_ATOMS = 2  # the least padding: the two ends of the padding edges
 FAR = 1.0e4  # Å, where the padding atoms sit (x of the first one)
@@ -51,8 +51,8 @@ class Padding:
     numbers: np.ndarray
 
 
-def pad_topology(topo: Topology, numbers: np.ndarray, *, radius: float
-                 ) -> tuple[Topology, Padding]:
+def pad_topology(topo: RankEdges, numbers: np.ndarray, *, radius: float
+                 ) -> tuple[RankEdges, Padding]:
     """``topo`` (one rank: every atom owned, ``local_ids`` = 0..N-1) with atoms and
     edges padded to buckets; numbers: (N,) of the batch. radius: the candidate radius."""
     n = topo.n_owned

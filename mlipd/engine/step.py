@@ -24,8 +24,8 @@ from mlipd.engine.halo import scatter_home_rows
 from mlipd.engine.padding import pad_topology
 from mlipd.engine.topology import (
     GEOMETRY_DTYPE,
-    DeviceTopology,
     HostToDevice,
+    Topology,
     build_topology,
     upload,
 )
@@ -85,7 +85,7 @@ class Step:
         self.cutoff = float(model.spec.cutoff)
         self.radius = self.cutoff + self.skin
         self.h2d = HostToDevice(self.device)
-        self.topology: DeviceTopology | None = None
+        self.topology: Topology | None = None
         self.layout: tuple[ExtraLayout, ...] = ()  # of the last step's extras
         self.last_graph: LocalGraph | None = None  # for tests and counters
 
@@ -132,7 +132,7 @@ class Step:
                    ) -> torch.Tensor:
         """``run`` with the padding atoms' rows kept (zeros): every shape is fixed by the
         padded topology, not by the batch's own counts. positions: (N, 3), or (n_owned,
-        3) with the padding atoms' rows (``DeviceTopology.pad_positions``) already in."""
+        3) with the padding atoms' rows (``Topology.pad_positions``) already in."""
         topo = self.topology
         if topo is None:
             raise RuntimeError("Step.run before rebuild")

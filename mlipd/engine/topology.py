@@ -6,9 +6,10 @@ that may lie within ``radius = cutoff + skin`` of them, and runs vesin on that s
 only: the pairs it returns are exactly the pairs of the full list that touch the
 subset, with the same integer image shifts. Edges are kept when their receiver is
 owned, so across ranks every edge exists exactly once. At one rank every atom is owned
-by rank 0 and vesin sees whole structures (no bins).
+by rank 0 and vesin sees whole structures (no bins). ``RankEdges`` is what a rebuild
+finds, on the host.
 
-``DeviceTopology`` is that topology uploaded once per rebuild: index tensors, images,
+``Topology`` is that uploaded once per rebuild: index tensors, images,
 per-structure data and the halo plan stay on the device, with a ``cache`` where models
 keep what they derive from the candidate edges; per step only positions and cells
 travel.
@@ -37,8 +38,9 @@ GEOMETRY_DTYPE = torch.float64  # positions, cells, shifts, energy sums, forces,
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Atoms and candidate edges of one rank, fixed between rebuilds.
+class RankEdges:
+    """Atoms and candidate edges of one rank as a rebuild finds them, on the host (the
+    step keeps them on its device as a ``Topology``).
 
     local_ids:  (n_local,) int64 batch-global index of each local atom: owned atoms
                 first (ascending), then halo atoms grouped by owner rank
@@ -66,10 +68,6 @@ class Topology:
     def n_local(self) -> int:
         return int(self.local_ids.shape[0])
 
-    @property
-    def halo_ids(self) -> np.ndarray:
-        return self.local_ids[self.n_owned:]
-
 
 def _structure_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
                      owned: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
@@ -94,7 +92,7 @@ def _structure_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
 
 def build_topology(*, positions: np.ndarray, cells: np.ndarray, pbc: np.ndarray,
                    offsets: np.ndarray, owner: np.ndarray, rank: int,
-                   radius: float) -> Topology:
+                   radius: float) -> RankEdges:
     """This rank's topology for a batch.
 
     positions: (N, 3) Å, the whole batch; cells (B, 3, 3) Å; pbc (B, 3) bool;
@@ -125,7 +123,7 @@ def build_topology(*, positions: np.ndarray, cells: np.ndarray, pbc: np.ndarray,
     to_local = np.full(owner.shape[0], -1, dtype=np.int64)
     to_local[local_ids] = np.arange(local_ids.size)
     structure_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    return Topology(
+    return RankEdges(
         local_ids=local_ids,
         n_owned=int(owned_ids.size),
         local_owner=owner[local_ids],
@@ -200,7 +198,7 @@ class HostToDevice:
 
 
 @dataclass
-class DeviceTopology:
+class Topology:
     """A rank's topology on its device, from one rebuild to the next.
 
     n_owned, n_local, n_structures: sizes
@@ -249,8 +247,8 @@ class DeviceTopology:
         return int(self.receivers.shape[0])
 
 
-def upload(topo: Topology, *, numbers: np.ndarray, offsets: np.ndarray, one_rank: bool,
-           h2d: HostToDevice, plan: Any = None, padding=None) -> DeviceTopology:
+def upload(topo: RankEdges, *, numbers: np.ndarray, offsets: np.ndarray, one_rank: bool,
+           h2d: HostToDevice, plan: Any = None, padding=None) -> Topology:
     """``topo`` on ``h2d.device``; numbers: (N,) of the whole batch; padding: the
     ``mlipd.engine.padding.Padding`` of a padded one-rank topology, or None."""
     long = torch.long
@@ -264,7 +262,7 @@ def upload(topo: Topology, *, numbers: np.ndarray, offsets: np.ndarray, one_rank
                      pad_positions=h2d(padding.positions, GEOMETRY_DTYPE),
                      real=h2d(real, GEOMETRY_DTYPE),
                      n_real_t=h2d(np.array(float(padding.n_real)), GEOMETRY_DTYPE))
-    return DeviceTopology(
+    return Topology(
         n_owned=topo.n_owned, n_local=topo.n_local, n_structures=int(offsets.shape[0] - 1),
         local_ids=None if one_rank else h2d(topo.local_ids, long),
         numbers=h2d(numbers if one_rank else numbers[topo.local_ids], long),

@@ -159,7 +159,11 @@ class ESENModel(torch.nn.Module):
         coefficient_index = b.coefficient_index if b.mmax != b.lmax else None
         wigner, wigner_inv = b.backend.prepare_wigner(wigner, wigner_inv, b.mappingReduced,
                                                       coefficient_index)
-        csd = self._system_embedding(graph.n_structures, vec)
+        # constant per batch (fairchem's charge/spin embedding reads its inputs back with
+        # ``torch.where``): made once per topology
+        csd = graph.cache.get("esen_csd")
+        if csd is None:
+            csd = graph.cache["esen_csd"] = self._system_embedding(graph.n_structures, vec)
         own_batch = graph.batch[:n]
         x = vec.new_zeros((n, b.sph_feature_size, b.sphere_channels))
         sys_node = csd[own_batch]
