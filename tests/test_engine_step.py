@@ -160,3 +160,25 @@ class SelectingReference(ReferenceMP):
     def __init__(self) -> None:
         super().__init__()
         self.spec = dataclasses.replace(self.spec, masked_edges=False)
+
+
+def test_step_headers_are_fixed_size_tensors():
+    """What rank 0 broadcasts each step: HEADER_WORDS int64 numbers (no pickling), and on
+    a rebuild the structures' sizes and pbc as a (B, 4) table."""
+    from mlipd.engine.rank_loop import (
+        HEADER_WORDS,
+        STEP,
+        StepHeader,
+        decode_structures,
+        encode_header,
+        encode_structures,
+    )
+
+    h = StepHeader(cmd=STEP, counts=(3, 5), pbc=((True, True, True), (True, True, False)),
+                   virial=False, rebuild=True)
+    words = encode_header(h)
+    assert words.dtype == torch.long
+    assert words.tolist() == [0, 0, 1, 2, 8]
+    assert len(words) == HEADER_WORDS
+    back = decode_structures(encode_structures(h))
+    assert (back.counts, back.pbc) == (h.counts, h.pbc)
