@@ -7,6 +7,7 @@ composition model casts to float32).
 """
 
 import copy
+import functools
 from collections import Counter
 
 import numpy as np
@@ -372,12 +373,19 @@ def test_bond_graph_reproduces_package_rows(package64, name):
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_warm_step_reads_nothing_back(ranks):
-    """A warm step (lists reused) of 64-atom Si makes no data-dependent host read: its
-    edges, bonds and angles are the topology's with weights, never a selection; at two
-    ranks the exchanges are all that waits."""
+    """A warm step (lists reused) of 64-atom Si with angles=mask (the default on CUDA)
+    makes no data-dependent host read: its edges, bonds and angles are the topology's
+    with weights, never a selection; at two ranks the exchanges are all that waits.
+    With angles=select (the default on a CPU, where running every candidate angle costs
+    more than a read) one ``nonzero`` remains: the selection of this step's angles."""
     from ase.build import bulk
 
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
     atoms.rattle(0.05, seed=1)
-    for reads in warm_step_reads(CHGNetModel, Structure.from_atoms(atoms), ranks):
+    s = Structure.from_atoms(atoms)
+    for reads in warm_step_reads(functools.partial(CHGNetModel, "0.3.0,angles=mask"), s,
+                                 ranks):
         assert reads.total == 0, reads.report()
+    if ranks == 1:
+        (reads,) = warm_step_reads(functools.partial(CHGNetModel, "0.3.0,angles=select"), s)
+        assert reads.counts == {"nonzero": 1}, reads.report()
