@@ -144,9 +144,10 @@ def test_launchers_are_read_from_their_own_variables():
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_warm_step_of_the_engine_reads_nothing_back(ranks):
-    """The engine's own part of a warm step (pruning edges beyond the cutoff, forces,
-    virial, packing) makes no data-dependent host read with a ``masked_edges`` model;
-    one that selects its edges costs exactly one (the selection's ``nonzero``)."""
+    """The engine's own part of a warm step (edges beyond the cutoff, forces, virial,
+    packing) makes no data-dependent host read with a ``masked_edges`` model in the
+    fixed-shape step a GPU runs; one that selects its edges costs exactly one (the
+    selection's ``nonzero``)."""
     s = cases()["triclinic"]
     for reads in warm_step_reads(ReferenceMP, s, ranks):
         assert reads.total == 0, reads.report()

@@ -72,16 +72,23 @@ class Step:
     pad:   pad atom and edge counts to buckets (``mlipd.engine.padding``; one rank and a
            ``masked_edges`` model only, else ignored): shapes then change only when a
            rebuild crosses a bucket edge (for captured CUDA graphs)
+    masks: give a ``masked_edges`` model every candidate edge with ``edge_mask`` (fixed
+           shapes, no host read) rather than the edges within the cutoff (one ``nonzero``).
+           Default: on CUDA, where a host read drains the device's queue, and with
+           ``pad``; on a CPU a read costs nothing while the candidates beyond the cutoff
+           cost arithmetic (measured: MACE 64 atoms, 0.5 Å skin, ~1.4x the step)
     """
 
     def __init__(self, model: Model, comm, *, device: torch.device, dtype: torch.dtype,
-                 skin: float, pad: bool = False) -> None:
+                 skin: float, pad: bool = False, masks: bool | None = None) -> None:
         self.model = model
         self.comm = comm
         self.device = torch.device(device)
         self.dtype = dtype
         self.skin = float(skin)
         self.pad = bool(pad) and comm is None and bool(model.spec.masked_edges)
+        self.masks = bool(model.spec.masked_edges) and (
+            self.pad or (self.device.type == "cuda" if masks is None else bool(masks)))
         self.cutoff = float(model.spec.cutoff)
         self.radius = self.cutoff + self.skin
         self.h2d = HostToDevice(self.device)
@@ -151,7 +158,7 @@ class Step:
                 within = (vec * vec).sum(-1) < self.cutoff ** 2
             candidates = CandidateEdges(receivers=recv, senders=send, images=images,
                                         shifts=shifts.detach(), skin=self.skin)
-            if self.model.spec.masked_edges:  # fixed shapes: no host read
+            if self.masks:  # fixed shapes: no host read
                 edge_mask = within
             else:  # the model takes the edges within the cutoff only: select (a host read)
                 keep = torch.nonzero(within).view(-1)

@@ -81,8 +81,8 @@ SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1][,angles=auto|select|mask]"
 # at the rebuild) with a weight, fixed shapes and no host read (what a CUDA graph needs);
 # "select" keeps this step's angles (one ``nonzero``, a host read). Measured on 64-atom
 # (Mn,Ni)O, 0.5 Å skin: 19,584 candidate angles for 2,064 of the step, a 3.8x slower
-# CPU step masked; "auto" masks on CUDA (small systems are launch-bound there) and
-# selects on a CPU.
+# CPU step masked; "auto" masks when the engine does (``Step.masks``: on CUDA, where
+# small systems are launch-bound, and for CUDA graphs) and selects otherwise.
 ANGLES = ("auto", "select", "mask")
 
 
@@ -185,10 +185,11 @@ class CHGNetModel(torch.nn.Module):
         graph.cache["chgnet"] = cached
         return cached
 
-    def _mask_angles(self, device: torch.device) -> bool:
-        """Whether a step runs every candidate angle with a weight (see ``ANGLES``)."""
+    def _mask_angles(self, graph: LocalGraph) -> bool:
+        """Whether a step runs every candidate angle with a weight (see ``ANGLES``):
+        ``auto`` when the engine runs fixed shapes (``graph.edge_mask``: on CUDA)."""
         if self.angles == "auto":
-            return device.type == "cuda"
+            return graph.edge_mask is not None
         return self.angles == "mask"
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
@@ -205,7 +206,7 @@ class CHGNetModel(torch.nn.Module):
         # this step's edges (r < cutoff) and angles: weights of fixed-shape messages
         edge_w = None if graph.edge_mask is None else graph.edge_mask.unsqueeze(1)
         angle_w = angle_weights(bg, lengths, bond_cutoff=self.bond_cutoff)
-        if not self._mask_angles(lengths.device):  # this step's angles only (a host read)
+        if not self._mask_angles(graph):  # this step's angles only (a host read)
             keep = torch.nonzero(angle_w.view(-1)).view(-1)
             bg = replace(bg, angles=bg.angles[keep], angle_d1=bg.angle_d1[keep],
                          angle_d2=bg.angle_d2[keep])

@@ -220,7 +220,8 @@ def _warm_reads_on_rank(rank: int, world_size: int, factory, structure, skin: fl
         sync_weights(model)
         comm = Comm()
     s = structure
-    step = Step(model, comm, device=cpu, dtype=dtype, skin=skin)
+    # masks=True: the fixed-shape step a GPU runs (on a CPU the engine selects its edges)
+    step = Step(model, comm, device=cpu, dtype=dtype, skin=skin, masks=True)
     owner = partition_batch([Geometry(s.positions, s.cell, s.pbc)], world_size,
                             radius=step.radius)
     step.rebuild(Frame(numbers=s.numbers, positions=s.positions, cells=s.cell[None],
