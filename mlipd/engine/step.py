@@ -73,10 +73,10 @@ class Step:
            ``masked_edges`` model only, else ignored): shapes then change only when a
            rebuild crosses a bucket edge (for captured CUDA graphs)
     masks: give a ``masked_edges`` model every candidate edge with ``edge_mask`` (fixed
-           shapes, no host read) rather than the edges within the cutoff (one ``nonzero``).
-           Default: on CUDA, where a host read drains the device's queue, and with
-           ``pad``; on a CPU a read costs nothing while the candidates beyond the cutoff
-           cost arithmetic (measured: MACE 64 atoms, 0.5 Å skin, ~1.4x the step)
+           shapes, no host read; default) rather than the edges within the cutoff (one
+           ``nonzero``; only for models that can take a selection: not CHGNet). On a CPU
+           the masked candidates cost arithmetic (measured: MACE 64 atoms, 0.5 Å skin,
+           ~1.4x the step), a selection's read nothing
     """
 
     def __init__(self, model: Model, comm, *, device: torch.device, dtype: torch.dtype,
@@ -88,7 +88,7 @@ class Step:
         self.skin = float(skin)
         self.pad = bool(pad) and comm is None and bool(model.spec.masked_edges)
         self.masks = bool(model.spec.masked_edges) and (
-            self.pad or (self.device.type == "cuda" if masks is None else bool(masks)))
+            self.pad or masks is None or bool(masks))
         self.cutoff = float(model.spec.cutoff)
         self.radius = self.cutoff + self.skin
         self.h2d = HostToDevice(self.device)

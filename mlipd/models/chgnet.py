@@ -81,8 +81,8 @@ SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1][,angles=auto|select|mask]"
 # at the rebuild) with a weight, fixed shapes and no host read (what a CUDA graph needs);
 # "select" keeps this step's angles (one ``nonzero``, a host read). Measured on 64-atom
 # (Mn,Ni)O, 0.5 Å skin: 19,584 candidate angles for 2,064 of the step, a 3.8x slower
-# CPU step masked; "auto" masks when the engine does (``Step.masks``: on CUDA, where
-# small systems are launch-bound, and for CUDA graphs) and selects otherwise.
+# CPU step masked; "auto" masks on CUDA (small systems are launch-bound there, and a
+# CUDA graph needs it) and selects on a CPU.
 ANGLES = ("auto", "select", "mask")
 
 
@@ -187,9 +187,9 @@ class CHGNetModel(torch.nn.Module):
 
     def _mask_angles(self, graph: LocalGraph) -> bool:
         """Whether a step runs every candidate angle with a weight (see ``ANGLES``):
-        ``auto`` when the engine runs fixed shapes (``graph.edge_mask``: on CUDA)."""
+        ``auto`` on CUDA, where a host read drains the device's queue."""
         if self.angles == "auto":
-            return graph.edge_mask is not None
+            return graph.receivers.device.type == "cuda"
         return self.angles == "mask"
 
     def forward(self, graph: LocalGraph) -> ModelOutput:

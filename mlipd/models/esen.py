@@ -203,7 +203,7 @@ class ESENModel(torch.nn.Module):
             raise ValueError("esen: enforce_max_neighbors_strictly=True is not supported "
                              "(fairchem's eSCNMDBackbone always uses False)")
         slots = graph.cache.get("esen")
-        if slots is None:
+        if slots is None or graph.edge_ids is not None:  # a selection changes every step
             slots = graph.cache["esen"] = neighbor_slots(
                 graph.receivers, n_owned=graph.n_owned, max_neighbors=b.max_neighbors)
         return slots

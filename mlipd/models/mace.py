@@ -237,8 +237,8 @@ class MaceModel(torch.nn.Module):
         ``graph.cache``: one-hot species, recomputation, the chunk plan (edges sorted by
         receiver, chunk bounds). A warm step then reads nothing back from the device."""
         plan = graph.cache.get("mace")
-        if plan is not None:
-            return plan
+        if plan is not None and graph.edge_ids is None:
+            return plan  # a selection of edges (no masks) changes at every step
         attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers],
                                             len(self.spec.species)).to(graph.dtype)
         recompute = torch.is_grad_enabled() and should_recompute(
