@@ -133,6 +133,9 @@ class CHGNetModel(torch.nn.Module):
             per_atom_extras=("magmoms",),
             masked_edges=True,
         )
+        # its bond graph is built once per topology on the candidate edges: a step takes
+        # them all, masked (``Step.masks``), never a selection
+        self.needs_masked_edges = True
         # the last forward's graph sizes and choices, as information (the work done and
         # the rows moved are measured by mlipd.testing.work and Comm.traffic)
         self.counters: dict[str, int] = {}
