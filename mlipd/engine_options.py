@@ -48,6 +48,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "torch's default; several share the host's cores, cores / ranks)")
     p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
                    help="give up on a collective (a rank that stopped answering) after S s")
+    p.add_argument("--cuda-graphs", choices=["auto", "0", "1"], default="auto",
+                   help="replay the warm one-rank step as a captured CUDA graph (auto: on "
+                        "CUDA, for models with fixed shapes between rebuilds)")
     add_robustness_options(p)
 
 
@@ -97,7 +100,8 @@ def engine_from_args(args: argparse.Namespace):
                          backend=args.backend, dtype=args.dtype, ranks=args.ranks,
                          world=getattr(args, "world", None),
                          timeout_s=args.collective_timeout, threads=args.threads,
-                         limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat)
+                         limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat,
+                         cuda_graphs=args.cuda_graphs)
     log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, describe(engine))
     return engine
 

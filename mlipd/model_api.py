@@ -36,6 +36,9 @@ class ModelSpec:
     per_atom_extras: names of the per-atom outputs besides energy the model returns
                  (e.g. ``("magmoms",)``); informational, the engine forwards whatever
                  ``ModelOutput.extras`` holds
+    masked_edges: the model honours ``LocalGraph.edge_mask``: between rebuilds the engine
+                 then passes every candidate edge (fixed shapes, no host read to select
+                 them) with a mask of those within the cutoff; otherwise it selects them
     """
 
     name: str
@@ -43,6 +46,7 @@ class ModelSpec:
     species: frozenset[int] | None = None
     n_layers: int = 1
     per_atom_extras: tuple[str, ...] = ()
+    masked_edges: bool = False
 
 
 @dataclass
@@ -137,6 +141,10 @@ class LocalGraph:
                 all there is (no skin)
     edge_ids:   (E,) int64 index of each edge among the candidates, None when every
                 candidate is an edge
+    edge_mask:  (E,) bool, only for models whose spec says ``masked_edges``: the edges
+                are all the candidates and this marks those within the cutoff now (a
+                masked edge must contribute exactly nothing: multiply its terms by the
+                mask, never select with it); None when every edge counts
     cache:      a dict that lives as long as the topology (until the engine rebuilds the
                 neighbour lists and partition): where a model keeps what it derives from
                 the candidates once (CHGNet's bond and angle graph and bond plans) and
@@ -163,6 +171,7 @@ class LocalGraph:
     dtype: torch.dtype = torch.float64
     candidates: CandidateEdges | None = None
     edge_ids: torch.Tensor | None = None
+    edge_mask: torch.Tensor | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -212,7 +212,7 @@ def check_heartbeat(probe: Path, workdir: Path) -> None:
     """A request longer than the heartbeat: the client resends its id, hears `pending`,
     waits, and gets the one result (computed once). A server that dies mid-request: the
     client says it is gone after one heartbeat of silence."""
-    from helpers_server import Gate, plugin_env
+    from helpers.server import Gate, plugin_env
 
     gate = Gate(workdir / "gate")
     env = dict(os.environ, MLIPD_HEARTBEAT_S="0.5")

@@ -42,6 +42,7 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
                 "| ASE + MlipdCalculator |", "| ASE + CHGNetCalculator |"],
     "mace": ["MACECalculator", "mlipd stored", "mlipd chunked", "mlipd recomputed",
              "mlipd recomputed+chunked", "MiB per atom"],
+    "gpu": ["| chgnet | 8 |", "| reference | 64 | 2 |", "| yes |", "CUDA sync warnings"],
 }
 E3NN_SUITES = {"esen", "sevennet"}  # their packages live in .venv-e3nn (tests/conftest.py)
 FAILED = re.compile(r"failed|not run|out of memory|limit|died|deadline|\bnan\b", re.IGNORECASE)

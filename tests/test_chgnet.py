@@ -7,6 +7,7 @@ composition model casts to float32).
 """
 
 import copy
+import functools
 from collections import Counter
 
 import numpy as np
@@ -25,6 +26,7 @@ from mlipd.model_api import LocalGraph
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
 from mlipd.models.chgnet_graph import build_bond_graph
 from mlipd.models.registry import load_model
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -367,3 +369,23 @@ def test_bond_graph_reproduces_package_rows(package64, name):
     assert torch.equal(bg.angles[:, 1], bg.edge_bond[bg.angle_d1])
     assert torch.equal(bg.angles[:, 2], bg.edge_bond[bg.angle_d2])
     assert bg.n_owned_bonds == bg.n_bonds  # one rank owns every bond
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ranks):
+    """A warm step (lists reused) of 64-atom Si with angles=mask (what angles=auto does
+    on CUDA) makes no data-dependent host read: its edges, bonds and angles are the
+    topology's with weights, never a selection; at two ranks the exchanges are all that
+    waits. With angles=select (auto on a CPU, where running every candidate angle costs
+    more than a read) one ``nonzero`` remains: the selection of this step's angles."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    s = Structure.from_atoms(atoms)
+    for reads in warm_step_reads(functools.partial(CHGNetModel, "0.3.0,angles=mask"), s,
+                                 ranks):
+        assert reads.total == 0, reads.report()
+    if ranks == 1:
+        (reads,) = warm_step_reads(functools.partial(CHGNetModel, "0.3.0,angles=select"), s)
+        assert reads.counts == {"nonzero": 1}, reads.report()

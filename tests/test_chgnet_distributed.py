@@ -145,7 +145,9 @@ def test_md_with_reused_bond_graph_equals_fresh_lists():
             (want,) = fresh.compute([s])
             (got,) = reuse.compute([s])
             built += reuse.model.counters["bond_graph_built"]
-            pruned += reuse.step.last_graph.edge_ids is not None
+            g = reuse.step.last_graph  # candidates beyond the cutoff now: dropped or masked
+            pruned += g.edge_ids is not None or (g.edge_mask is not None
+                                                 and not bool(g.edge_mask.all()))
             (got2,) = two.compute([s])
             for r in (got, got2):
                 assert r.energy == pytest.approx(want.energy, rel=1e-12)
@@ -156,4 +158,4 @@ def test_md_with_reused_bond_graph_equals_fresh_lists():
         assert two.rebuilds < len(steps)
     assert fresh.rebuilds == len(steps)
     assert built == reuse.rebuilds < len(steps) // 2
-    assert pruned >= len(steps) - reuse.rebuilds  # pairs beyond the cutoff were dropped
+    assert pruned >= len(steps) - reuse.rebuilds  # pairs beyond the cutoff were masked

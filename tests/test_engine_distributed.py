@@ -33,7 +33,8 @@ MODELS = {"reference": lambda: ReferenceMP("layers=3,features=16,cutoff=5"),
 def _edge_keys(step: Step) -> np.ndarray:
     g = step.last_graph
     gid = g.global_ids
-    return torch.cat([gid[g.receivers, None], gid[g.senders, None], g.images], 1).numpy()
+    keys = torch.cat([gid[g.receivers, None], gid[g.senders, None], g.images], 1)
+    return (keys if g.edge_mask is None else keys[g.edge_mask]).numpy()  # r < cutoff
 
 
 class RecordingStep(Step):
@@ -45,7 +46,7 @@ class RecordingStep(Step):
 
     def run(self, positions, cells, *, virial):
         out = super().run(positions, cells, virial=virial)
-        counts = list(getattr(self.model, "last_counts", []))
+        counts = [(a, int(m)) for a, m in getattr(self.model, "last_counts", [])]
         g = self.last_graph
         self.records.append((g.global_ids[: g.n_owned].numpy().copy(), _edge_keys(self),
                              counts))
@@ -153,7 +154,7 @@ def test_zero_redundancy(distributed_results, systems):
     engine = LocalEngine(model)
     for k, (name, s) in enumerate(systems.items()):
         engine.compute([s])
-        single_counts = list(model.last_counts)
+        single_counts = [(a, int(m)) for a, m in model.last_counts]
         e = neighbor_list(s, model.spec.cutoff)
         full = _key_set(np.column_stack([e.centers, e.neighbors, e.shifts]))
         for p in P_VALUES:
@@ -381,7 +382,9 @@ def _comm_check(rank: int, world: int) -> dict:
                 want_grad[k] += torch.arange(1.0 + 2 * row, 3.0 + 2 * row)
     partial_owned = torch.ones(4, 1, dtype=torch.float64)
     partial_wanted = torch.full((len(wanted), 1), 2.0, dtype=torch.float64)
-    total_owned, total_wanted = comm.reduce_replicas(plan, partial_owned, partial_wanted)
+    # an item held by its owner and others: every holder gets the sum of all partials
+    total_owned = partial_owned + comm.scatter_home(plan, partial_wanted)
+    total_wanted = comm.exchange(plan, total_owned)
     y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
     (gy,) = torch.autograd.grad((comm.all_reduce_sum(y) * (rank + 1)).sum(), y)
     bad_owner = torch.tensor([0]) if rank == 1 else torch.zeros(0, dtype=torch.long)

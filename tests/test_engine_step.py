@@ -3,6 +3,7 @@ device and backend choices, and the launchers' view of the job."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -15,6 +16,8 @@ from mlipd.engine.distributed import DistributedEngine
 from mlipd.engine.local import LocalEngine
 from mlipd.errors import SetupError
 from mlipd.launch import detect_world, first_host
+from mlipd.models.reference import ReferenceMP
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.testing.models import ExtrasModel
 from mlipd.testing.systems import cases
 from mlipd.types import Structure
@@ -137,3 +140,46 @@ def test_launchers_are_read_from_their_own_variables():
     assert w.port == 20000 + 123456 % 20000
     assert first_host("a1,b[2-3]") == "a1"
     assert first_host("node[009,011-012]") == "node009"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_of_the_engine_reads_nothing_back(ranks):
+    """The engine's own part of a warm step (edges beyond the cutoff, forces, virial,
+    packing) makes no data-dependent host read with a ``masked_edges`` model in the
+    fixed-shape step a GPU runs; one that selects its edges costs exactly one (the
+    selection's ``nonzero``)."""
+    s = cases()["triclinic"]
+    for reads in warm_step_reads(ReferenceMP, s, ranks):
+        assert reads.total == 0, reads.report()
+    for reads in warm_step_reads(SelectingReference, s, 1):
+        assert reads.counts == {"nonzero": 1}, reads.report()
+
+
+class SelectingReference(ReferenceMP):
+    """The reference model without ``masked_edges``: the engine selects its edges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = dataclasses.replace(self.spec, masked_edges=False)
+
+
+def test_step_headers_are_fixed_size_tensors():
+    """What rank 0 broadcasts each step: HEADER_WORDS int64 numbers (no pickling), and on
+    a rebuild the structures' sizes and pbc as a (B, 4) table."""
+    from mlipd.engine.rank_loop import (
+        HEADER_WORDS,
+        STEP,
+        StepHeader,
+        decode_structures,
+        encode_header,
+        encode_structures,
+    )
+
+    h = StepHeader(cmd=STEP, counts=(3, 5), pbc=((True, True, True), (True, True, False)),
+                   virial=False, rebuild=True)
+    words = encode_header(h)
+    assert words.dtype == torch.long
+    assert words.tolist() == [0, 0, 1, 2, 8]
+    assert len(words) == HEADER_WORDS
+    back = decode_structures(encode_structures(h))
+    assert (back.counts, back.pbc) == (h.counts, h.pbc)

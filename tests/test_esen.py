@@ -31,8 +31,9 @@ from model_cases import (
 from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
 from mlipd.models.esen import ESENModel
-from mlipd.models.esen_graph import max_neighbors_mask
+from mlipd.models.esen_graph import capped_mask, max_neighbors_mask, neighbor_slots
 from mlipd.models.registry import load_model
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
@@ -143,6 +144,16 @@ def test_cap_matches_fairchem_graph(max_neighbors):
     ours = _edge_set(np.column_stack([e.neighbors, e.centers, e.shifts])[keep])
     assert len(ours) < len(e.centers)  # the cap really removed edges
     assert ours == theirs
+    # the fixed-shape rule of a warm step: candidates within cutoff + 0.5 Å skin, those
+    # within the cutoff marked, the cap by a sort along each receiver's row
+    c = neighbor_list(s, CUTOFF + 0.5)
+    cvec = torch.as_tensor(s.positions[c.neighbors] - s.positions[c.centers]
+                           + c.shifts @ s.cell)
+    centers = torch.as_tensor(c.centers)
+    slots = neighbor_slots(centers, n_owned=s.n_atoms, max_neighbors=max_neighbors)
+    kept = capped_mask(slots, centers, cvec, (cvec ** 2).sum(1) < CUTOFF ** 2,
+                       max_neighbors=max_neighbors).numpy()
+    assert _edge_set(np.column_stack([c.neighbors, c.centers, c.shifts])[kept]) == theirs
     counts = np.bincount(e.centers[keep], minlength=s.n_atoms)
     candidates = np.bincount(e.centers, minlength=s.n_atoms)
     # fairchem keeps the (k+1)-th nearest and its near-ties, or all when there are <= k
@@ -219,3 +230,16 @@ def test_bad_options_and_files(tmp_path):
         ESENModel(f"{tmp_path}/x.pt,head=foo")
     with pytest.raises(FileNotFoundError):
         ESENModel(f"{tmp_path}/missing.pt")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ckpt, ranks):
+    """A warm step of the capped model on 64-atom Si makes no data-dependent host read:
+    the max_neighbors cap runs on the topology's fixed slots, dropped edges weighted out."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    factory = functools.partial(ESENModel, str(ckpt[1]))
+    for reads in warm_step_reads(factory, Structure.from_atoms(atoms), ranks):
+        assert reads.total == 0, reads.report()

@@ -44,6 +44,7 @@ from mlipd.engine.local import LocalEngine
 from mlipd.errors import ModelUnavailable, SetupError, UnknownSpecies
 from mlipd.models.mace import MaceModel
 from mlipd.models.registry import load_model
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -269,7 +270,8 @@ def test_recompute_and_chunks_equal_stored(variant):
 def test_recompute_auto_follows_free_memory(monkeypatch):
     import mlipd.models.mace_memory as memory
 
-    engine = LocalEngine(MaceModel(model=build_mace()))  # recompute=auto, chunk=auto
+    # recompute=auto, chunk=auto; decided per topology, so every call rebuilds (skin 0)
+    engine = LocalEngine(MaceModel(model=build_mace()), skin=0)
     s = [Structure.from_atoms(compressed())]
     engine.compute(s)
     assert engine.model.counters["recompute"] == 0  # a 64-atom box on this machine
@@ -411,3 +413,17 @@ def test_mace_file_drives_real_ipi(processes, short_tmp):
     run = drive_real_ipi(processes, short_tmp, atoms, name="mace",
                          model=f"mace:{short_tmp / 'tiny.model'}")
     check_trajectory(run, atoms, LocalEngine(MaceModel(model=model)).compute)
+
+
+def small_mace() -> MaceModel:
+    """The ZBL ScaleShiftMACE of these tests (a factory importable by rank processes)."""
+    return MaceModel(model=build_mace())
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ranks):
+    """A warm step of 64-atom Si makes no data-dependent host read: edges beyond the
+    cutoff are weighted out, species and chunk plan are the topology's."""
+    s = Structure.from_atoms(bulk_box([14], reps=2))
+    for reads in warm_step_reads(small_mace, s, ranks):
+        assert reads.total == 0, reads.report()

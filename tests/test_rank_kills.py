@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_server import argon
+from helpers.systems import argon
 
 from mlipd.client import Client
 from mlipd.engine import make_engine

@@ -19,7 +19,8 @@ import msgpack
 import numpy as np
 import pytest
 from ase.build import bulk
-from helpers_server import Dealer, Gate, argon, peak_rss_mb, plugin_env, raw
+from helpers.server import Dealer, Gate, peak_rss_mb, plugin_env, raw
+from helpers.systems import argon
 
 from mlipd.client import Client
 from mlipd.engine import make_engine

@@ -40,6 +40,7 @@ from mlipd.models import caches
 from mlipd.models.pretrained import sevennet_checkpoint
 from mlipd.models.registry import load_model
 from mlipd.models.sevennet import SevenNetModel
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
@@ -224,3 +225,16 @@ def test_drives_real_ipi(processes, short_tmp):
     # ~1e-7 eV/Å (force constants ~20 eV/Å²)
     check_trajectory(run, atoms, LocalEngine(adapter(), dtype=torch.float64).compute,
                      force_atol=2e-7)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ranks):
+    """A warm step of SevenNet-0 on 64-atom Si makes no data-dependent host read: the
+    species present are the topology's, edges beyond the cutoff weighted out."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    factory = functools.partial(SevenNetModel, "7net-0")
+    for reads in warm_step_reads(factory, Structure.from_atoms(atoms), ranks):
+        assert reads.total == 0, reads.report()

@@ -32,6 +32,7 @@ from mlipd.engine.local import LocalEngine
 from mlipd.errors import SetupError
 from mlipd.models.registry import load_model
 from mlipd.models.tensornet import TensorNetModel
+from mlipd.testing.hostreads import warm_step_reads
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,3 +173,16 @@ def test_ranks_zero_redundancy_and_results(small_reference, ranks):
                                name)
         if ranks == 2:
             check_float32_run(runs["f32"][k], structures[k], results[k], name)
+
+
+def small_tensornet() -> TensorNetModel:
+    """A factory importable by rank processes."""
+    return TensorNetModel(potential=build_potential())
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_warm_step_reads_nothing_back(ranks):
+    """A warm step of 64-atom Si makes no data-dependent host read."""
+    s = Structure.from_atoms(bulk_box([14], reps=2))
+    for reads in warm_step_reads(small_tensornet, s, ranks):
+        assert reads.total == 0, reads.report()

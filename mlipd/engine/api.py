@@ -80,7 +80,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                 ranks: int = 1, devices: Sequence[str] | None = None,
                 backend: str = "auto", world=None, skin: float | None = None,
                 timeout_s: float = 120.0, threads: int | None = None, limits=None,
-                rank_heartbeat_s: float | None = None) -> Engine:
+                rank_heartbeat_s: float | None = None, cuda_graphs: str = "auto") -> Engine:
     """Load ``model`` (``name`` or ``name:arg``) and return an engine on ``ranks`` ranks.
 
     device:  auto (CUDA when available), cpu, cuda or cuda:N; devices: an explicit list
@@ -93,6 +93,8 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
              default: the host's cores divided among its ranks
     limits:  the geometry guards' budgets (``mlipd.engine.guards.Limits``)
     rank_heartbeat_s: restart the ranks when one is silent this long (several ranks)
+    cuda_graphs: auto, 0 or 1: replay the warm one-rank step as a captured CUDA graph
+             (``mlipd.engine.cuda_graphs``)
     """
     from mlipd.engine.devices import node_devices, resolve_device
     from mlipd.engine.local import DEFAULT_SKIN
@@ -126,7 +128,8 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
 
             return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
         return LocalEngine(loaded, device=resolve_device(local_devices[0]),
-                           dtype=DTYPES[dtype], skin=skin, limits=limits)
+                           dtype=DTYPES[dtype], skin=skin, limits=limits,
+                           cuda_graphs=cuda_graphs)
     if _whole_structure(model):
         raise SetupError(
             f"{model!r} is a single-device (whole-structure) model and cannot run on "

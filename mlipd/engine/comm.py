@@ -13,10 +13,6 @@ API (all collective: every rank of the group calls them in the same order):
         copies from the owners; differentiable (backward sums gradients at the owners)
     comm.scatter_home(plan, wanted_rows (n, ...)) -> (m, ...)
         the adjoint: every owner receives the sum of what its holders sent
-    comm.reduce_replicas(plan, owned_rows, wanted_rows) -> (owned_total, wanted_total)
-        an item held by its owner and by other ranks (e.g. a cut bond whose partial
-        sums live on both sides): every holder gets the sum of all partials;
-        differentiable
     comm.all_reduce_sum(tensor) -> tensor summed over ranks; differentiable
     comm.traffic: rows sent and received by every exchange so far (``Traffic``)
 
@@ -97,11 +93,6 @@ class Comm:
 
     def scatter_home(self, plan: HaloPlan, wanted_rows: torch.Tensor) -> torch.Tensor:
         return ScatterHome.apply(wanted_rows, plan)
-
-    def reduce_replicas(self, plan: HaloPlan, owned_rows: torch.Tensor,
-                        wanted_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = owned_rows + self.scatter_home(plan, wanted_rows)
-        return total, self.exchange(plan, total)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return AllReduceSum.apply(tensor, self.group, None if self.wire == self.device

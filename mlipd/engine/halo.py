@@ -72,10 +72,6 @@ class HaloPlan:
     wire: torch.device | None = None
     traffic: Traffic | None = None
 
-    @property
-    def n_sent(self) -> int:
-        return int(self.send_rows.shape[0])
-
 
 def all_to_all_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                     group=None, wire: torch.device | None = None) -> torch.Tensor:

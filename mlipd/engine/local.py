@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from mlipd.engine.coordinator import Coordinator
+from mlipd.engine.cuda_graphs import GraphedRun
+from mlipd.engine.cuda_graphs import enabled as cuda_graphs_enabled
 from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
 from mlipd.engine.step import Step
@@ -37,18 +39,27 @@ class LocalEngine:
     The batch is one disjoint graph: one model call for all structures.
     skin (Å): Verlet skin of the reused neighbour list; 0 builds a fresh list at every call.
     limits: the geometry guards' budgets (``mlipd.engine.guards``)
+    cuda_graphs: ``auto``, ``0`` or ``1``: capture the warm step as a CUDA graph
+        (``mlipd.engine.cuda_graphs``; on CUDA only)
+    pad: pad atom and edge counts to buckets (``mlipd.engine.padding``); default: when
+        CUDA graphs are captured
     """
 
     def __init__(self, model: Model, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float64, skin: float = DEFAULT_SKIN,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, cuda_graphs: str = "auto",
+                 pad: bool | None = None) -> None:
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = for_inference(model, self.device, dtype)
-        self.step = Step(self.model, None, device=self.device, dtype=dtype, skin=skin)
-        self._coordinator = Coordinator(RankLoop(self.step), skin=skin, limits=limits)
+        graphs = cuda_graphs_enabled(cuda_graphs, self.device, self.model)
+        self.step = Step(self.model, None, device=self.device, dtype=dtype, skin=skin,
+                         pad=graphs if pad is None else pad)
+        self.graphed = GraphedRun(self.step) if graphs else None
+        self._coordinator = Coordinator(RankLoop(self.step, run=self.graphed), skin=skin,
+                                        limits=limits)
         self.calls = 0  # engine calls, for the server's batching counters
 
     @property

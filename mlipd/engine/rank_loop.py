@@ -6,7 +6,9 @@ Rank 0 (the front end, which owns all I/O) drives; the other ranks run ``follow`
     others:  receive StepHeader   -> share frame -> Step.run -> gather
     a StepHeader with cmd="stop" ends ``follow``.
 
-The frame travels as broadcasts: positions (N, 3) and cells every step; atomic numbers
+The header is a fixed-size int64 tensor (one broadcast of ``HEADER_WORDS`` numbers, no
+pickling), followed on a rebuild by the structures' sizes and pbc ((B, 4) int64). The
+frame travels as broadcasts: positions (N, 3) and cells every step; atomic numbers
 and the owner of every atom only when the partition is rebuilt. The owner array is
 computed on rank 0 alone so all ranks agree on it bit for bit, also across nodes.
 At one rank (``step.comm is None``) nothing is broadcast or gathered.
@@ -23,6 +25,8 @@ from mlipd.engine.step import HEADER_COLUMNS, N_STATS, Frame, Step
 from mlipd.engine.topology import GEOMETRY_DTYPE
 
 STEP, STOP = "step", "stop"
+_COMMANDS = (STEP, STOP)
+HEADER_WORDS = 5  # command, virial, rebuild, structures B, atoms N
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,11 @@ class Positions:
 class RankLoop:
     """One rank's side of every step; keeps the last partition's numbers and owners."""
 
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, *, run=None) -> None:
         self.step = step
+        self.run = run  # at one rank: what runs the step (a GraphedRun), else step.run
         self.comm = step.comm
+        self._last: StepHeader | None = None  # sizes and pbc of the last rebuild
         self._numbers: np.ndarray | None = None
         self.owner: np.ndarray | None = None  # (N,) owner rank of every atom, last partition
 
@@ -60,11 +66,16 @@ class RankLoop:
         if self.comm is None:
             if header.rebuild:
                 step.rebuild(frame)
-            packed = step.run(step.h2d(coords.positions, GEOMETRY_DTYPE),
-                              step.h2d(coords.cells, GEOMETRY_DTYPE), virial=header.virial)
+            positions = step.h2d(coords.positions, GEOMETRY_DTYPE, staged=True)
+            cells = step.h2d(coords.cells, GEOMETRY_DTYPE, staged=True)
+            if self.run is None:
+                packed = step.run(positions, cells, virial=header.virial)
+            else:
+                packed = self.run(positions, cells, virial=header.virial,
+                                  rebuilt=header.rebuild)
             return [packed.cpu().numpy()]
         if coords is not None:
-            self.comm.broadcast_object(header)
+            self._send_header(header)
         positions, cells = self._share(header, coords, frame)
         packed = step.run(positions, cells, virial=header.virial)
         owned = np.bincount(self.owner, minlength=self.comm.world_size).max()
@@ -85,8 +96,8 @@ class RankLoop:
         if self._numbers is None or self.owner is None:
             raise RuntimeError("first step must rebuild the partition")
         if coords is not None:  # rank 0: upload, then send
-            positions = c.broadcast_tensor(h2d(coords.positions, GEOMETRY_DTYPE))
-            cells = c.broadcast_tensor(h2d(coords.cells, GEOMETRY_DTYPE))
+            positions = c.broadcast_tensor(h2d(coords.positions, GEOMETRY_DTYPE, staged=True))
+            cells = c.broadcast_tensor(h2d(coords.cells, GEOMETRY_DTYPE, staged=True))
         else:
             empty = lambda *shape: torch.empty(shape, dtype=GEOMETRY_DTYPE, device=c.wire)  # noqa: E731
             positions = h2d(c.broadcast_tensor(empty(n, 3)), GEOMETRY_DTYPE)
@@ -102,7 +113,7 @@ class RankLoop:
     def follow(self) -> None:
         """Non-zero ranks: run steps until rank 0 says stop."""
         while True:
-            header = self.comm.broadcast_object()
+            header = self._receive_header()
             if header.cmd == STOP:
                 return
             self.execute(header)
@@ -110,4 +121,46 @@ class RankLoop:
     def stop(self) -> None:
         """Rank 0: release the followers."""
         if self.comm is not None:
-            self.comm.broadcast_object(StepHeader(cmd=STOP))
+            self._send_header(StepHeader(cmd=STOP))
+
+    def _send_header(self, header: StepHeader) -> None:
+        words = encode_header(header)
+        self.comm.broadcast_tensor(words)
+        if header.cmd == STEP and header.rebuild:
+            self.comm.broadcast_tensor(encode_structures(header))
+            self._last = header
+
+    def _receive_header(self) -> StepHeader:
+        """The header rank 0 sent; the structures' sizes and pbc come with a rebuild and
+        are kept for the steps that reuse it."""
+        words = self.comm.broadcast_tensor(torch.zeros(HEADER_WORDS, dtype=torch.long))
+        cmd, virial, rebuild, b, n = words.tolist()
+        if _COMMANDS[cmd] == STOP:
+            return StepHeader(cmd=STOP)
+        if rebuild:
+            table = self.comm.broadcast_tensor(torch.zeros((b, 4), dtype=torch.long))
+            self._last = decode_structures(table)
+        last = self._last
+        if last is None or len(last.counts) != b or sum(last.counts) != n:
+            raise RuntimeError("a step without rebuild changed the batch's sizes")
+        return StepHeader(cmd=STEP, counts=last.counts, pbc=last.pbc, virial=bool(virial),
+                          rebuild=bool(rebuild))
+
+
+def encode_header(header: StepHeader) -> torch.Tensor:
+    """(HEADER_WORDS,) int64: command, virial, rebuild, structures, atoms."""
+    return torch.tensor([_COMMANDS.index(header.cmd), int(header.virial), int(header.rebuild),
+                         len(header.counts), sum(header.counts)], dtype=torch.long)
+
+
+def encode_structures(header: StepHeader) -> torch.Tensor:
+    """(B, 4) int64: atoms and pbc (3) of each structure."""
+    return torch.tensor([[c, *map(int, p)] for c, p in zip(header.counts, header.pbc,
+                                                              strict=True)],
+                        dtype=torch.long).reshape(len(header.counts), 4)
+
+
+def decode_structures(table: torch.Tensor) -> StepHeader:
+    rows = table.tolist()
+    return StepHeader(cmd=STEP, counts=tuple(r[0] for r in rows),
+                      pbc=tuple(tuple(bool(x) for x in r[1:]) for r in rows))

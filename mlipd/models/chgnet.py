@@ -32,17 +32,23 @@ import contextlib
 import io
 import logging
 import os
+from dataclasses import replace
 
 import torch
 import torch.utils.checkpoint
 from chgnet.model import CHGNet
-from chgnet.model.functions import aggregate
 
 from mlipd.errors import SetupError
 from mlipd.memory import available_bytes
 from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
 from mlipd.models.chgnet_comm import BondExchange, BondPlans
-from mlipd.models.chgnet_graph import BondGraph, SkinGraph, build_skin_graph, select
+from mlipd.models.chgnet_graph import (
+    BondGraph,
+    SkinGraph,
+    angle_weights,
+    build_skin_graph,
+    fixed_bond_graph,
+)
 from mlipd.models.options import choice, parse_options
 
 log = logging.getLogger(__name__)
@@ -73,14 +79,23 @@ RECOMPUTE_SAVING = 3.5
 BYTES_PER_EDGE = 17_000
 
 
-SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1]"
+SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1][,angles=auto|select|mask]"
+# A warm step's angles: "mask" runs every candidate angle (edges within bond cutoff + skin
+# at the rebuild) with a weight, fixed shapes and no host read (what a CUDA graph needs);
+# "select" keeps this step's angles (one ``nonzero``, a host read). Measured on 64-atom
+# (Mn,Ni)O, 0.5 Å skin: 19,584 candidate angles for 2,064 of the step, a 3.8x slower
+# CPU step masked; "auto" masks on CUDA (small systems are launch-bound there, and a
+# CUDA graph needs it) and selects on a CPU.
+ANGLES = ("auto", "select", "mask")
 
 
-def chgnet_options(arg: str | None) -> tuple[str | None, str]:
-    """``"[VERSION|PATH][,recompute=auto|0|1]"`` -> (VERSION or PATH or None, recompute)."""
+def chgnet_options(arg: str | None) -> tuple[str | None, str, str]:
+    """``"[VERSION|PATH][,recompute=auto|0|1][,angles=auto|select|mask]"`` -> (VERSION or
+    PATH or None, recompute, angles)."""
     path, opts = parse_options(arg, model="chgnet", syntax=SYNTAX, positional=True,
-                               keys={"recompute": choice(*RECOMPUTE)})
-    return path, opts.get("recompute", "auto")
+                               keys={"recompute": choice(*RECOMPUTE),
+                                     "angles": choice(*ANGLES)})
+    return path, opts.get("recompute", "auto"), opts.get("angles", "auto")
 
 
 def stored_activation_bytes(n_angles: int, n_edges: int, dtype: torch.dtype) -> int:
@@ -99,7 +114,7 @@ class CHGNetModel(torch.nn.Module):
 
     def __init__(self, arg: str | None = None) -> None:
         super().__init__()
-        path, self.recompute = chgnet_options(arg)
+        path, self.recompute, self.angles = chgnet_options(arg)
         net = load_chgnet(path)
         if not net.mlp_first:
             raise SetupError("chgnet: only mlp_first models have site energies (pooling first "
@@ -119,7 +134,11 @@ class CHGNetModel(torch.nn.Module):
             species=frozenset(range(1, n_species + 1)),
             n_layers=int(net.n_conv),
             per_atom_extras=("magmoms",),
+            masked_edges=True,
         )
+        # its bond graph is built once per topology on the candidate edges: a step takes
+        # them all, masked (``Step.masks``), never a selection
+        self.needs_masked_edges = True
         # the last forward's graph sizes and choices, as information (the work done and
         # the rows moved are measured by mlipd.testing.work and Comm.traffic)
         self.counters: dict[str, int] = {}
@@ -159,37 +178,40 @@ class CHGNetModel(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
     def _bond_topology(self, graph: LocalGraph, lengths: torch.Tensor
-                       ) -> tuple[SkinGraph, BondPlans | None]:
-        """The skin bond graph and bond plans of ``graph``'s topology: built on its
-        first step (collective at P > 1: every rank is at that step) and kept in
-        ``graph.cache`` until the engine rebuilds the topology."""
+                       ) -> tuple[SkinGraph, BondGraph, BondPlans | None]:
+        """The skin bond graph, its fixed ``BondGraph`` and the bond plans of ``graph``'s
+        topology: built on its first step (collective at P > 1: every rank is at that
+        step) and kept in ``graph.cache`` until the engine rebuilds the topology. The
+        graph's edges are its candidates (``masked_edges``): pairs within cutoff + skin."""
         cached = graph.cache.get("chgnet")
         if cached is not None:
             self._built = False
             return cached
+        if graph.edge_ids is not None:
+            raise ValueError("chgnet takes every candidate edge with a mask (masked_edges), "
+                             "not a selection of them")
         self._built = True
-        cand = graph.candidates
-        if cand is None:  # the graph's edges are all there is
-            receivers, senders, images, reach = (graph.receivers, graph.senders,
-                                                 graph.images, self.bond_cutoff)
-            build_lengths = lengths
-        else:
-            receivers, senders, images = cand.receivers, cand.senders, cand.images
-            reach = self.bond_cutoff + cand.skin
-            with torch.no_grad():
-                x = graph.positions.detach()
-                build_lengths = torch.linalg.vector_norm(
-                    x[senders] - x[receivers] + cand.shifts, dim=1)
-        skin = build_skin_graph(receivers, senders, images, build_lengths,
+        skin_width = 0.0 if graph.candidates is None else graph.candidates.skin
+        reach = self.bond_cutoff + skin_width
+        build_lengths = lengths.detach()
+        skin = build_skin_graph(graph.receivers, graph.senders, graph.images, build_lengths,
                                 global_ids=graph.global_ids, n_owned=graph.n_owned,
                                 reach=reach)
         plans = None
         if graph.comm is not None:
             near = torch.zeros(skin.n_bonds, dtype=torch.bool, device=lengths.device)
             near[skin.edge_bond[build_lengths <= reach]] = True
-            plans = BondPlans(graph, skin, senders, near)
-        graph.cache["chgnet"] = skin, plans
-        return skin, plans
+            plans = BondPlans(graph, skin, graph.senders, near)
+        cached = skin, fixed_bond_graph(skin, graph.receivers), plans
+        graph.cache["chgnet"] = cached
+        return cached
+
+    def _mask_angles(self, graph: LocalGraph) -> bool:
+        """Whether a step runs every candidate angle with a weight (see ``ANGLES``):
+        ``auto`` on CUDA, where a host read drains the device's queue."""
+        if self.angles == "auto":
+            return graph.receivers.device.type == "cuda"
+        return self.angles == "mask"
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         """Site energies (n_owned,) eV and ``magmoms`` (n_owned,) μB of the owned atoms."""
@@ -201,9 +223,16 @@ class CHGNetModel(torch.nn.Module):
         # bases of owned bonds only.
         to_centre = -graph.edge_vectors(torch.float64)
         lengths = torch.linalg.vector_norm(to_centre.detach(), dim=1)
-        skin, plans = self._bond_topology(graph, lengths)
-        bg, kept = select(skin, graph, lengths, bond_cutoff=self.bond_cutoff)
-        bonds = BondExchange(plans, bg, kept, graph.comm)
+        _, bg, plans = self._bond_topology(graph, lengths)
+        # this step's edges (r < cutoff) and angles: weights of fixed-shape messages
+        edge_w = None if graph.edge_mask is None else graph.edge_mask.unsqueeze(1)
+        angle_w = angle_weights(bg, lengths, bond_cutoff=self.bond_cutoff)
+        if not self._mask_angles(graph):  # this step's angles only (a host read)
+            keep = torch.nonzero(angle_w.view(-1)).view(-1)
+            bg = replace(bg, angles=bg.angles[keep], angle_d1=bg.angle_d1[keep],
+                         angle_d2=bg.angle_d2[keep])
+            angle_w = None
+        bonds = BondExchange(plans, bg, graph.comm)
         atom_graph = torch.stack([graph.receivers, graph.senders], dim=1)
         d2u = bg.edge_bond
         zero = to_centre.new_zeros(1, 3)
@@ -225,9 +254,9 @@ class CHGNetModel(torch.nn.Module):
             if i > 0:
                 atom = graph.exchange(atom)
             atom = run(_atom_conv, m.atom_conv_layers[i], atom, bond, w_ag, atom_graph, d2u,
-                       n_own)
+                       n_own, edge_w)
             layer = m.bond_conv_layers[i]
-            partial = run(_bond_conv_partial, layer, atom, bond, w_bg, angle, bg)
+            partial = run(_bond_conv_partial, layer, atom, bond, w_bg, angle, bg, angle_w)
             owned = run(_bond_conv_finish, layer, bonds.owned(bond), bonds.sum_home(partial))
             bond = bonds.spread(owned)
             if i < m.n_conv - 2:  # the last AngleUpdate's output is never read
@@ -235,20 +264,23 @@ class CHGNetModel(torch.nn.Module):
             else:
                 magmom = torch.abs(m.site_wise(atom)).view(-1)
         atom = graph.exchange(atom)
-        atom = run(_atom_conv, m.atom_conv_layers[-1], atom, bond, w_ag, atom_graph, d2u, n_own)
+        atom = run(_atom_conv, m.atom_conv_layers[-1], atom, bond, w_ag, atom_graph, d2u, n_own,
+                   edge_w)
         if m.readout_norm is not None:
             atom = m.readout_norm(atom)
         atom_ref = m.composition_model.fc.weight[0, graph.numbers[:n_own] - 1]
         site = m.mlp(atom).view(-1) + atom_ref
         if magmom is None:  # n_conv == 1: no magmom layer ran
             magmom = torch.zeros_like(site)
+        # sizes of the topology's fixed graph (candidates: within the skin), not of this
+        # step's selection, which would have to be read back from the device
         self.counters = {
             "atoms": n_own,
             "halo_atoms": graph.n_local - n_own,
             "directed_edges": int(graph.receivers.shape[0]),
             "bonds": bg.n_owned_bonds,
             "bond_replicas": bg.n_bonds - bg.n_owned_bonds,
-            "short_replicas": int(bg.bond_short[bg.replicas].sum()),
+            "short_replicas": 0 if plans is None else int(plans.short.shape[0]),
             "angles": bg.n_angles,
             "recomputed": int(recompute),
             "bond_graph_built": int(self._built),
@@ -257,17 +289,21 @@ class CHGNetModel(torch.nn.Module):
 
 
 def _atom_conv(layer, atom: torch.Tensor, bond: torch.Tensor, weights: torch.Tensor,
-               atom_graph: torch.Tensor, d2u: torch.Tensor, n_own: int) -> torch.Tensor:
+               atom_graph: torch.Tensor, d2u: torch.Tensor, n_own: int,
+               edge_w: torch.Tensor | None) -> torch.Tensor:
     """``AtomConv.forward`` (chgnet/model/layers.py:112-137) on local atoms (n_local, F)
     -> the owned atoms' new features (n_own, F): messages along the owned directed
     edges, summed into their centres (always owned), and the per-atom output layers
-    (``mlp_out``, residual, norm) on owned rows only; a halo row is updated by its owner."""
+    (``mlp_out``, residual, norm) on owned rows only; a halo row is updated by its owner.
+    edge_w: (E, 1) bool, the edges within the cutoff now (None: all)."""
     centre = torch.index_select(atom, 0, atom_graph[:, 0])
     neighbour = torch.index_select(atom, 0, atom_graph[:, 1])
     msg = layer.twoBody_atom(torch.cat([centre, torch.index_select(bond, 0, d2u), neighbour],
                                        dim=1))
     msg = msg * torch.index_select(weights, 0, d2u)
-    new = aggregate(msg, atom_graph[:, 0], average=False, num_owner=n_own)
+    if edge_w is not None:
+        msg = msg * edge_w
+    new = _sum_rows(msg, atom_graph[:, 0], n_own)
     if layer.use_mlp_out:
         new = layer.mlp_out(new)
     if layer.resnet:
@@ -277,13 +313,24 @@ def _atom_conv(layer, atom: torch.Tensor, bond: torch.Tensor, weights: torch.Ten
     return new
 
 
-def _bond_conv_partial(layer, atom, bond, w_bg, angle, bg: BondGraph) -> torch.Tensor:
+def _bond_conv_partial(layer, atom, bond, w_bg, angle, bg: BondGraph,
+                       angle_w: torch.Tensor | None) -> torch.Tensor:
     """``BondConv.forward`` (chgnet/model/layers.py:238-254) up to its aggregate:
-    (U, F) sum over this rank's angles of each bond's messages."""
+    (U, F) sum over this rank's angles of each bond's messages (angle_w: (A, 1) bool,
+    this step's angles, or None: all of them)."""
     c, u1, u2 = bg.angles[:, 0], bg.angles[:, 1], bg.angles[:, 2]
     msg = layer.twoBody_bond(torch.cat([bond[u1], bond[u2], angle, atom[c]], dim=1))
     msg = msg * w_bg[u1] * w_bg[u2]
-    return aggregate(msg, u1, average=False, num_owner=bond.shape[0])
+    if angle_w is not None:
+        msg = msg * angle_w
+    return _sum_rows(msg, u1, bond.shape[0])
+
+
+def _sum_rows(data: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, F): rows of ``data`` summed by owner, as chgnet's ``aggregate(average=False,
+    num_owner=n)`` (the same ``index_add_``) without its ``bincount``, whose length the
+    host must read from the device."""
+    return data.new_zeros((n, data.shape[1])).index_add_(0, owners, data)
 
 
 def _bond_conv_finish(layer, bond: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:

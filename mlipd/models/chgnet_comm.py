@@ -10,9 +10,8 @@ next AngleUpdate and AtomConv read them. Backward is the adjoint pair
 
 The plans are made once per topology on the skin graph (``BondPlans``, collective):
 every replica bond for ``spread``, the replicas that may be short (within bond cutoff
-+ skin) for ``sum_home``. A step's bonds are a subset of the skin graph's; rows of
-bonds absent this step travel as zeros and are ignored (a bond that is not short has
-no angle, so its partial sum is exactly zero).
++ skin) for ``sum_home``. A step runs on every skin bond (fixed shapes): a bond that is
+not short now has no angle of this step, so its partial sum is exactly zero.
 """
 
 from __future__ import annotations
@@ -50,28 +49,18 @@ class BondPlans:
 
 
 class BondExchange:
-    """Owner-computes traffic of one step's bond rows ``[owned | replicas]``.
+    """Owner-computes traffic of one step's bond rows ``[owned | replicas]``: the fixed
+    graph's (every skin bond, fixed shapes; absent bonds carry unused values).
 
     At one rank (``plans is None``) every bond is owned and nothing communicates. At
     P > 1 every call is collective: all ranks make it the same number of times (the
-    rows moved are counted by the communicator's ``traffic``). kept: (U_c,) bool, the
-    skin bonds that are this step's bonds.
+    rows moved are counted by the communicator's ``traffic``).
     """
 
-    def __init__(self, plans: BondPlans | None, bg: BondGraph, kept: torch.Tensor,
-                 comm=None) -> None:
+    def __init__(self, plans: BondPlans | None, bg: BondGraph, comm=None) -> None:
         self.n_owned = bg.n_owned_bonds
         self.plans = plans
         self.comm = comm
-        if plans is None:
-            return
-        self.owned_rows = torch.nonzero(kept[: plans.n_owned]).squeeze(1)
-        self.replica_rows = torch.nonzero(kept[plans.n_owned:]).squeeze(1)
-        step_row = torch.full((plans.n_owned,), -1, dtype=torch.long, device=kept.device)
-        step_row[self.owned_rows] = torch.arange(self.owned_rows.shape[0], device=kept.device)
-        homed = step_row[plans.homed]
-        self.homed_step = homed[homed >= 0]  # this step's rows of the homed bonds present
-        self.homed_skin = plans.homed[homed >= 0]
 
     def owned(self, rows: torch.Tensor) -> torch.Tensor:
         """(U, ...) -> the owned rows (n_owned_bonds, ...)."""
@@ -79,25 +68,19 @@ class BondExchange:
 
     def sum_home(self, partial: torch.Tensor) -> torch.Tensor:
         """(U, F) partial sums -> (n_owned_bonds, F): each owned bond's part plus what
-        its replica holds."""
+        its replica holds (a bond without angles now has an exact zero part)."""
         if self.plans is None:
             return partial
         p = self.plans
-        replicas = partial.new_zeros((p.n_replicas, partial.shape[1])).index_copy(
-            0, self.replica_rows, partial[self.n_owned:])
-        home = self.comm.scatter_home(p.short_plan, replicas[p.short])
+        home = self.comm.scatter_home(p.short_plan, partial[self.n_owned:][p.short])
         # added to the bonds that received a part only (not a dense add over all bonds)
-        return partial[: self.n_owned].index_add(0, self.homed_step, home[self.homed_skin])
+        return partial[: self.n_owned].index_add(0, p.homed, home[p.homed])
 
     def spread(self, owned: torch.Tensor) -> torch.Tensor:
         """(n_owned_bonds, F) -> (U, F): replica rows copied from their owners."""
         if self.plans is None:
             return owned
-        p = self.plans
-        full = owned.new_zeros((p.n_owned, owned.shape[1])).index_copy(0, self.owned_rows,
-                                                                        owned)
-        received = self.comm.exchange(p.all_plan, full)
-        return torch.cat([owned, received[self.replica_rows]])
+        return torch.cat([owned, self.comm.exchange(self.plans.all_plan, owned)])
 
 
 def local_owners(graph: LocalGraph) -> torch.Tensor:

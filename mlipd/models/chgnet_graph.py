@@ -23,9 +23,12 @@ Local bond rows are ordered [owned | replicas], like atoms.
 
 Built once per topology: the engine keeps candidate edges (pairs within cutoff + skin)
 between neighbour-list rebuilds, so ``build_skin_graph`` enumerates bonds and angle
-candidates on them once (angles of edges within bond cutoff + skin), and every step
-``select`` keeps the bonds of the step's edges and the angles whose edges are now
-within the bond cutoff: index work only, no sorting or enumeration per step.
+candidates on them once (angles of edges within bond cutoff + skin). The step then runs
+on all of them with fixed shapes (``fixed_bond_graph``), weighting each message by
+whether its edge is within the cutoff and its angle within the bond cutoff now
+(``angle_weights``): no selection, so no host read, and a masked message adds exactly
+zero. ``select`` (a step's own bonds and angles, by selection) builds the package's
+rows for ``build_bond_graph``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class BondGraph:
                  direction define the bond's geometry); the canonical one on owned rows
     bond_keys:   (U, 5) int64 ``[gid_lo, gid_hi, S0, S1, S2]``: the bond's global
                  identity (global atom ids, lattice image from lo to hi)
-    bond_short:  (U,) bool, bond length <= bond cutoff (the bond-graph vertices)
+    bond_short:  (U,) bool, bond length <= bond cutoff (the bond-graph vertices); None
+                 in a ``fixed_bond_graph`` (lengths change at every step)
     n_owned_bonds: the first rows, the bonds this rank owns; the rest are replicas
     angles:      (A, 3) int64 ``[centre atom, u1, u2]``, CHGNet's 3-column bond graph
     angle_d1:    (A,) int64, directed edge of u1 at the centre
@@ -56,7 +60,7 @@ class BondGraph:
     edge_bond: torch.Tensor
     bond_edge: torch.Tensor
     bond_keys: torch.Tensor
-    bond_short: torch.Tensor
+    bond_short: torch.Tensor | None
     n_owned_bonds: int
     angles: torch.Tensor
     angle_d1: torch.Tensor
@@ -191,6 +195,28 @@ def _pairs_at_centres(cand: torch.Tensor, receivers: torch.Tensor,
     d2 = cand[starts[centre[first]] + pos]
     keep = d1 != d2
     return d1[keep], d2[keep]
+
+
+def fixed_bond_graph(skin: SkinGraph, receivers: torch.Tensor) -> BondGraph:
+    """Every bond and every candidate angle of ``skin`` as a ``BondGraph`` (receivers:
+    (E_c,) of the candidate edges), fixed until the next rebuild; a step weights its
+    angles with ``angle_weights``."""
+    d1, d2 = skin.angle_d1, skin.angle_d2
+    angles = torch.stack([receivers[d1], skin.edge_bond[d1], skin.edge_bond[d2]], dim=1)
+    return BondGraph(edge_bond=skin.edge_bond, bond_edge=skin.bond_edge,
+                     bond_keys=skin.bond_keys, bond_short=None,
+                     n_owned_bonds=skin.n_owned_bonds, angles=angles, angle_d1=d1,
+                     angle_d2=d2)
+
+
+def angle_weights(bg: BondGraph, lengths: torch.Tensor, *, bond_cutoff: float
+                  ) -> torch.Tensor:
+    """(A, 1) bool: the angles of this step, as the package selects them (lengths (E,)
+    Å of the candidate edges): |d1| <= bond cutoff (graph.py:288) and |d2| < bond
+    cutoff (graph.py:318); both then lie within the cutoff, so both edges count."""
+    length = lengths.detach()
+    return ((length[bg.angle_d1] <= bond_cutoff) & (length[bg.angle_d2] < bond_cutoff)
+            ).unsqueeze(1)
 
 
 def select(skin: SkinGraph, graph: LocalGraph, lengths: torch.Tensor, *,

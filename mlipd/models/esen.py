@@ -36,7 +36,7 @@ with torch.serialization.safe_globals([slice]):
 from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
 
 from mlipd.model_api import LocalGraph, MemoryCost, ModelOutput, ModelSpec
-from mlipd.models.esen_graph import max_neighbors_mask
+from mlipd.models.esen_graph import NeighborSlots, capped_mask, neighbor_slots
 from mlipd.models.esen_tasks import EnergyTask, energy_task
 from mlipd.models.options import flag, parse_options
 
@@ -119,7 +119,7 @@ class ESENModel(torch.nn.Module):
                                         if checkpoint is not None else None)
         self.spec = ModelSpec(name="esen", cutoff=float(backbone.cutoff),
                               species=frozenset(range(1, backbone.max_num_elements)),
-                              n_layers=backbone.num_layers)
+                              n_layers=backbone.num_layers, masked_edges=True)
 
     def _pick_dataset(self, task: str | None) -> str | None:
         b = self.backbone
@@ -155,11 +155,10 @@ class ESENModel(torch.nn.Module):
         if n == 0:
             return self._empty_rank(graph)
         vec = graph.edge_vectors()
-        keep = max_neighbors_mask(graph.receivers, vec, n_owned=n,
-                                  max_neighbors=b.max_neighbors,
-                                  strict=b.enforce_max_neighbors_strictly)
-        senders, receivers = graph.senders[keep], graph.receivers[keep]
-        vec = vec[keep]
+        # every candidate edge, weighted by whether fairchem keeps it now (fixed shapes)
+        keep = capped_mask(self._slots(graph), graph.receivers, vec, graph.edge_mask,
+                           max_neighbors=b.max_neighbors)
+        senders, receivers = graph.senders, graph.receivers
         dev = vec.device
         if receivers.numel() == 0 and n > 0:
             # fairchem's fix-up for edgeless systems: one self-loop beyond the cutoff,
@@ -173,13 +172,19 @@ class ESENModel(torch.nn.Module):
         coefficient_index = b.coefficient_index if b.mmax != b.lmax else None
         wigner, wigner_inv = b.backend.prepare_wigner(wigner, wigner_inv, b.mappingReduced,
                                                       coefficient_index)
-        csd = self._system_embedding(graph.n_structures, vec)
+        # constant per batch (fairchem's charge/spin embedding reads its inputs back with
+        # ``torch.where``): made once per topology
+        csd = graph.cache.get("esen_csd")
+        if csd is None:
+            csd = graph.cache["esen_csd"] = self._system_embedding(graph.n_structures, vec)
         own_batch = graph.batch[:n]
         x = vec.new_zeros((n, b.sph_feature_size, b.sphere_channels))
         sys_node = csd[own_batch]
         x[:, 0, :] = b.sphere_embedding(graph.numbers[:n]) + sys_node
 
         envelope = b.envelope(dist / b.cutoff).reshape(-1, 1)
+        if keep is not None and keep.shape[0] == envelope.shape[0]:  # not the self-loop
+            envelope = envelope * keep.unsqueeze(1)  # a dropped edge's messages: exactly 0
         x_edge = torch.cat((b.distance_expansion(dist),
                             b.source_embedding(graph.numbers[senders]),
                             b.target_embedding(graph.numbers[receivers])), dim=1)
@@ -202,6 +207,19 @@ class ESENModel(torch.nn.Module):
         if self.task is not None:
             site = self.task.site_energy(site, graph.numbers[:n], n_atoms)
         return ModelOutput(site_energy=site)
+
+    def _slots(self, graph: LocalGraph) -> NeighborSlots:
+        """The max_neighbors slots of the topology (``esen_graph``), made at its first
+        step and kept in ``graph.cache``."""
+        b = self.backbone
+        if b.enforce_max_neighbors_strictly:
+            raise ValueError("esen: enforce_max_neighbors_strictly=True is not supported "
+                             "(fairchem's eSCNMDBackbone always uses False)")
+        slots = graph.cache.get("esen")
+        if slots is None or graph.edge_ids is not None:  # a selection changes every step
+            slots = graph.cache["esen"] = neighbor_slots(
+                graph.receivers, n_owned=graph.n_owned, max_neighbors=b.max_neighbors)
+        return slots
 
     def _empty_rank(self, graph: LocalGraph) -> ModelOutput:
         """A rank that owns no atoms still joins every exchange, and keeps them in the

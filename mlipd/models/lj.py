@@ -26,7 +26,7 @@ class LennardJones(torch.nn.Module):
         self.epsilon = float(params["epsilon"])
         self.sigma = float(params["sigma"])
         rc = params["cutoff"] if params["cutoff"] is not None else 2.5 * self.sigma
-        self.spec = ModelSpec(name="lj", cutoff=float(rc), n_layers=1)
+        self.spec = ModelSpec(name="lj", cutoff=float(rc), n_layers=1, masked_edges=True)
 
     def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
         """64 floats per edge and per atom (measured: ~400 B per edge at float64 with
@@ -39,6 +39,8 @@ class LennardJones(torch.nn.Module):
         s6 = (self.sigma**2 / r2) ** 3
         sc6 = (self.sigma / self.spec.cutoff) ** 6
         pair = 4.0 * self.epsilon * ((s6 * s6 - s6) - (sc6 * sc6 - sc6))
+        if graph.edge_mask is not None:  # not cut off past rc by itself
+            pair = pair * graph.edge_mask.to(pair.dtype)
         site = torch.zeros(graph.n_owned, dtype=pair.dtype, device=pair.device)
         # each unordered pair appears twice in the full list: half to each receiver
         site = site.index_add(0, graph.receivers, 0.5 * pair)

@@ -30,8 +30,10 @@ whatever it contains, so it must come from a trusted source.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,11 +106,9 @@ def load_mace_file(path: str | Path) -> torch.nn.Module:
     return obj
 
 
-def to_cueq(model: torch.nn.Module) -> torch.nn.Module:
+def to_cueq(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
     """The model with cuEquivariance kernels, by mace's own converter (a new module with
-    the same weights); fused convolutions when CUDA is there."""
-    import importlib.util
-
+    the same weights), made on ``device``: fused convolutions there when it is a GPU."""
     if importlib.util.find_spec("cuequivariance_torch") is None:
         raise ModelUnavailable("mace: cueq=1 needs cuequivariance-torch "
                                "(pip install 'mlipd[cueq]')")
@@ -116,8 +116,12 @@ def to_cueq(model: torch.nn.Module) -> torch.nn.Module:
 
     prior = torch.get_default_dtype()  # the converter sets the process default dtype
     try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return run(model, device=device, return_model=True).to("cpu")
+        if device is None or device.type != "cuda":
+            return run(model, device="cpu", return_model=True)
+        # the converter fuses convolutions only for device == "cuda" (the string): make
+        # "cuda" mean the device the model will run on (cuda:1 for a rank on cuda:1)
+        with torch.cuda.device(device):
+            return run(model, device="cuda", return_model=True)
     finally:
         torch.set_default_dtype(prior)
 
@@ -191,15 +195,17 @@ class MaceModel(torch.nn.Module):
                              "and recomputation in backward do not mix)")
         for block in model.interactions:
             check_supported(block)
-        if cueq:
-            model = to_cueq(model)
+        # cueq: converted where the model goes (``to``), on its own GPU; checked now
+        self._cueq_pending = bool(cueq)
+        if cueq and importlib.util.find_spec("cuequivariance_torch") is None:
+            to_cueq(model)  # raises ModelUnavailable naming the extra
         self.mace = model
         self.recompute, self.chunk, self.jit = recompute, chunk, bool(jit)
         self.head = default_head(list(getattr(model, "heads", ["Default"])), head)
         zs = [int(z) for z in model.atomic_numbers.tolist()]
         self.register_buffer("z_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="mace", cutoff=float(model.r_max), species=frozenset(zs),
-                              n_layers=len(model.interactions))
+                              n_layers=len(model.interactions), masked_edges=True)
         self.splits = [SplitInteraction(b) for b in model.interactions]
         self.pieces = Pieces(context=self._torchscript)
         self.counters: dict[str, int] = {}
@@ -219,6 +225,18 @@ class MaceModel(torch.nn.Module):
             return recomputed
         return MemoryCost(per_atom=per_atom, per_edge=per_edge,
                           recomputed=recomputed if self.recompute == "auto" else None)
+    def to(self, *args, **kwargs):
+        """``torch.nn.Module.to``; with cueq=1, the conversion first, on the target device
+        (fused convolutions on a GPU) or on the CPU."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self._cueq_pending and device is not None:
+            self._convert(torch.device(device))
+        return super().to(*args, **kwargs)
+
+    def _convert(self, device: torch.device) -> None:
+        self.mace = to_cueq(self.mace, device)
+        self.splits = [SplitInteraction(b) for b in self.mace.interactions]
+        self._cueq_pending = False
 
     @property
     def recomputed(self) -> int:
@@ -226,6 +244,8 @@ class MaceModel(torch.nn.Module):
         return self.pieces.recomputed
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
+        if self._cueq_pending:  # never moved: converted where its buffers are
+            self._convert(self.z_index.device)
         with self._torchscript():
             return self._forward(graph)
 
@@ -241,22 +261,38 @@ class MaceModel(torch.nn.Module):
         recomputation runs (torch has no per-function switch)."""
         return torch.jit.optimized_execution(self.jit)
 
-    def _forward(self, graph: LocalGraph) -> ModelOutput:
-        m, n = self.mace, graph.n_owned
+    def _plan(self, graph: LocalGraph) -> _Plan:
+        """What depends on the topology only, made at its first step and kept in
+        ``graph.cache``: one-hot species, recomputation, the chunk plan (edges sorted by
+        receiver, chunk bounds). A warm step then reads nothing back from the device."""
+        plan = graph.cache.get("mace")
+        if plan is not None and graph.edge_ids is None:
+            return plan  # a selection of edges (no masks) changes at every step
         attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers],
                                             len(self.spec.species)).to(graph.dtype)
-        own = attrs[:n]
-        heads = torch.full((n,), self.head, dtype=torch.long, device=attrs.device)
-        rows = torch.arange(n, device=attrs.device)
         recompute = torch.is_grad_enabled() and should_recompute(
             self.recompute, self.mace, graph)
         chunk = choose_chunk(self.chunk, self.mace, recompute=recompute, dtype=graph.dtype,
                              device=graph.receivers.device)
-        senders, receivers, vectors = _edges(graph, by_receiver=chunk > 0)
-        bounds = chunk_bounds(receivers, n, chunk)
+        order = torch.argsort(graph.receivers, stable=True) if chunk > 0 else None
+        receivers = graph.receivers if order is None else graph.receivers[order]
+        plan = _Plan(attrs=attrs, recompute=recompute, chunk=chunk, order=order,
+                     bounds=chunk_bounds(receivers, graph.n_owned, chunk))
+        graph.cache["mace"] = plan
+        return plan
+
+    def _forward(self, graph: LocalGraph) -> ModelOutput:
+        m, n = self.mace, graph.n_owned
+        plan = self._plan(graph)
+        attrs, recompute, chunk, bounds = plan.attrs, plan.recompute, plan.chunk, plan.bounds
+        own = attrs[:n]
+        heads = torch.full((n,), self.head, dtype=torch.long, device=attrs.device)
+        rows = torch.arange(n, device=attrs.device)
+        senders, receivers, vectors, mask = _edges(graph, plan.order)
         run = self.pieces.start(checkpoint=recompute)
         edge_index = torch.stack([senders, receivers])
-        edge_attrs, edge_feats, cutoff, pair = run(_edge_basis, m, vectors, attrs, edge_index, n)
+        edge_attrs, edge_feats, cutoff, pair = run(_edge_basis, m, vectors, attrs, edge_index, n,
+                                                   mask)
 
         node_e0 = m.atomic_energies_fn(own)[rows, heads]
         feats = run(m.node_embedding, own)
@@ -276,7 +312,7 @@ class MaceModel(torch.nn.Module):
             if len(m.readouts) > 1 or i == last:  # one readout per layer, or one at the end
                 readout = m.readouts[i if len(m.readouts) > 1 else 0]
                 energies.append(run(_readout, readout, feats, heads, rows))
-        self.counters = {"atoms": n, "edges": int(receivers.shape[0]),
+        self.counters = {"atoms": n, "candidate_edges": int(receivers.shape[0]),
                          "recompute": int(recompute), "chunk_edges": chunk,
                          "chunks": len(bounds), **self.pieces.counters()}
         inter = torch.stack(energies[1:]).sum(0)
@@ -286,25 +322,51 @@ class MaceModel(torch.nn.Module):
         return ModelOutput(site_energy=node_e0 + inter)
 
 
-def _edges(graph: LocalGraph, *, by_receiver: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Senders, receivers and MACE's edge vectors (E, 3), sorted by receiver for chunks.
-    MACE's vector points from the sender to the receiver (modules/utils.py
-    get_edge_vectors_and_lengths): the opposite of graph.edge_vectors(), which matters
-    for odd-l harmonics."""
+@dataclass(frozen=True)
+class _Plan:
+    """A topology's fixed choices (``MaceModel._plan``). attrs: (n_local, n_species)
+    one-hot; order: (E,) edges by receiver, or None (no chunks); bounds: see
+    ``chunk_bounds``."""
+
+    attrs: torch.Tensor
+    recompute: bool
+    chunk: int
+    order: torch.Tensor | None
+    bounds: list[tuple[int, int, int, int]]
+
+
+def _edges(graph: LocalGraph, order: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Senders, receivers, MACE's edge vectors (E, 3) and the edge mask (E,) or None, in
+    ``order`` (by receiver, for chunks) if given. MACE's vector points from the sender to
+    the receiver (modules/utils.py get_edge_vectors_and_lengths): the opposite of
+    graph.edge_vectors(), which matters for odd-l harmonics."""
     senders, receivers, vectors = graph.senders, graph.receivers, -graph.edge_vectors()
-    if by_receiver:
-        order = torch.argsort(receivers, stable=True)
+    mask = graph.edge_mask
+    if order is not None:
         senders, receivers, vectors = senders[order], receivers[order], vectors[order]
-    return senders, receivers, vectors
+        mask = None if mask is None else mask[order]
+    return senders, receivers, vectors, mask
 
 
-def _edge_basis(m, vectors, attrs, edge_index, n_owned: int):
+# a length where mace's ZBL term is exactly zero (its envelope's own cut-off, the sum of
+# two covalent radii, is < 10 Å) and its polynomial stays finite in float32
+_FAR = 1.0e3
+
+
+def _edge_basis(m, vectors, attrs, edge_index, n_owned: int, mask):
     """Spherical harmonics, radial basis (and cutoff), and ZBL's site energies of the
-    owned atoms (zeros without ZBL): (edge_attrs, edge_feats, cutoff or None, pair)."""
+    owned atoms (zeros without ZBL): (edge_attrs, edge_feats, cutoff or None, pair).
+    ``mask`` (E,) bool or None: edges beyond the cutoff, whose message weights (the
+    cutoff column) and ZBL terms are made exactly zero."""
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
     edge_attrs = m.spherical_harmonics(vectors)
     edge_feats, cutoff = m.radial_embedding(lengths, attrs, edge_index, m.atomic_numbers)
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        weight = keep.to(lengths.dtype)
+        cutoff = weight if cutoff is None else cutoff * weight
+        lengths = torch.where(keep, lengths, torch.full_like(lengths, _FAR))
     if hasattr(m, "pair_repulsion"):
         # ZBL scatters into receivers, which are owned: the halo rows stay zero
         pair = m.pair_repulsion_fn(lengths, attrs, edge_index, m.atomic_numbers)[:n_owned]

@@ -51,7 +51,8 @@ class ReferenceMP(torch.nn.Module):
         n_layers, f, nb = int(p["layers"]), int(p["features"]), int(p["basis"])
         if n_layers < 1 or f < 1 or nb < 1 or p["cutoff"] <= 0:
             raise ValueError(f"reference: layers, features, basis and cutoff must be > 0: {p}")
-        self.spec = ModelSpec(name="reference", cutoff=float(p["cutoff"]), n_layers=n_layers)
+        self.spec = ModelSpec(name="reference", cutoff=float(p["cutoff"]), n_layers=n_layers,
+                              masked_edges=True)
         self._width = f * n_layers  # features kept per item and layer (memory_per_item)
         g = torch.Generator().manual_seed(int(p["seed"]))
 
@@ -91,6 +92,8 @@ class ReferenceMP(torch.nn.Module):
         r = torch.sqrt((vec * vec).sum(-1))
         unit = vec / r.unsqueeze(-1)
         basis = self._filters(r)
+        if graph.edge_mask is not None:  # fc(r) rises again past the cutoff: zero it
+            basis = basis * graph.edge_mask.unsqueeze(-1).to(basis.dtype)
         h = self.embedding[graph.numbers]  # (n_local, F): halo rows computed locally
         self.last_counts = []
         for t in range(self.spec.n_layers):
@@ -102,6 +105,8 @@ class ReferenceMP(torch.nn.Module):
                 0, recv, m.unsqueeze(-1) * unit.unsqueeze(1))
             a = (v * v).sum(-1)
             h = h[:n] + torch.tanh(torch.cat([s, a], dim=1) @ self.update[t])
-            self.last_counts.append((n, int(recv.shape[0])))
+            # messages: a device scalar under a mask (``int()`` it; no host read here)
+            self.last_counts.append((n, recv.shape[0] if graph.edge_mask is None
+                                     else graph.edge_mask.sum()))
         site = (torch.tanh(h @ self.out1) @ self.out2).squeeze(-1)
         return ModelOutput(site_energy=site + self.atom_energy[graph.numbers[:n]])

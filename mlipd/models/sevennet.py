@@ -112,7 +112,7 @@ class SevenNetModel(torch.nn.Module):
         self.register_buffer("type_index", species_index(zs), persistent=False)
         self.n_types = len(zs)
         self.spec = ModelSpec(name="sevennet", cutoff=float(model.cutoff),
-                              species=frozenset(zs), n_layers=n_blocks)
+                              species=frozenset(zs), n_layers=n_blocks, masked_edges=True)
 
     @staticmethod
     def _modal(model: AtomGraphSequential, modal: str | None) -> int | None:
@@ -160,13 +160,21 @@ class SevenNetModel(torch.nn.Module):
         itemsize = torch.finfo(dtype).bits // 8
         return MemoryCost(per_atom=itemsize * MEMORY_FLOATS_PER_NODE_DIM * node,
                           per_edge=itemsize * MEMORY_EDGE_FACTOR * edge)
+    @staticmethod
+    def _species(graph: LocalGraph, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(species present among the local atoms, each atom's row among them): a
+        ``unique`` (a host read: its length) once per topology, kept in ``graph.cache``."""
+        cached = graph.cache.get("sevennet")
+        if cached is None:
+            cached = graph.cache["sevennet"] = torch.unique(types, return_inverse=True)
+        return cached
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         n, mods = graph.n_owned, self.seven._modules
         types = self.type_index[graph.numbers]
         own = types[:n]
         edges = mods["edge_embedding"]({KEY.EDGE_VEC: graph.edge_vectors()})
-        present, which = torch.unique(types, return_inverse=True)
+        present, which = self._species(graph, types)
         embed, first = self._species_features(present, graph.dtype)
 
         x = embed[which[:n]]
@@ -194,6 +202,8 @@ def _convolve(conv: IrrepsConvolution, x_local: torch.Tensor, graph: LocalGraph,
     for every local atom, halo rows included, which would be node work thrown away."""
     weight = conv.weight_nn(edges[conv.key_weight_input])
     message = conv.convolution(x_local[graph.senders], edges[conv.key_filter], weight)
+    if graph.edge_mask is not None:  # edges beyond the cutoff add exactly nothing
+        message = message * graph.edge_mask.unsqueeze(1)
     out = message.new_zeros((n_owned, message.shape[1]))
     out.index_add_(0, graph.receivers, message)  # receivers are owned rows
     return out.div(conv.denominator)

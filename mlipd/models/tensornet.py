@@ -110,7 +110,7 @@ class TensorNetModel(torch.nn.Module):
         zs = [atomic_numbers[s] for s in net.element_types]
         self.register_buffer("type_index", species_index(zs), persistent=False)
         self.spec = ModelSpec(name="tensornet", cutoff=float(net.cutoff), species=frozenset(zs),
-                              n_layers=int(net.num_layers))
+                              n_layers=int(net.num_layers), masked_edges=True)
 
     def memory_per_item(self, dtype: torch.dtype) -> MemoryCost:
         """Bytes per atom and edge of one step (``mlipd.model_api.MemoryCost``):
@@ -132,9 +132,12 @@ class TensorNetModel(torch.nn.Module):
         vec = graph.edge_vectors()
         dist = torch.norm(vec, dim=1)
         edge_attr = net.bond_expansion(dist)
-        x = _embed(net.tensor_embedding, types, recv, send, edge_attr, dist, vec, n)
+        # edges beyond the cutoff (``masked_edges``): their cosine cutoff is zero anyway
+        # (matgl's cosine_cutoff is 0 past rc), the mask makes it exact at round-off too
+        mask = None if graph.edge_mask is None else graph.edge_mask.to(dist.dtype)
+        x = _embed(net.tensor_embedding, types, recv, send, edge_attr, dist, vec, n, mask)
         for layer in net.layers:
-            x = _interact(layer, x, recv, send, dist, edge_attr, graph.exchange)
+            x = _interact(layer, x, recv, send, dist, edge_attr, graph.exchange, mask)
         scalars, skew, traceless = decompose_tensor(x)
         feats = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), -1)
         feats = net.linear(net.out_norm(feats))
@@ -151,10 +154,17 @@ def _channels(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
     return linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _embed(emb, types, recv, send, edge_attr, dist, vec, n_owned: int) -> torch.Tensor:
+def _cut(module, dist: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(E,) matgl's cosine cutoff, times the edge mask (None: every edge counts)."""
+    cut = cosine_cutoff(dist, module.cutoff)
+    return cut if mask is None else cut * mask
+
+
+def _embed(emb, types, recv, send, edge_attr, dist, vec, n_owned: int,
+           mask: torch.Tensor | None) -> torch.Tensor:
     """``TensorEmbedding.forward`` (matgl/layers/_embedding.py) for the owned atoms:
     edge messages into owned receivers, then the node update on owned rows only."""
-    cut = cosine_cutoff(dist, emb.cutoff).view(-1, 1)
+    cut = _cut(emb, dist, mask).view(-1, 1)
     w = torch.stack([emb.distance_proj1(edge_attr) * cut, emb.distance_proj2(edge_attr) * cut,
                      emb.distance_proj3(edge_attr) * cut], dim=-1)        # (E, u, 3)
     unit = vec / torch.norm(vec, dim=1, keepdim=True).clamp(min=1e-6)
@@ -173,11 +183,11 @@ def _embed(emb, types, recv, send, edge_attr, dist, vec, n_owned: int) -> torch.
     return scalars + skew + traceless
 
 
-def _interact(layer, x, recv, send, dist, edge_attr, exchange) -> torch.Tensor:
+def _interact(layer, x, recv, send, dist, edge_attr, exchange, mask) -> torch.Tensor:
     """``TensorNetInteraction.forward`` (matgl/layers/_graph_convolution.py) on owned
     rows ``x`` (n_owned, u, 3, 3): the senders' parts come through ``exchange``."""
     n = x.shape[0]
-    cut = cosine_cutoff(dist, layer.cutoff)
+    cut = _cut(layer, dist, mask)
     for linear in layer.linears_scalar:
         edge_attr = layer.act(linear(edge_attr))
     w = (edge_attr * cut.view(-1, 1)).reshape(edge_attr.shape[0], layer.units, 3)

@@ -61,7 +61,9 @@ def edge_parts(unit: torch.Tensor) -> torch.Tensor:
 
 def spread(weights: torch.Tensor) -> torch.Tensor:
     """Per-part edge weights (E, u, 3) -> (E, u, 10), one per entry of ``pack``."""
-    return weights.repeat_interleave(torch.tensor(_SPLIT, device=weights.device), dim=-1)
+    # output_size: the host knows the width (10), so no read of the repeats back
+    return weights.repeat_interleave(torch.tensor(_SPLIT, device=weights.device), dim=-1,
+                                     output_size=sum(_SPLIT))
 
 
 def aggregate(messages: torch.Tensor, receivers: torch.Tensor, n_rows: int) -> torch.Tensor:
