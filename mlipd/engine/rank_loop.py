@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlipd.engine.step import HEADER_COLUMNS, N_STATS, Frame, Step
+from mlipd.engine.results import pack, packed_size
+from mlipd.engine.step import Frame, Step
 from mlipd.engine.topology import GEOMETRY_DTYPE
 
 STEP, STOP = "step", "stop"
@@ -60,16 +61,15 @@ class RankLoop:
         if self.comm is None:
             if header.rebuild:
                 step.rebuild(frame)
-            packed = step.run(step.h2d(coords.positions, GEOMETRY_DTYPE),
-                              step.h2d(coords.cells, GEOMETRY_DTYPE), virial=header.virial)
+            packed = pack(step.run(step.h2d(coords.positions, GEOMETRY_DTYPE),
+                                   step.h2d(coords.cells, GEOMETRY_DTYPE), virial=header.virial))
             return [packed.cpu().numpy()]
         if coords is not None:
             self.comm.broadcast_object(header)
         positions, cells = self._share(header, coords, frame)
-        packed = step.run(positions, cells, virial=header.virial)
+        packed = pack(step.run(positions, cells, virial=header.virial))
         owned = np.bincount(self.owner, minlength=self.comm.world_size).max()
-        n_max = len(header.counts) * HEADER_COLUMNS + N_STATS + int(owned) * (
-            3 + sum(x.width for x in step.layout))
+        n_max = packed_size(len(header.counts), int(owned), step.layout)
         gathered = self.comm.gather_rows(packed.view(-1, 1), n_max=n_max)
         return None if gathered is None else [g.view(-1).numpy() for g in gathered]
 

@@ -1,6 +1,6 @@
 """One step of physics on one rank, the only implementation for every number of ranks:
 edges pruned within the skin, ``LocalGraph``, model, autograd forces and virial, halo
-gradients home, and the rank's output packed for assembly.
+gradients home, and the rank's output (``mlipd.engine.results.RankOutput``).
 
 At one rank (``comm is None``) there is no halo, no exchange and no collective: the
 same code with an identity ``exchange`` and every atom owned.
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mlipd.engine.halo import scatter_home_rows
+from mlipd.engine.results import ExtraLayout, RankOutput
 from mlipd.engine.topology import (
     GEOMETRY_DTYPE,
     DeviceTopology,
@@ -29,9 +30,6 @@ from mlipd.engine.topology import (
     upload,
 )
 from mlipd.model_api import CandidateEdges, LocalGraph, Model
-
-HEADER_COLUMNS = 10  # per structure in a packed output: energy, virial (9)
-N_STATS = 3  # owned atoms, edges (r < cutoff), halo atoms
 
 
 @dataclass(frozen=True)
@@ -49,18 +47,6 @@ class Frame:
     pbc: np.ndarray
     offsets: np.ndarray
     owner: np.ndarray
-
-
-@dataclass(frozen=True)
-class ExtraLayout:
-    """A per-atom extra in the packed rows: its name and trailing shape."""
-
-    name: str
-    shape: tuple[int, ...]
-
-    @property
-    def width(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
 
 class Step:
@@ -106,9 +92,9 @@ class Step:
         self.topology = upload(topo, numbers=frame.numbers, offsets=frame.offsets,
                                one_rank=self.comm is None, h2d=self.h2d, plan=plan)
 
-    def run(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool) -> torch.Tensor:
-        """This rank's packed output (see ``pack``) for the batch's positions (N, 3) and
-        cells (B, 3, 3), float64 on this rank's device."""
+    def run(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool) -> RankOutput:
+        """This rank's output for the batch's positions (N, 3) and cells (B, 3, 3),
+        float64 on this rank's device."""
         topo = self.topology
         if topo is None:
             raise RuntimeError("Step.run before rebuild")
@@ -160,22 +146,11 @@ class Step:
                 vir = -_cell_virial(x, g_x, cells, g_cell, topo.batch)
         self.layout = tuple(ExtraLayout(k, tuple(t.shape[1:])) for k, t in out.extras.items())
         # the width from the trailing shape: a rank owning no atoms has (0, ...) rows
-        extras = [t.detach().reshape(n, x.width).to(dt)
-                  for t, x in zip(out.extras.values(), self.layout, strict=True)]
+        extras = tuple(t.detach().reshape(n, x.width).to(dt)
+                       for t, x in zip(out.extras.values(), self.layout, strict=True))
         stats = (n, int(recv.shape[0]), topo.n_local - n)
-        return pack(energies.detach(), vir, forces, extras, stats)
-
-
-def pack(energies: torch.Tensor, virials: torch.Tensor | None, forces: torch.Tensor,
-         extras: list[torch.Tensor], stats: tuple[int, int, int]) -> torch.Tensor:
-    """One flat float64 tensor: energies (B), virials (9B, zeros if not computed), stats
-    (3), then the owned atoms' rows (forces, then each extra flattened)."""
-    nb = energies.shape[0]
-    vir = energies.new_zeros(9 * nb) if virials is None else virials.reshape(-1)
-    rows = torch.cat([forces, *extras], dim=1) if extras else forces
-    head = torch.cat([energies, vir, torch.tensor(stats, dtype=energies.dtype,
-                                                  device=energies.device)])
-    return torch.cat([head, rows.reshape(-1)])
+        return RankOutput(energies=energies.detach(), virials=vir, forces=forces,
+                          extras=extras, stats=stats)
 
 
 def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor
