@@ -301,7 +301,9 @@ def measure_runs(factory: Callable[[], Model], structures: Sequence[Structure],
     One spawn of max(P) real gloo processes serves every run (P > 1 on a process
     subgroup of the first P ranks, P = 1 on rank 0 without a communicator), so
     importing the model's package is paid once per process, not once per P."""
-    structures, runs = list(structures), [tuple(r) for r in runs]
+    structures = [s if isinstance(s, Structure) else Structure.from_atoms(s)
+                  for s in structures]
+    runs = [tuple(r) for r in runs]
     world = max(r[0] for r in runs)
     if world == 1:
         per_rank = [_runs_on_rank(0, 1, factory, structures, runs, method)]
