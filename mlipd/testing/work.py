@@ -7,7 +7,8 @@ piece the backward recomputes) run is counted, per op name, by
   a gather (``index``, ``index_select``, ``embedding``, ``gather``, ...) reads only the
   rows it takes (its output) and a scatter (``index_add``, ``index_put``,
   ``scatter_add``, ``scatter_reduce``, ...) touches only the rows it adds (its source),
-  not the whole tensor they index;
+  not the whole tensor they index; the backward of a view (``slice_backward``...)
+  touches the gradient's elements, not the zeros around them;
 * **FLOPs** of matrix ops (torch's ``flop_registry``: mm, bmm, addmm, baddbmm,
   convolutions, attention; an einsum arrives as these).
 
@@ -68,6 +69,11 @@ _SCATTERS = frozenset({"index_add", "index_add_", "index_put", "index_put_", "_i
                        "index_reduce_", "index_fill", "index_fill_", "masked_scatter",
                        "masked_scatter_", "_index_put_impl"})
 
+# the backward of a view: a zero tensor of the viewed one's shape (creation) with the
+# gradient written into the view, so it touches the gradient's elements only
+_VIEW_BACKWARDS = frozenset({"slice_backward", "select_backward", "diagonal_backward",
+                             "unfold_backward", "as_strided_backward"})
+
 Tally = dict[str, tuple[int, int]]  # op name -> (elements, FLOPs)
 
 
@@ -88,6 +94,8 @@ def op_work(func, args, kwargs, out) -> tuple[int, int]:
         rows = sum(t.numel() for t in outs)
         index = sum(t.numel() for t in ins[1:] if not t.is_floating_point())
         return 2 * rows + index, flops
+    if name in _VIEW_BACKWARDS:  # zeros (creation) with the gradient's rows written in
+        return 2 * ins[0].numel(), flops
     if name in _SCATTERS:
         touched = [t.numel() for t in ins[1:]]
         return 2 * max(touched, default=0) + sum(touched) - max(touched, default=0), flops
@@ -166,21 +174,29 @@ class Work:
 
 
 class _Exchanges:
-    """The exchange primitives swapped for ones that pause the counter and count
-    ``graph.exchange``'s rows (the module-level names the engine looks up at call time)."""
+    """The communication primitives swapped for ones that pause the counter (their
+    buffers and plans are data movement, counted as rows): the halo module's functions
+    (the module-level names the engine looks up at call time) and every method of
+    ``Comm`` a model may call (plans from keys, exchanges, sums over ranks)."""
 
     NAMES = (("mlipd.engine.halo", "exchange_rows"), ("mlipd.engine.halo", "scatter_home_rows"),
              ("mlipd.engine.halo", "all_reduce"), ("mlipd.engine.step", "scatter_home_rows"))
+    COMM = ("plan_from_keys", "exchange", "scatter_home", "reduce_replicas", "all_reduce_sum")
 
     def __init__(self, counter: WorkCounter) -> None:
         import importlib
 
+        from mlipd.engine.comm import Comm
+
         self.saved = []
         for module, name in self.NAMES:
             mod = importlib.import_module(module)
-            fn = getattr(mod, name)
-            self.saved.append((mod, name, fn))
-            setattr(mod, name, self._paused(counter, fn))
+            self.saved.append((mod, name, getattr(mod, name)))
+        for name in self.COMM:
+            if hasattr(Comm, name):
+                self.saved.append((Comm, name, getattr(Comm, name)))
+        for owner, name, fn in self.saved:
+            setattr(owner, name, self._paused(counter, fn))
 
     @staticmethod
     def _paused(counter: WorkCounter, fn: Callable) -> Callable:
