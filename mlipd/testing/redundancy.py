@@ -17,8 +17,8 @@ For each structure and each P it asserts:
   - ``per_rank``: work every rank spends whatever it holds (reading a linear layer's
     weights, e3nn's weight normalisation in every forward), allowed once per extra
     rank: {op: (elements, FLOPs)}, or op names whose amounts are measured on a rank
-    that owns no atoms (the largest P must leave one idle in some structure: a cell of
-    fewer atoms than ranks);
+    that owns no atoms (some run must leave one idle: a cell of fewer atoms than
+    ranks);
   - ``per_halo_row``: {op: elements} per halo row, for autograd's own sums of the
     gradients of tensors that hold halo rows (the positions, used as senders and
     receivers; an exchanged feature read twice): the gradient of a halo row exists
@@ -142,8 +142,9 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
     if runs is None:
         runs = measure_runs(make_model, items, list(dict.fromkeys(wanted)), method=method,
                             timeout_s=timeout_s)
-    if not isinstance(per_rank, Mapping):
-        per_rank = idle_rank_work(runs[(max(ranks), dtype)], per_rank)
+    if not isinstance(per_rank, Mapping):  # from any run of this model and dtype
+        per_rank = idle_rank_work([m for run, ms in runs.items() if len(run) == 2
+                                   and run[1] == dtype for m in ms], per_rank)
     for p in ranks:
         for name, s, one, many in zip(names, items, runs[base_run], runs[(p, dtype)],
                                       strict=True):
