@@ -129,13 +129,11 @@ def check_float32(factory: Callable, cases: Mapping[str, Atoms | Structure], ran
     f32, f64 = (ranks, torch.float32), (1, torch.float64)
     if runs is None:
         runs = measure_runs(factory, list(structures.values()), [f64, f32])
-    cutoff = _cutoff(factory)
     out = []
     for (name, s), one, m in zip(structures.items(), runs[f64], runs[f32], strict=True):
-        bounds = tol.arithmetic(one.result, s, cutoff, extras_scale=extras_scale)
+        w = one.work[0]
+        bounds = tol.arithmetic(one.result, s, w.cutoff, layers=w.layers,
+                                extras_scale=extras_scale)
         out.append(tol.assert_within(m.result, one.result, s, bounds, f"{name}, P = {ranks}"))
     return out
 
-
-def _cutoff(factory: Callable) -> float:
-    return float(factory().spec.cutoff)

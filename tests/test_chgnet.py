@@ -204,7 +204,8 @@ def test_float32_equals_package_calculator(engines, float32_runs, name):
 
     # magmoms: |linear readout| of features whose terms are ~1 μB, even where the
     # moments are ~0 (MgO)
-    ours_bound = tol.arithmetic(exact, s, cutoff, extras_scale={"magmoms": 1.0})
+    ours_bound = tol.arithmetic(exact, s, cutoff, layers=engine.model.spec.n_layers,
+                                extras_scale={"magmoms": 1.0})
     package_bound = ours_bound + tol.geometry(exact, s, cutoff, tol.stiffness(forces_at,
                                                                               s.positions))
     ratios = {}

@@ -17,7 +17,8 @@ probability about ``2 exp(-LAMBDA**2 / 2)`` (2e-8 per component at LAMBDA = 6), 
 
 * ``m`` = the largest number of edges (r < cutoff) at one atom: the terms of one
   atom's force, site energy and per-atom extras (a message-passing layer sums over
-  them; more layers add more such sums, not larger ones);
+  them); the model's L layers each make such a sum, independent errors that add in
+  quadrature: ``m`` counts L times (``layers``, the model's ``spec.n_layers``);
 * ``scale`` = the float64 reference's largest force component (forces), largest
   |site energy| estimated by |E| / N (energy per atom: the mean of N independent site
   errors, so the bound is divided by sqrt(N)), largest |value| (extras; or
@@ -92,7 +93,7 @@ def _stress(structure: Structure, cutoff: float, m: int, term: float) -> float:
     return LAMBDA * np.sqrt(structure.n_atoms * m) * cutoff * term / volume
 
 
-def arithmetic(ref: Result, structure: Structure, cutoff: float, *,
+def arithmetic(ref: Result, structure: Structure, cutoff: float, *, layers: int = 1,
                extras_scale: dict[str, float] | None = None) -> Bounds:
     """Bounds on a float32-feature run's error against the float64 ``ref`` (module doc).
 
@@ -101,7 +102,7 @@ def arithmetic(ref: Result, structure: Structure, cutoff: float, *,
     CHGNet's magnetic moments on a non-magnetic oxide, whose terms are ~1 μB)."""
     floor = extras_scale or {}
     m = terms_per_atom(structure, cutoff)
-    unit = LAMBDA * np.sqrt(m) * EPS32
+    unit = LAMBDA * np.sqrt(m * layers) * EPS32
     f_max = float(np.abs(ref.forces).max(initial=0.0))
     n = structure.n_atoms
     return Bounds(

@@ -10,7 +10,8 @@ piece the backward recomputes) run is counted, per op name, by
   not the whole tensor they index; the backward of a view (``slice_backward``...)
   touches the gradient's elements, not the zeros around them;
 * **FLOPs** of matrix ops (torch's ``flop_registry``: mm, bmm, addmm, baddbmm,
-  convolutions, attention; an einsum arrives as these).
+  convolutions, attention; an einsum arrives as these), and of matrix-vector and
+  vector products (mv, addmv, dot: what a one-row matmul can become).
 
 Not counted: views (no data produced) and pure creation (``empty``, ``zeros``, ``full``,
 ``arange``, ``fill_``, ``zero_``...: nothing computed from data); the exchanges' own
@@ -69,6 +70,8 @@ _SCATTERS = frozenset({"index_add", "index_add_", "index_put", "index_put_", "_i
                        "index_reduce_", "index_fill", "index_fill_", "masked_scatter",
                        "masked_scatter_", "_index_put_impl"})
 
+# products torch's flop_registry leaves out (what a one-row matmul can become)
+_VECTOR_PRODUCTS = frozenset({"mv", "addmv", "dot", "vdot"})
 # the backward of a view: a zero tensor of the viewed one's shape (creation) with the
 # gradient written into the view, so it touches the gradient's elements only
 _VIEW_BACKWARDS = frozenset({"slice_backward", "select_backward", "diagonal_backward",
@@ -90,6 +93,8 @@ def op_work(func, args, kwargs, out) -> tuple[int, int]:
     flops = 0
     if func.overloadpacket in flop_registry:
         flops = int(flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out))
+    elif name in _VECTOR_PRODUCTS:  # matmul with a 1-d operand: 2 x matrix (or vector)
+        flops = 2 * max(t.numel() for t in _tensors(args))
     if name in _GATHERS:
         rows = sum(t.numel() for t in outs)
         index = sum(t.numel() for t in ins[1:] if not t.is_floating_point())
@@ -147,6 +152,7 @@ class Work:
                     ``graph.exchange`` calls (at one rank: its calls, no rows)
     owned, edges, halo: the local graph's owned atoms, edges, halo atoms
     recomputed:     the model's ``recomputed`` counter after the step, where it keeps one
+    cutoff, layers: the model's spec (cutoff in Å, message-passing layers)
     info:           a copy of the model's ``counters`` dict after the step, if it has one
     """
 
@@ -161,6 +167,8 @@ class Work:
     edges: int
     halo: int
     step_traffic: tuple[int, int, int] = (0, 0, 0)
+    cutoff: float = 0.0
+    layers: int = 1
     recomputed: int | None = None
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -283,7 +291,8 @@ class CountingStep(Step):
         g = self.last_graph
         self.works.append(Work(
             ops=counter.tally(), rows_sent=sent, rows_received=received, exchanges=exchanges,
-            step_traffic=step_traffic,
+            step_traffic=step_traffic, cutoff=float(self.cutoff),
+            layers=int(getattr(model.spec, "n_layers", 1) or 1),
             atom_rows_sent=atoms[0], atom_rows_received=atoms[1], atom_exchanges=atoms[2],
             owned=g.n_owned, edges=out.stats[1], halo=g.n_local - g.n_owned,
             recomputed=getattr(model, "recomputed", None),
