@@ -8,6 +8,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from fault_models import ExtrasModel
 
 from mlipd.engine import make_engine
 from mlipd.engine.devices import pick_backend, resolve_device
@@ -15,7 +16,6 @@ from mlipd.engine.distributed import DistributedEngine
 from mlipd.engine.local import LocalEngine
 from mlipd.errors import SetupError
 from mlipd.launch import detect_world, first_host
-from mlipd.testing.models import ExtrasModel
 from mlipd.testing.systems import cases
 from mlipd.types import Structure
 

@@ -3,7 +3,7 @@
 Each row of the issue's table is a test here (or in ``test_server_ipi_faults.py`` for the
 i-PI side and ``test_server_security.py`` for transports): the right error or
 behaviour, the process alive, and the next valid request answered correctly. Long
-computations come from the ``gated`` test model (``mlipd.testing.models.GatedLJ``),
+computations come from the ``gated`` test model (``fault_models.GatedLJ``),
 held by a file, so "in flight" is an event the model reports, not a guess.
 """
 
