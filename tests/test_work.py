@@ -16,6 +16,7 @@ import torch
 from model_cases import bulk_box, slab
 
 from mlipd.model_api import LocalGraph, ModelOutput
+from mlipd.models.reference import ReferenceMP
 from mlipd.testing import check_zero_redundancy
 from mlipd.testing.work import WorkCounter, measure_runs
 
@@ -116,10 +117,28 @@ NEGATIVE = {HaloMatmul: "mm", HaloElementwise: "tanh", HaloReductions: "index_ad
 
 @pytest.fixture(scope="module")
 def variant_runs():
-    """P = 1 and 2 of the plug-in and every redundant variant, one spawn (the plug-in
-    at P = 2, 4, 8: tests/test_plugin.py)."""
+    """One spawn of 8 ranks: P = 1 and 2 of the plug-in and every redundant variant
+    (the plug-in at P = 2, 4, 8: tests/test_plugin.py), and the reference model at
+    P = 1, 2, 4, 8."""
     runs = [(p, F64, v) for v in (DensityModel, *NEGATIVE) for p in (1, 2)]
+    runs += [(p, F64, ReferenceMP) for p in (1, 2, 4, 8)]
     return measure_runs(DensityModel, list(CASES.values()), runs)
+
+
+# ReferenceMP: linear layers read their weights once per rank (mm), and it scales its
+# basis by a constant; the species embedding of halo rows is looked up locally (a
+# gather of 16 features, cheaper than an exchange), and autograd sums the gradients
+# of the positions and of the two exchanged feature tensors on halo rows
+REFERENCE_DECLARED = dict(per_rank={"mm": (5664, 0), "mul": (16, 0)},
+                          per_halo_row={"index": 33, "add": 105},
+                          reason="weights read per rank; halo species embedding looked up; "
+                                 "autograd's gradient sums on halo rows")
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_reference_model(variant_runs, ranks):
+    runs = {(p, F64): variant_runs[(p, F64, ReferenceMP)] for p in (1, ranks)}
+    check_zero_redundancy(ReferenceMP, CASES, (ranks,), runs=runs, **REFERENCE_DECLARED)
 
 
 def test_plugin_passes(variant_runs):
