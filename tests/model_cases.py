@@ -118,6 +118,7 @@ def as_structures(cases: Mapping[str, Atoms | Structure]) -> dict[str, Structure
 
 def check_float32(factory: Callable, cases: Mapping[str, Atoms | Structure], ranks: int, *,
                   runs: Mapping[Run, list[Measured]] | None = None,
+                  terms_per_edge: int = 1,
                   extras_scale: dict[str, float] | None = None) -> list[dict[str, float]]:
     """``factory()``'s model with float32 features on ``ranks`` ranks against float64 at
     P = 1, within the float32-arithmetic bounds of ``mlipd.testing.tolerances`` (energy
@@ -133,7 +134,7 @@ def check_float32(factory: Callable, cases: Mapping[str, Atoms | Structure], ran
     for (name, s), one, m in zip(structures.items(), runs[f64], runs[f32], strict=True):
         w = one.work[0]
         bounds = tol.arithmetic(one.result, s, w.cutoff, layers=w.layers,
-                                extras_scale=extras_scale)
+                                terms_per_edge=terms_per_edge, extras_scale=extras_scale)
         out.append(tol.assert_within(m.result, one.result, s, bounds, f"{name}, P = {ranks}"))
     return out
 

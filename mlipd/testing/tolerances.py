@@ -18,7 +18,9 @@ probability about ``2 exp(-LAMBDA**2 / 2)`` (2e-8 per component at LAMBDA = 6), 
 * ``m`` = the largest number of edges (r < cutoff) at one atom: the terms of one
   atom's force, site energy and per-atom extras (a message-passing layer sums over
   them); the model's L layers each make such a sum, independent errors that add in
-  quadrature: ``m`` counts L times (``layers``, the model's ``spec.n_layers``);
+  quadrature: ``m`` counts L times (``layers``, the model's ``spec.n_layers``), and
+  ``terms_per_edge`` times where each edge's message is itself a sum the architecture
+  fixes (an SO(2) convolution over (lmax + 1)^2 coefficients: eSEN);
 * ``scale`` = the float64 reference's largest force component (forces), largest
   |site energy| estimated by |E| / N (energy per atom: the mean of N independent site
   errors, so the bound is divided by sqrt(N)), largest |value| (extras; or
@@ -94,6 +96,7 @@ def _stress(structure: Structure, cutoff: float, m: int, term: float) -> float:
 
 
 def arithmetic(ref: Result, structure: Structure, cutoff: float, *, layers: int = 1,
+               terms_per_edge: int = 1,
                extras_scale: dict[str, float] | None = None) -> Bounds:
     """Bounds on a float32-feature run's error against the float64 ``ref`` (module doc).
 
@@ -102,7 +105,7 @@ def arithmetic(ref: Result, structure: Structure, cutoff: float, *, layers: int 
     CHGNet's magnetic moments on a non-magnetic oxide, whose terms are ~1 μB)."""
     floor = extras_scale or {}
     m = terms_per_atom(structure, cutoff)
-    unit = LAMBDA * np.sqrt(m * layers) * EPS32
+    unit = LAMBDA * np.sqrt(m * layers * terms_per_edge) * EPS32
     f_max = float(np.abs(ref.forces).max(initial=0.0))
     n = structure.n_atoms
     return Bounds(
