@@ -172,8 +172,9 @@ def capped(ckpt):
 
 
 # FLOPs exact per op, forward and backward, besides the per-structure charge/spin/dataset
-# embedding every rank holding atoms makes (1,536 FLOPs a rank at P = 2, 4, 8). Elements are not held
-# yet (weights read per rank, autograd's gradient sums on halo rows).
+# embedding every rank holding atoms makes (1,536 FLOPs a rank at P = 2, 4, 8).
+# Elements are not held yet (weights read per rank, autograd's gradient sums on halo
+# rows).
 ESEN_DECLARED = dict(exact=("flops",), per_rank={"addmm": (0, 1536)},
                      reason="the per-structure charge, spin and dataset embedding, "
                             "made on every rank")
