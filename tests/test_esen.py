@@ -175,7 +175,7 @@ def capped(ckpt):
 # embedding every rank holding atoms makes (1,536 FLOPs a rank at P = 2, 4, 8).
 # Elements are not held yet (weights read per rank, autograd's gradient sums on halo
 # rows).
-ESEN_DECLARED = dict(exact=("flops",), per_rank={"addmm": (0, 1536)},
+ESEN_DECLARED = dict(exact=("flops",), per_rank_holding_atoms={"addmm": (0, 1536)},
                      reason="the per-structure charge, spin and dataset embedding, "
                             "made on every rank")
 

@@ -18,7 +18,8 @@ For each structure and each P it asserts:
     weights, e3nn's weight normalisation in every forward), allowed once per extra
     rank: {op: (elements, FLOPs)}, or op names whose amounts are measured on a rank
     that owns no atoms (some run must leave one idle: a cell of fewer atoms than
-    ranks);
+    ranks); ``per_rank_holding_atoms``: the same, once per extra rank that owns atoms
+    (work a model skips on a rank with nothing to do);
   - ``per_halo_row``: {op: elements} per halo row, for autograd's own sums of the
     gradients of tensors that hold halo rows (the positions, used as senders and
     receivers; an exchanged feature read twice): the gradient of a halo row exists
@@ -87,18 +88,25 @@ def assert_results_close(got: Result, ref: Result, *, rtol: float, cell: np.ndar
 
 
 def work_excess(one: Work, many: Sequence[Work], *, per_rank: Mapping[str, tuple[int, int]],
-                per_halo_row: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+                per_halo_row: Mapping[str, int],
+                per_rank_holding_atoms: Mapping[str, tuple[int, int]] | None = None
+                ) -> dict[str, tuple[int, int]]:
     """{op: (elements, FLOPs)} summed over ``many`` minus ``one`` minus the declared
     constants, for every op where that is not (0, 0)."""
     extra_ranks, halo = len(many) - 1, sum(w.halo for w in many)
-    ops = set(one.ops) | {k for w in many for k in w.ops} | set(per_rank) | set(per_halo_row)
+    extra_holding = sum(w.owned > 0 for w in many) - 1
+    holding = per_rank_holding_atoms or {}
+    ops = (set(one.ops) | {k for w in many for k in w.ops} | set(per_rank) | set(per_halo_row)
+           | set(holding))
     out = {}
     for op in sorted(ops):
         base = one.ops.get(op, (0, 0))
         rank_e, rank_f = per_rank.get(op, (0, 0))
+        hold_e, hold_f = holding.get(op, (0, 0))
         e = (sum(w.ops.get(op, (0, 0))[0] for w in many) - base[0] - extra_ranks * rank_e
-             - halo * per_halo_row.get(op, 0))
-        f = sum(w.ops.get(op, (0, 0))[1] for w in many) - base[1] - extra_ranks * rank_f
+             - extra_holding * hold_e - halo * per_halo_row.get(op, 0))
+        f = (sum(w.ops.get(op, (0, 0))[1] for w in many) - base[1] - extra_ranks * rank_f
+             - extra_holding * hold_f)
         if e or f:
             out[op] = (e, f)
     return out
@@ -117,6 +125,7 @@ def _describe(excess: dict[str, tuple[int, int]], many: Sequence[Work]) -> str:
 def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] | Mapping,
                           ranks: Sequence[int] = (2, 4, 8), *,
                           per_rank: Mapping[str, tuple[int, int]] | Sequence[str] = (),
+                          per_rank_holding_atoms: Mapping[str, tuple[int, int]] | None = None,
                           exact: Sequence[str] = ("flops", "elements"),
                           per_halo_row: Mapping[str, int] | None = None, reason: str = "",
                           dtype: torch.dtype = torch.float64, method: str = "rcb",
@@ -134,7 +143,7 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
 
     Returns every run's measurements (``mlipd.testing.work.Measured`` per structure).
     """
-    if (per_rank or per_halo_row) and not reason:
+    if (per_rank or per_halo_row or per_rank_holding_atoms) and not reason:
         raise ValueError("declared per-rank or per-halo-row work needs a reason")
     names, items = _named(structures)
     base_run = (1, dtype)
@@ -149,7 +158,8 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
         for name, s, one, many in zip(names, items, runs[base_run], runs[(p, dtype)],
                                       strict=True):
             _check_one(f"{name} at P = {p}", s, one, many, p, per_rank=per_rank,
-                       per_halo_row=per_halo_row or {}, model_traffic=model_traffic,
+                       per_halo_row=per_halo_row or {},
+                       holding=per_rank_holding_atoms or {}, model_traffic=model_traffic,
                        result_rtol=result_rtol, exact=exact)
     return dict(runs)
 
@@ -179,7 +189,7 @@ def _named(structures) -> tuple[list[str], list[Structure]]:
 
 
 def _check_one(what: str, s: Structure, one: Measured, many: Measured, p: int, *,
-               per_rank, per_halo_row, model_traffic, result_rtol, exact) -> None:
+               per_rank, per_halo_row, holding, model_traffic, result_rtol, exact) -> None:
     assert_results_close(many.result, one.result, rtol=result_rtol, cell=s.cell, what=what)
     (w1,) = one.work
     works = many.work
@@ -195,7 +205,8 @@ def _check_one(what: str, s: Structure, one: Measured, many: Measured, p: int, *
         for op, (e, f) in ENGINE_PER_RANK_VIRIAL.items():
             ce, cf = constants.get(op, (0, 0))
             constants[op] = (ce + e, cf + f)
-    excess = work_excess(w1, works, per_rank=constants, per_halo_row=per_halo_row)
+    excess = work_excess(w1, works, per_rank=constants, per_halo_row=per_halo_row,
+                         per_rank_holding_atoms=holding)
     excess = {op: (e if "elements" in exact else 0, f if "flops" in exact else 0)
               for op, (e, f) in excess.items()}
     excess = {op: v for op, v in excess.items() if v != (0, 0)}
