@@ -366,14 +366,7 @@ def test_ranks_zero_redundancy_and_results(small_runs, ranks):
     communicates no more; float32 within the derived float32 bounds."""
     factory, recompute, structures, runs = small_runs
     layers = len(build_mace().interactions)
-    # the 3-atom cell's results, not its FLOPs: a rank owning one atom runs e3nn's
-    # one-row contractions as vector products torch counts differently (measured at
-    # P = 2: 64 FLOPs of mm become a 32-FLOP dot); its results: test_distributed_*
-    names = [k for k in structures if k != "triclinic"]
-    some = {k: structures[k] for k in names}
-    keep = [list(structures).index(k) for k in names]
-    subset = {run: [ms[k] for k in keep] for run, ms in runs.items()}
-    got = check_zero_redundancy(factory, some, (ranks,), runs=subset, **MACE_DECLARED)
+    got = check_zero_redundancy(factory, structures, (ranks,), runs=runs, **MACE_DECLARED)
     for m in got[(ranks, F64)]:
         assert all(w.atom_exchanges == layers for w in m.work)
     if ranks != 2:
