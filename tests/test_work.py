@@ -182,3 +182,21 @@ def test_counter_counts_reads_writes_and_flops_not_views_or_creation():
     assert ops["index_add"][0] == 2 * 8 + 2
     assert ops["mm"] == (47, 120)
     assert not {"zeros", "unsqueeze", "t"} & set(ops)
+
+
+def test_rank_output_packs_and_unpacks():
+    """``Step.run``'s typed output survives the gather's flat form, padding included."""
+    from mlipd.engine.results import ExtraLayout, RankOutput, pack, unpack
+
+    layout = (ExtraLayout("charge", ()), ExtraLayout("dipole", (3,)))
+    out = RankOutput(energies=torch.tensor([1.0, 2.0], dtype=F64),
+                     virials=torch.arange(18, dtype=F64).reshape(2, 3, 3),
+                     forces=torch.arange(12, dtype=F64).reshape(4, 3),
+                     extras=(torch.ones(4, 1, dtype=F64), torch.full((4, 3), 2.0, dtype=F64)),
+                     stats=(4, 17, 5))
+    flat = torch.cat([pack(out), torch.zeros(7, dtype=F64)])  # rows padded for the gather
+    back = unpack(flat.numpy(), 2, layout)
+    assert back.stats == out.stats
+    for a, b in [(back.energies, out.energies), (back.virials, out.virials),
+                 (back.forces, out.forces), *zip(back.extras, out.extras, strict=True)]:
+        assert torch.equal(a, b)
