@@ -81,7 +81,7 @@ def bond_traffic(blocks: int):
 # their species (see mlipd/models/chgnet.py): measured, P = 2 bulk, ~2e7 elements of
 # such bookkeeping beyond P = 1's, no FLOPs.
 CHGNET_DECLARED = dict(
-    per_rank=["mm"], exact=("flops",),
+    per_rank={"mm": (0, 18)}, exact=("flops",),
     reason="a 3-vector times the cell per structure on every rank (18 FLOPs, measured on "
            "ranks owning nothing)")
 
