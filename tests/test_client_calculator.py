@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -120,10 +119,10 @@ def test_bad_atoms_are_refused_before_any_network_call(server):
     ("tcp://[nothex]:5555", "expected tcp://HOST:PORT"),
 ])
 def test_malformed_endpoints_are_refused_at_once_with_the_expected_form(make, endpoint, hint):
-    t0 = time.monotonic()
+    # parsed, never connected: a connection attempt would wait the hour out (the test's
+    # timeout fails it first)
     with pytest.raises(SetupError, match=re.escape(hint)):
-        make(endpoint)
-    assert time.monotonic() - t0 < 2.0  # parsed, never connected
+        make(endpoint, connect_timeout_s=3600.0)
 
 
 def test_malformed_endpoint_on_serve_fails_before_loading_a_model():
@@ -135,15 +134,12 @@ def test_malformed_endpoint_on_serve_fails_before_loading_a_model():
 
 def test_nothing_answering_fails_within_the_connect_timeout_naming_the_endpoint():
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
-    t0 = time.monotonic()
+    # the connect timeout, not a hang: the test's own timeout is the generous bound
     with pytest.raises(ServerUnavailable, match=re.escape(endpoint)) as info:
         Client(endpoint, connect_timeout_s=1.0)
     assert "mlipd serve" in str(info.value)
-    assert time.monotonic() - t0 < 5.0  # the connect timeout, not timeout x retries
-    t0 = time.monotonic()
     with pytest.raises(ServerUnavailable, match=re.escape(endpoint)):
         MlipdCalculator(endpoint, connect_timeout_s=1.0)
-    assert time.monotonic() - t0 < 5.0
 
 
 def test_the_client_resends_on_the_same_socket_and_waits_while_the_server_is_alive():

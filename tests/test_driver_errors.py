@@ -224,12 +224,11 @@ def run_cli(processes, *args, timeout=60):
 def test_malformed_address_refused_at_parse_time(processes, address, words):
     """Refused by the argument parser (before torch or any model loads), with the
     expected forms."""
-    rc, out, seconds = run_cli(processes, "drive", "--address", address, "--species", "Ar",
-                               "--model", LJ)
+    rc, out, _ = run_cli(processes, "drive", "--address", address, "--species", "Ar",
+                         "--model", LJ)
     assert rc == 2, out
-    assert "argument --address" in out, out
+    assert "argument --address" in out, out  # the parser's own refusal
     assert words in out, out
-    assert seconds < 5, seconds  # measured ~0.8 s: no torch import
 
 
 def test_host_that_does_not_resolve_fails_at_once(processes):
@@ -330,9 +329,8 @@ def test_progress_start_up_line_and_counts(processes, short_tmp):
 def test_version_and_bad_threads(processes):
     import mlipd
 
-    rc, out, seconds = run_cli(processes, "--version")
+    rc, out, _ = run_cli(processes, "--version")
     assert (rc, out.strip()) == (0, f"mlipd {mlipd.__version__}")
-    assert seconds < 5
     rc, out, _ = run_cli(processes, "drive", "--address", "unix:x", "--species", "Ar",
                          "--model", LJ, "--threads", "0")
     assert rc == 2

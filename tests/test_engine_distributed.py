@@ -180,8 +180,9 @@ def trigger(tmp_path_factory):
 def engine(trigger):
     import functools
 
+    from fault_models import FaultyModel
+
     from mlipd.engine.distributed import DistributedEngine
-    from mlipd.testing.models import FaultyModel
 
     eng = DistributedEngine(functools.partial(FaultyModel, trigger=str(trigger), rank=1),
                             ranks=2, skin=0.3, timeout_s=60)

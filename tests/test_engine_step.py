@@ -9,6 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from fault_models import ExtrasModel
 
 from mlipd.engine import make_engine
 from mlipd.engine.devices import pick_backend, resolve_device
@@ -18,7 +19,6 @@ from mlipd.errors import SetupError
 from mlipd.launch import detect_world, first_host
 from mlipd.models.reference import ReferenceMP
 from mlipd.testing.hostreads import warm_step_reads
-from mlipd.testing.models import ExtrasModel
 from mlipd.testing.systems import cases
 from mlipd.types import Structure
 

@@ -18,20 +18,15 @@ import mace  # noqa: F401  (plain imports sort first: mace before e3nn, see the 
 import numpy as np
 import pytest
 import torch
-from distributed_work import (
-    assemble,
-    check_float32_run,
-    check_work_and_results,
-    p1_reference,
-    run_variants,
-)
 from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator
 from mace.modules import blocks
 from model_cases import (
+    as_structures,
     bulk_box,
     check_distributed,
+    check_float32,
     compare_to_ase,
     four_cases,
     molecule,
@@ -44,7 +39,10 @@ from mlipd.engine.local import LocalEngine
 from mlipd.errors import ModelUnavailable, SetupError, UnknownSpecies
 from mlipd.models.mace import MaceModel
 from mlipd.models.registry import load_model
+from mlipd.testing import check_zero_redundancy
 from mlipd.testing.hostreads import warm_step_reads
+from mlipd.testing.redundancy import assert_results_close
+from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
 pytestmark = pytest.mark.timeout(300)
@@ -338,43 +336,51 @@ SMALL = {"bulk": lambda: bulk_box(ZS, reps=3), "slab": lambda: slab(ZS),
          "triclinic": lambda: small_triclinic(ZS), "molecule": lambda: molecule(ZS)}
 
 
+F64, F32 = torch.float64, torch.float32
+
+
 @pytest.fixture(scope="module")
-def small_reference(tmp_path_factory):
-    """The model file, the small structures, and P = 1's results and forward FLOPs."""
+def small_runs(tmp_path_factory):
+    """The model's factories (stored, and recomputed + chunked activations), the small
+    structures, and every run in one spawn of 8 ranks: P = 1, 2, 4, 8 (float64), the
+    recompute variant and float32 at P = 2."""
     path = tmp_path_factory.mktemp("mace") / "tiny.model"
-    model = build_mace()
-    torch.save(model, path)
-    structures = [Structure.from_atoms(make()) for make in SMALL.values()]
-    return p1_reference(MaceModel, str(path), MaceModel(model=model), structures)
+    torch.save(build_mace(), path)
+    factory = functools.partial(MaceModel, str(path))
+    recompute = functools.partial(MaceModel, f"{path},recompute=1,chunk=97")
+    structures = as_structures({k: make() for k, make in SMALL.items()})
+    runs = [(1, F64), (2, F64), (4, F64), (8, F64), (2, F64, recompute), (2, F32)]
+    return factory, recompute, structures, measure_runs(factory, list(structures.values()),
+                                                        runs)
+
+
+# FLOPs exact per op, forward and backward. Elements are not held yet: e3nn reads
+# and normalises its weights once per rank, and autograd sums gradients on halo rows
+MACE_DECLARED = dict(exact=("flops",))
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
-def test_ranks_zero_redundancy_and_results(small_reference, ranks):
-    """Forward FLOPs summed over ranks equal P = 1's (node maps on owned atoms only, each
-    edge once), every exchange moves exactly the halo rows, and the results equal P = 1's
-    to 1e-10. At P = 2 also: recomputed + chunked activations equal stored ones to 1e-12 and
-    their backward communicates no more; float32 within float32's tolerance."""
-    path, structures, results, flops = small_reference
+def test_ranks_zero_redundancy_and_results(small_runs, ranks):
+    """Work summed over ranks equals P = 1's per op (node maps on owned atoms only, each
+    edge once, forward and backward), every exchange moves exactly the halo rows, and the
+    results equal P = 1's to float64 round-off (``check_zero_redundancy``). At P = 2
+    also: recomputed + chunked activations equal stored ones to 1e-12 and their backward
+    communicates no more; float32 within the derived float32 bounds."""
+    factory, recompute, structures, runs = small_runs
     layers = len(build_mace().interactions)
-    variants = {"f64": (functools.partial(MaceModel, path), torch.float64)}
-    if ranks == 2:
-        variants["recompute"] = (functools.partial(MaceModel, f"{path},recompute=1,chunk=97"),
-                                 torch.float64)
-        variants["f32"] = (functools.partial(MaceModel, path), torch.float32)
-    runs = run_variants(variants, structures, ranks)
-    for k, name in enumerate(SMALL):  # halo work would cost >= 0.5% of the FLOPs here
-        s, per_rank = structures[k], runs["f64"][k]
-        energy, forces, virial = check_work_and_results(per_rank, s, results[k], flops[k],
-                                                        layers, name)
-        if ranks != 2:
-            continue
-        got = assemble(runs["recompute"][k], s.n_atoms)
-        for a, b in zip(got, (energy, forces, virial), strict=True):
-            assert rel(a, b) <= 1e-12, name
-        for stored, recomputed in zip(per_rank, runs["recompute"][k], strict=True):
-            assert recomputed.step_traffic == stored.step_traffic  # no recompute communicates
-            assert recomputed.recomputed == recomputed.counters["pieces_in_graph"] > 0
-        check_float32_run(runs["f32"][k], s, results[k], name)
+    got = check_zero_redundancy(factory, structures, (ranks,), runs=runs, **MACE_DECLARED)
+    for m in got[(ranks, F64)]:
+        assert all(w.atom_exchanges == layers for w in m.work)
+    if ranks != 2:
+        return
+    for name, stored, again in zip(structures, runs[(2, F64)], runs[(2, F64, recompute)],
+                                   strict=True):
+        assert_results_close(again.result, stored.result, rtol=1e-12,
+                             cell=structures[name].cell, what=name)
+        for w_stored, w_again in zip(stored.work, again.work, strict=True):
+            assert w_again.step_traffic == w_stored.step_traffic  # no recompute communicates
+            assert w_again.recomputed == w_again.info["pieces_in_graph"] > 0
+    print("MACE P = 2 float32 error / bound:", check_float32(factory, structures, 2, runs=runs))
 
 
 # --- P > 1: the distributed engine equals P = 1 to 1e-10, with zero redundancy ------------

@@ -21,13 +21,13 @@ from model_cases import (
     as_structures,
     check_distributed,
     check_float32,
-    check_zero_redundancy,
     four_cases,
     molecule,
 )
 
 from mlipd.engine import make_engine
 from mlipd.models.registry import load_model, names
+from mlipd.testing import check_zero_redundancy
 from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
 
@@ -110,15 +110,19 @@ def runs(plugin_dir):
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_ranks_equal_p1_without_redundancy(runs, ranks):
-    """No matrix FLOPs here: the element-wise arithmetic summed over ranks is P = 1's,
-    and the one exchange per step moves exactly the halo."""
+    """Every op's work summed over ranks is P = 1's, forward and backward, besides
+    autograd's sums of the gradients on halo rows (positions: 9 elements a row, the
+    exchanged density: 3), and the one exchange per step moves exactly the halo."""
     factory, cases, measured = runs
-    got = check_zero_redundancy(factory, cases, ranks, runs=measured)
-    assert all(w.atom_exchanges == 1 for m in got for w in m.work)
+    got = check_zero_redundancy(factory, cases, (ranks,), runs=measured,
+                                per_halo_row={"add": 12},
+                                reason="autograd's gradient sums on halo rows")
+    assert all(w.atom_exchanges == 1 for m in got[(ranks, F64)] for w in m.work)
 
 
 def test_float32_on_four_ranks(runs):
-    """Measured: <= 5e-8 eV/atom, 1e-7 eV/Å, 6e-9 eV/Å³ from float64 at P = 1."""
+    """Against float64 at P = 1 within the derived float32 bounds
+    (``mlipd.testing.tolerances``)."""
     factory, cases, measured = runs
-    check_float32(factory, cases, 4, energy_per_atom=3e-7, forces=1e-6, stress=5e-8,
-                  runs=measured)
+    ratios = check_float32(factory, cases, 4, runs=measured)
+    print("plugin float32 error / bound:", ratios)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mlipd.engine.results import RankOutput
 from mlipd.engine.step import Step
 from mlipd.engine.topology import GEOMETRY_DTYPE
 from mlipd.errors import SetupError
@@ -123,7 +124,7 @@ class Captured:
     topology: Any
     positions: torch.Tensor
     cells: torch.Tensor
-    output: torch.Tensor
+    output: RankOutput | None  # None until captured
     virial: bool
     layout: tuple
 
@@ -140,7 +141,7 @@ class GraphedRun:
         self.captures = self.adoptions = self.replays = 0
 
     def __call__(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool,
-                 rebuilt: bool) -> torch.Tensor:
+                 rebuilt: bool) -> RankOutput:
         step = self.step
         if rebuilt:
             self.current = None
@@ -189,7 +190,7 @@ class GraphedRun:
         static_cells = cells.detach().clone()
         try:
             cap = Captured(graph=None, topology=topo, positions=static_x, cells=static_cells,
-                           output=static_x, virial=virial, layout=())
+                           output=None, virial=virial, layout=())
             self._fill_padding(cap)
             side = torch.cuda.Stream(device=step.device)
             side.wait_stream(torch.cuda.current_stream(step.device))

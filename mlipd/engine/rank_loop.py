@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlipd.engine.step import HEADER_COLUMNS, N_STATS, Frame, Step
+from mlipd.engine.results import pack, packed_size
+from mlipd.engine.step import Frame, Step
 from mlipd.engine.topology import GEOMETRY_DTYPE
 
 STEP, STOP = "step", "stop"
@@ -69,18 +70,17 @@ class RankLoop:
             positions = step.h2d(coords.positions, GEOMETRY_DTYPE, staged=True)
             cells = step.h2d(coords.cells, GEOMETRY_DTYPE, staged=True)
             if self.run is None:
-                packed = step.run(positions, cells, virial=header.virial)
+                out = step.run(positions, cells, virial=header.virial)
             else:
-                packed = self.run(positions, cells, virial=header.virial,
-                                  rebuilt=header.rebuild)
+                out = self.run(positions, cells, virial=header.virial, rebuilt=header.rebuild)
+            packed = pack(out)
             return [packed.cpu().numpy()]
         if coords is not None:
             self._send_header(header)
         positions, cells = self._share(header, coords, frame)
-        packed = step.run(positions, cells, virial=header.virial)
+        packed = pack(step.run(positions, cells, virial=header.virial))
         owned = np.bincount(self.owner, minlength=self.comm.world_size).max()
-        n_max = len(header.counts) * HEADER_COLUMNS + N_STATS + int(owned) * (
-            3 + sum(x.width for x in step.layout))
+        n_max = packed_size(len(header.counts), int(owned), step.layout)
         gathered = self.comm.gather_rows(packed.view(-1, 1), n_max=n_max)
         return None if gathered is None else [g.view(-1).numpy() for g in gathered]
 

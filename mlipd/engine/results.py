@@ -1,16 +1,98 @@
-"""Results from the ranks' packed outputs (``mlipd.engine.step.pack``): the one place
-where energies and virials are summed over ranks, forces put back in the caller's atom
-order, extras reshaped, and non-finite output refused."""
+"""A rank's step output (``RankOutput``, what ``Step.run`` returns), its packed form for
+the gather (``pack`` / ``unpack``), and Results from the ranks' outputs (``assemble``):
+the one place where energies and virials are summed over ranks, forces put back in the
+caller's atom order, extras reshaped, and non-finite output refused."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from mlipd.engine.step import HEADER_COLUMNS, N_STATS, ExtraLayout
 from mlipd.errors import CalculationFailed
 from mlipd.types import Result, Structure
+
+HEADER_COLUMNS = 10  # per structure in a packed output: energy, virial (9)
+N_STATS = 3  # owned atoms, edges (r < cutoff), halo atoms
+
+
+@dataclass(frozen=True)
+class ExtraLayout:
+    """A per-atom extra in the packed rows: its name and trailing shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class RankOutput:
+    """One rank's step (float64, on the rank's device).
+
+    energies: (B,) eV, this rank's part of each structure's energy
+    virials:  (B, 3, 3) eV, this rank's part, or None if not computed
+    forces:   (n_owned, 3) eV/Å of the owned atoms, in the rank's row order
+    extras:   per-atom extras of the owned atoms, each flattened to (n_owned, width)
+    stats:    (owned atoms, edges (r < cutoff), halo atoms): ints, or 0-d tensors on the
+              device where counting them on the host would be a read (masked edges)
+    """
+
+    energies: torch.Tensor
+    virials: torch.Tensor | None
+    forces: torch.Tensor
+    extras: tuple[torch.Tensor, ...]
+    stats: tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]
+
+
+def unpad(out: RankOutput, n_real: int) -> RankOutput:
+    """``out`` with only its first ``n_real`` rows (the padding atoms' rows are last)."""
+    return RankOutput(energies=out.energies, virials=out.virials, forces=out.forces[:n_real],
+                      extras=tuple(t[:n_real] for t in out.extras), stats=out.stats)
+
+
+def pack(out: RankOutput) -> torch.Tensor:
+    """One flat float64 tensor: energies (B), virials (9B, zeros if not computed), stats
+    (3), then the owned atoms' rows (forces, then each extra flattened)."""
+    energies = out.energies
+    nb = energies.shape[0]
+    vir = energies.new_zeros(9 * nb) if out.virials is None else out.virials.reshape(-1)
+    rows = torch.cat([out.forces, *out.extras], dim=1) if out.extras else out.forces
+    stats = torch.stack([torch.as_tensor(v, device=energies.device).to(energies.dtype)
+                         for v in out.stats])  # device scalars stay on the device
+    head = torch.cat([energies, vir, stats])
+    return torch.cat([head, rows.reshape(-1)])
+
+
+def packed_size(n_structures: int, n_owned: int, layout: Sequence[ExtraLayout]) -> int:
+    """Elements of a packed output of ``n_owned`` rows."""
+    return n_structures * HEADER_COLUMNS + N_STATS + n_owned * row_width(layout)
+
+
+def row_width(layout: Sequence[ExtraLayout]) -> int:
+    """Columns of one owned atom's row: forces (3), then every extra."""
+    return 3 + sum(x.width for x in layout)
+
+
+def unpack(flat: np.ndarray | torch.Tensor, n_structures: int,
+           layout: Sequence[ExtraLayout]) -> RankOutput:
+    """``pack``'s inverse (padded rows beyond the stats' owned count are dropped);
+    virials are always present (zeros where they were not computed)."""
+    flat = torch.as_tensor(flat)
+    nb, width = n_structures, row_width(layout)
+    head = nb * HEADER_COLUMNS + N_STATS
+    stats = tuple(int(v) for v in flat[HEADER_COLUMNS * nb: head])
+    rows = flat[head: head + stats[0] * width].reshape(stats[0], width)
+    extras, col = [], 3
+    for x in layout:
+        extras.append(rows[:, col: col + x.width])
+        col += x.width
+    return RankOutput(energies=flat[:nb], virials=flat[nb: HEADER_COLUMNS * nb].reshape(nb, 3, 3),
+                      forces=rows[:, :3], extras=tuple(extras), stats=stats)
 
 
 def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
@@ -24,7 +106,7 @@ def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
     """
     nb = len(structures)
     head = nb * HEADER_COLUMNS + N_STATS
-    width = 3 + sum(x.width for x in layout)
+    width = row_width(layout)
     energies, virials = np.zeros(nb), np.zeros((nb, 3, 3))
     stats = np.zeros((len(parts), N_STATS))
     rows = None

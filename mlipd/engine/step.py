@@ -1,6 +1,6 @@
 """One step of physics on one rank, the only implementation for every number of ranks:
 edges pruned within the skin, ``LocalGraph``, model, autograd forces and virial, halo
-gradients home, and the rank's output packed for assembly.
+gradients home, and the rank's output (``mlipd.engine.results.RankOutput``).
 
 At one rank (``comm is None``) there is no halo, no exchange and no collective: the
 same code with an identity ``exchange`` and every atom owned.
@@ -22,6 +22,7 @@ import torch
 
 from mlipd.engine.halo import scatter_home_rows
 from mlipd.engine.padding import pad_topology
+from mlipd.engine.results import ExtraLayout, RankOutput, unpad
 from mlipd.engine.topology import (
     GEOMETRY_DTYPE,
     HostToDevice,
@@ -30,9 +31,6 @@ from mlipd.engine.topology import (
     upload,
 )
 from mlipd.model_api import CandidateEdges, LocalGraph, Model
-
-HEADER_COLUMNS = 10  # per structure in a packed output: energy, virial (9)
-N_STATS = 3  # owned atoms, edges (r < cutoff), halo atoms
 
 
 @dataclass(frozen=True)
@@ -50,18 +48,6 @@ class Frame:
     pbc: np.ndarray
     offsets: np.ndarray
     owner: np.ndarray
-
-
-@dataclass(frozen=True)
-class ExtraLayout:
-    """A per-atom extra in the packed rows: its name and trailing shape."""
-
-    name: str
-    shape: tuple[int, ...]
-
-    @property
-    def width(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
 
 class Step:
@@ -124,22 +110,18 @@ class Step:
                                one_rank=self.comm is None, h2d=self.h2d, plan=plan,
                                padding=padding)
 
-    def run(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool) -> torch.Tensor:
-        """This rank's packed output (see ``pack``) for the batch's positions (N, 3) and
-        cells (B, 3, 3), float64 on this rank's device."""
+    def run(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool) -> RankOutput:
+        """This rank's output for the batch's positions (N, 3) and cells (B, 3, 3),
+        float64 on this rank's device."""
         return self.unpad(self.run_padded(positions, cells, virial=virial))
 
-    def unpad(self, packed: torch.Tensor) -> torch.Tensor:
+    def unpad(self, out: RankOutput) -> RankOutput:
         """A ``run_padded`` output without the padding atoms' rows (the last ones)."""
         topo = self.topology
-        if topo.n_real == topo.n_owned:
-            return packed
-        width = 3 + sum(x.width for x in self.layout)
-        head = topo.n_structures * HEADER_COLUMNS + N_STATS
-        return packed[: head + topo.n_real * width]
+        return out if topo.n_real == topo.n_owned else unpad(out, topo.n_real)
 
     def run_padded(self, positions: torch.Tensor, cells: torch.Tensor, *, virial: bool
-                   ) -> torch.Tensor:
+                   ) -> RankOutput:
         """``run`` with the padding atoms' rows kept (zeros): every shape is fixed by the
         padded topology, not by the batch's own counts. positions: (N, 3), or (n_owned,
         3) with the padding atoms' rows (``Topology.pad_positions``) already in."""
@@ -204,25 +186,12 @@ class Step:
                 vir = -_cell_virial(x, g_x, cells, g_cell, topo.batch)
         self.layout = tuple(ExtraLayout(k, tuple(t.shape[1:])) for k, t in out.extras.items())
         # the width from the trailing shape: a rank owning no atoms has (0, ...) rows
-        extras = [t.detach().reshape(n, x.width).to(dt)
-                  for t, x in zip(out.extras.values(), self.layout, strict=True)]
+        extras = tuple(t.detach().reshape(n, x.width).to(dt)
+                       for t, x in zip(out.extras.values(), self.layout, strict=True))
         n_edges = recv.shape[0] if edge_mask is None else edge_mask.sum()
         stats = (n if topo.real is None else topo.n_real_t, n_edges, topo.n_local - n)
-        return pack(energies.detach(), vir, forces, extras, stats)
-
-
-def pack(energies: torch.Tensor, virials: torch.Tensor | None, forces: torch.Tensor,
-         extras: list[torch.Tensor], stats: tuple) -> torch.Tensor:
-    """One flat float64 tensor: energies (B), virials (9B, zeros if not computed), stats
-    (3: ints or device scalars, which stay on the device), then the owned atoms' rows
-    (forces, then each extra flattened)."""
-    nb = energies.shape[0]
-    vir = energies.new_zeros(9 * nb) if virials is None else virials.reshape(-1)
-    rows = torch.cat([forces, *extras], dim=1) if extras else forces
-    stat = torch.stack([torch.as_tensor(v, device=energies.device).to(energies.dtype)
-                        for v in stats])
-    head = torch.cat([energies, vir, stat])
-    return torch.cat([head, rows.reshape(-1)])
+        return RankOutput(energies=energies.detach(), virials=vir, forces=forces,
+                          extras=extras, stats=stats)
 
 
 def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor

@@ -13,16 +13,18 @@ import zmq
 
 
 def plugin_env(tmp: Path) -> dict[str, str]:
-    """An environment in which ``--model gated:dir=...`` loads ``mlipd.testing.models.GatedLJ``
-    through the ``mlipd.models`` entry-point group (a dist-info directory on PYTHONPATH)."""
+    """An environment in which ``--model gated:dir=...`` loads ``fault_models.GatedLJ``
+    (tests/) through the ``mlipd.models`` entry-point group (a dist-info directory and
+    tests/ on PYTHONPATH)."""
     info = tmp / "plugins" / "mlipd_test_models-0.0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlipd-test-models\n"
                                    "Version: 0.0\n")
     (info / "entry_points.txt").write_text(
-        "[mlipd.models]\ngated = mlipd.testing.models:GatedLJ\n")
-    path = os.pathsep.join(p for p in (str(tmp / "plugins"), os.environ.get("PYTHONPATH"))
-                           if p)
+        "[mlipd.models]\ngated = fault_models:GatedLJ\n")
+    tests = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (str(tmp / "plugins"), tests,
+                                       os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 

@@ -38,9 +38,9 @@ class DensityModel(torch.nn.Module):
         n = graph.n_owned
         r = graph.edge_vectors().norm(dim=-1)  # (E,) Å, receivers are owned atoms
         env = self._smooth(r)
-        w = self.weights[graph.numbers]  # (n_local,), halo species are known locally
+        w = self.weights[graph.numbers[graph.senders]]  # (E,): halo species are known locally
         rho = torch.zeros(n, dtype=r.dtype, device=r.device)
-        rho = rho.index_add(0, graph.receivers, w[graph.senders] * env * torch.exp(-r))
+        rho = rho.index_add(0, graph.receivers, w * env * torch.exp(-r))
         rho_local = graph.exchange(rho)  # (n_local,): halo rows from their owners
         phi = env * (2.0 * torch.exp(-2.0 * r) - torch.exp(-r))
         pair = phi * (1.0 + 0.1 * rho_local[graph.receivers] * rho_local[graph.senders])

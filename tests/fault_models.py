@@ -1,4 +1,5 @@
-"""Models for engine tests, built on ``ReferenceMP``.
+"""Fault-injection and probe models for the engine and server tests (test-only: plug-in
+authors need none of them), built on ``ReferenceMP`` and ``LennardJones``.
 
 ``FaultyModel(trigger=path, rank=1)`` behaves as ``ReferenceMP`` until the file at
 ``path`` exists when rank ``rank`` runs a forward: it then deletes the file and
