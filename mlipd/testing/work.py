@@ -294,7 +294,7 @@ class CountingStep(Step):
             step_traffic=step_traffic, cutoff=float(self.cutoff),
             layers=int(getattr(model.spec, "n_layers", 1) or 1),
             atom_rows_sent=atoms[0], atom_rows_received=atoms[1], atom_exchanges=atoms[2],
-            owned=g.n_owned, edges=out.stats[1], halo=g.n_local - g.n_owned,
+            owned=g.n_owned, edges=int(out.stats[1]), halo=g.n_local - g.n_owned,
             recomputed=getattr(model, "recomputed", None),
             info=dict(getattr(model, "counters", {}))))
         self.outputs.append(out)
