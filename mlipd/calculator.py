@@ -81,7 +81,7 @@ class MlipdCalculator(Calculator):
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress",
-                                                   "magmoms"]
+                                                   "energies", "magmoms"]
 
     def __init__(self, endpoint: str | None = None, *, model: str | None = None,
                  device: str | None = None, dtype: str | None = None, ranks: int | None = None,
@@ -139,6 +139,8 @@ class MlipdCalculator(Calculator):
         if result.virial is not None and periodic:
             volume = self.atoms.get_volume()
             self.results["stress"] = full_3x3_to_voigt_6_stress(-result.virial / volume)
+        if result.energies is not None:  # per atom (ASE's "energies")
+            self.results["energies"] = np.array(result.energies)
         for name, value in result.extras.items():  # e.g. magmoms, per atom
             self.results[name] = np.asarray(value)
 

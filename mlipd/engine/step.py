@@ -191,7 +191,7 @@ class Step:
         n_edges = recv.shape[0] if edge_mask is None else edge_mask.sum()
         stats = (n if topo.real is None else topo.n_real_t, n_edges, topo.n_local - n)
         return RankOutput(energies=energies.detach(), virials=vir, forces=forces,
-                          extras=extras, stats=stats)
+                          site_energies=site.detach(), extras=extras, stats=stats)
 
 
 def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor

@@ -25,7 +25,8 @@ Reply::
      "error": {"code": <stable code, see mlipd.errors>, "message": <text>}}
 
     <result> = {"energy": <float eV>, "forces": <array (N, 3) eV/Å>,
-                "virial": <array (3, 3) eV> | null, "extras": {...}}
+                "virial": <array (3, 3) eV> | null, "extras": {...},
+                "energies": <array (N,) eV per atom>}   # absent when the model has none
 
 A request sent again with the same id (on the same connection) is never computed
 twice: the server answers it from the computation under way (``pending``) or
@@ -172,9 +173,12 @@ def unpack_structure(d: Any, *, max_atoms: int) -> Structure:
 
 
 def pack_result(r: Result) -> dict[str, Any]:
-    return {"energy": float(r.energy), "forces": pack_array(np.asarray(r.forces, dtype="<f8")),
-            "virial": None if r.virial is None else pack_array(np.asarray(r.virial, dtype="<f8")),
-            "extras": dict(r.extras)}
+    d = {"energy": float(r.energy), "forces": pack_array(np.asarray(r.forces, dtype="<f8")),
+         "virial": None if r.virial is None else pack_array(np.asarray(r.virial, dtype="<f8")),
+         "extras": dict(r.extras)}
+    if r.energies is not None:
+        d["energies"] = pack_array(np.asarray(r.energies, dtype="<f8"))
+    return d
 
 
 def unpack_result(d: Any) -> Result:
@@ -185,8 +189,12 @@ def unpack_result(d: Any) -> Result:
                           max_items=big)
     virial = None if d["virial"] is None else unpack_array(
         d["virial"], name="virial", allowed=_FLOAT_DTYPES, shape=(3, 3), max_items=9)
+    energies = d.get("energies")
+    if energies is not None:
+        energies = unpack_array(energies, name="energies", allowed=_FLOAT_DTYPES,
+                                shape=(forces.shape[0],), max_items=big)
     return Result(energy=float(d["energy"]), forces=forces, virial=virial,
-                  extras=dict(d.get("extras") or {}))
+                  extras=dict(d.get("extras") or {}), energies=energies)
 
 
 # ---------------------------------------------------------------- requests
