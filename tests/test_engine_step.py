@@ -42,6 +42,10 @@ def _same(got, want, rtol):
     for g, w in zip(got, want, strict=True):
         assert _rel(g.energy, w.energy) <= rtol
         assert _rel(g.forces, w.forces) <= rtol
+        # per-atom energies: each atom's term from its owner, summing to the energy
+        assert g.energies.shape == (len(w.forces),)
+        assert _rel(g.energies, w.energies) <= rtol
+        assert _rel(g.energies.sum(), g.energy) <= 1e-12
         assert (g.virial is None) == (w.virial is None)
         if w.virial is not None:
             assert _rel(g.virial, w.virial) <= rtol
