@@ -19,7 +19,7 @@ import torch
 from ase.build import bulk
 
 from mlipd.engine.budget import exact_counts
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.model_api import memory_cost
 from mlipd.types import Structure
 
@@ -74,10 +74,10 @@ def make(reps):
     at.numbers[:] = z
     at.positions += rng.normal(scale=0.05, size=at.positions.shape)
     return Structure.from_atoms(at)
-LocalEngine(model, dtype=dtype, skin=0.5).compute([make((1, 1, 1))])  # warm-up
+SingleRankEngine(model, dtype=dtype, skin=0.5).compute([make((1, 1, 1))])  # warm-up
 for r in sys.argv[4:]:
     s = make(tuple(int(x) for x in r.split("x")))
-    eng = LocalEngine(model, dtype=dtype, skin=0.5)
+    eng = SingleRankEngine(model, dtype=dtype, skin=0.5)
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
     base, _ = rss()
     eng.compute([s])

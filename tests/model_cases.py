@@ -13,8 +13,8 @@ from ase import Atoms
 from ase.build import bulk, fcc111
 
 from mlipd.engine.distributed import DistributedEngine
-from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.testing import tolerances as tol
 from mlipd.testing.redundancy import assert_results_close, rel
 from mlipd.testing.work import Measured, Run, measure_runs
@@ -87,12 +87,12 @@ def compare_to_ase(result: Result, atoms: Atoms, *, rtol: float) -> None:
 
 
 def check_distributed(spec: str, model, ranks: int, cases: dict) -> None:
-    """``spec`` on ``ranks`` ranks equals ``model`` at P = 1 (``LocalEngine``) on every
+    """``spec`` on ``ranks`` ranks equals ``model`` at P = 1 (``SingleRankEngine``) on every
     structure of ``cases`` (to 1e-12 at one rank, where both run the same step without a
     halo, 1e-10 beyond), and the ranks' counters show each atom and each edge
     (r < cutoff) owned exactly once."""
     structures = {k: Structure.from_atoms(a) for k, a in cases.items()}
-    local = LocalEngine(model)
+    local = SingleRankEngine(model)
     cutoff = model.spec.cutoff
     rtol = 1e-12 if ranks == 1 else tol.FLOAT64_RTOL
     with DistributedEngine(spec, ranks=ranks) as engine:

@@ -17,7 +17,7 @@ from mlipd.bench.workers import Worker
 from mlipd.cli import main
 
 CONTENDERS = {  # what each suite's tables must hold (contenders, columns, models)
-    "engine": ["LocalEngine", "DistributedEngine(ranks=1)", "warm step"],
+    "engine": ["SingleRankEngine", "DistributedEngine(ranks=1)", "warm step"],
     "capacity": ["| chgnet | 64 | mlipd |", "| chgnet | 64 | mlipd recompute=1 |",
                  "| chgnet | 64 | package |", "| mace | 64 | mlipd |", "| mace | 64 | package |"],
     "latency": ["mlipd MD step", "mlipd rebuilding", "| package |", "| chgnet | 8 |",

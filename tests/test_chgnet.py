@@ -20,8 +20,8 @@ from chgnet.model.dynamics import CHGNetCalculator
 from chgnet.model.model import BatchedGraph
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import SetupError, UnknownSpecies
 from mlipd.model_api import LocalGraph
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
@@ -92,7 +92,7 @@ def chgnet():
 @pytest.fixture(scope="module")
 def engines(chgnet):
     dtypes = (torch.float32, torch.float64)
-    return {dt: LocalEngine(copy.deepcopy(chgnet), dtype=dt) for dt in dtypes}
+    return {dt: SingleRankEngine(copy.deepcopy(chgnet), dtype=dt) for dt in dtypes}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_checkpoint_file(tmp_path, engines):
     net = load_chgnet()
     path = tmp_path / "mine.pth.tar"
     torch.save({"model": {"model_args": net.model_args, "state_dict": net.state_dict()}}, path)
-    engine = LocalEngine(load_model(f"chgnet:{path}"), dtype=torch.float64)
+    engine = SingleRankEngine(load_model(f"chgnet:{path}"), dtype=torch.float64)
     s = Structure.from_atoms(triclinic())
     (mine,) = engine.compute([s])
     (bundled,) = engines[torch.float64].compute([s])
@@ -174,7 +174,7 @@ def float32_runs(chgnet, package32):
             runs = {}
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                (runs[("ours", threads)],) = LocalEngine(
+                (runs[("ours", threads)],) = SingleRankEngine(
                     copy.deepcopy(chgnet), dtype=torch.float32).compute([s])
                 pkg = package_float32(package32, PACKAGE_VIEW.get(name, build)())
                 runs[("package", threads)] = Result(
@@ -262,7 +262,7 @@ def test_recompute_equals_stored(engines):
     for flag in (0, 1):
         model = CHGNetModel(f"0.3.0,recompute={flag}")
         calls, at_return = module_calls(model)
-        engine = LocalEngine(model, dtype=torch.float64)
+        engine = SingleRankEngine(model, dtype=torch.float64)
         (r,) = engine.compute([Structure.from_atoms(atoms)])
         assert dict(at_return) == per_forward
         again = {k: calls[k] - at_return[k] for k in per_forward}
@@ -281,7 +281,7 @@ def test_recompute_auto_follows_free_memory(engines, monkeypatch):
     """``auto`` stores activations while they fit in half the free memory."""
     import mlipd.models.chgnet as chgnet_module
 
-    engine = LocalEngine(CHGNetModel(), dtype=torch.float64, skin=0)
+    engine = SingleRankEngine(CHGNetModel(), dtype=torch.float64, skin=0)
     s = Structure.from_atoms(oxide(seed=6))
     engine.compute([s])
     assert engine.model.counters["recomputed"] == 0  # a 64-atom cell on this machine

@@ -16,7 +16,7 @@ from model_cases import as_structures, assert_results_close, check_float32
 from test_chgnet import molecule, slab, triclinic
 
 from mlipd.engine import make_engine
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
 from mlipd.testing import check_zero_redundancy
 from mlipd.testing.work import Work, measure_runs
@@ -112,7 +112,7 @@ def test_float32_on_four_ranks(structures, runs):
 
 
 def test_distributed_one_rank_equals_local(structures, reference):
-    """``DistributedEngine(ranks=1)`` runs the same step as ``LocalEngine``: a batch with
+    """``DistributedEngine(ranks=1)`` runs the same step as ``SingleRankEngine``: a batch with
     magnetic moments agrees to 1e-12."""
     from mlipd.engine.distributed import DistributedEngine
 
@@ -146,8 +146,8 @@ def test_md_with_reused_bond_graph_equals_fresh_lists():
     for _ in range(12):
         x = x + rng.normal(scale=0.04, size=x.shape)
         steps.append(Structure(s0.numbers, x.copy(), s0.cell, s0.pbc))
-    fresh = LocalEngine(CHGNetModel(), dtype=torch.float64, skin=0.0)
-    reuse = LocalEngine(CHGNetModel(), dtype=torch.float64, skin=0.5)
+    fresh = SingleRankEngine(CHGNetModel(), dtype=torch.float64, skin=0.0)
+    reuse = SingleRankEngine(CHGNetModel(), dtype=torch.float64, skin=0.5)
     built = pruned = 0
     with make_engine("chgnet", ranks=2, dtype="float64") as two:
         for s in steps:

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from mlipd.engine.comm import Comm
 from mlipd.engine.coordinator import Coordinator
-from mlipd.engine.local import LocalEngine
 from mlipd.engine.rank_loop import RankLoop
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.engine.step import Step
 from mlipd.models.lj import LennardJones
 from mlipd.models.reference import ReferenceMP
@@ -105,7 +105,7 @@ def systems():
 def reference_results(systems):
     out = {}
     for model_name, make in MODELS.items():
-        eng = LocalEngine(make(), dtype=torch.float64)
+        eng = SingleRankEngine(make(), dtype=torch.float64)
         for name, s in systems.items():
             (out[(model_name, name)],) = eng.compute([s])
     return out
@@ -151,7 +151,7 @@ def test_zero_redundancy(distributed_results, systems):
     from mlipd.engine.neighbors import neighbor_list
 
     model = MODELS["reference"]()
-    engine = LocalEngine(model)
+    engine = SingleRankEngine(model)
     for k, (name, s) in enumerate(systems.items()):
         engine.compute([s])
         single_counts = [(a, int(m)) for a, m in model.last_counts]
@@ -192,7 +192,7 @@ def engine(trigger):
 
 @pytest.fixture(scope="module")
 def local():
-    return LocalEngine(ReferenceMP())
+    return SingleRankEngine(ReferenceMP())
 
 
 def test_engine_api(engine, local, systems):
@@ -235,7 +235,7 @@ def test_md_with_partition_reuse_equals_rebuild_every_step(engine):
     before = engine.rebuilds
     reuse = _md(lambda st: engine.compute([st])[0], s, 50)
     rebuilt = engine.rebuilds - before
-    fresh_engine = LocalEngine(ReferenceMP(), skin=0.0)  # a new list at every call
+    fresh_engine = SingleRankEngine(ReferenceMP(), skin=0.0)  # a new list at every call
     fresh = _md(lambda st: fresh_engine.compute([st])[0], s, 50)
     assert fresh_engine.rebuilds == 51
     assert 2 <= rebuilt <= 25  # reused most steps, and rebuilt when atoms moved skin/2

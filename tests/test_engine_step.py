@@ -14,7 +14,7 @@ from fault_models import ExtrasModel
 from mlipd.engine import make_engine
 from mlipd.engine.devices import pick_backend, resolve_device
 from mlipd.engine.distributed import DistributedEngine
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import SetupError
 from mlipd.launch import detect_world, first_host
 from mlipd.models.reference import ReferenceMP
@@ -57,7 +57,7 @@ def _same(got, want, rtol):
 
 def test_extras_of_any_shape_reach_the_caller_alike_at_p1_and_p3():
     batch = _batch()
-    local = LocalEngine(ExtrasModel(), dtype=torch.float64).compute(batch)
+    local = SingleRankEngine(ExtrasModel(), dtype=torch.float64).compute(batch)
     first = 0
     for s, r in zip(batch, local, strict=True):
         assert np.shape(r.extras["charge"]) == (s.n_atoms,)
@@ -69,13 +69,13 @@ def test_extras_of_any_shape_reach_the_caller_alike_at_p1_and_p3():
     with DistributedEngine(ExtrasModel, ranks=3, dtype=torch.float64) as engine:
         _same(engine.compute(batch), local, 1e-10)
         for s in batch:  # alone: every structure split over the three ranks
-            _same(engine.compute([s]), LocalEngine(ExtrasModel(), dtype=torch.float64)
+            _same(engine.compute([s]), SingleRankEngine(ExtrasModel(), dtype=torch.float64)
                   .compute([s]), 1e-10)
 
 
 def test_local_and_distributed_at_one_rank_agree():
     batch = _batch()
-    want = LocalEngine(ExtrasModel(), dtype=torch.float64).compute(batch)
+    want = SingleRankEngine(ExtrasModel(), dtype=torch.float64).compute(batch)
     with DistributedEngine(ExtrasModel, ranks=1, dtype=torch.float64) as engine:
         got = engine.compute(batch)
         assert engine.world_size == 1
@@ -85,7 +85,7 @@ def test_local_and_distributed_at_one_rank_agree():
 def test_warm_step_uploads_positions_and_cells_only():
     """Host-to-device bytes of a warm step: positions (N, 3) and cells (B, 3, 3) in
     float64, nothing of the topology (counted where every upload goes through)."""
-    engine = LocalEngine(ExtrasModel(), dtype=torch.float64)
+    engine = SingleRankEngine(ExtrasModel(), dtype=torch.float64)
     s = cases()["bulk"]
     engine.compute([s])
     rebuild_bytes = engine.step.h2d.step_bytes

@@ -27,8 +27,8 @@ from model_cases import (
     slab,
 )
 
-from mlipd.engine.local import LocalEngine
 from mlipd.engine.neighbors import neighbor_list
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.models.esen import ESENModel
 from mlipd.models.esen_graph import capped_mask, max_neighbors_mask, neighbor_slots
 from mlipd.models.registry import load_model
@@ -108,7 +108,7 @@ def test_p1_equals_fairchem(ckpt, which):
     path = ckpt[which == "capped"]
     model = load_model(f"esen:{path}").to(torch.float64)
     assert isinstance(model, ESENModel)
-    engine = LocalEngine(model)
+    engine = SingleRankEngine(model)
     for name in ("bulk", "triclinic"):
         atoms = four_cases(ZS, bulk_reps=2)[name]
         e, f, s = _fairchem(model, atoms, path)  # from_ase wraps atoms first: same positions
@@ -224,7 +224,7 @@ def test_open_boundaries_equal_fairchem(ckpt, name):
     model = load_model(f"esen:{path}").to(torch.float64)
     atoms = _thin_slab() if name == "slab" else four_cases(ZS)["molecule"]
     e, f, _ = _fairchem(model, atoms, path)
-    engine = LocalEngine(model)
+    engine = SingleRankEngine(model)
     (got,) = engine.compute([Structure.from_atoms(atoms)])
     assert got.virial is None
     assert rel(got.energy, e) <= 1e-8

@@ -35,7 +35,7 @@ from model_cases import (
     small_triclinic,
 )
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import ModelUnavailable, SetupError, UnknownSpecies
 from mlipd.models.mace import MaceModel
 from mlipd.models.registry import load_model
@@ -121,7 +121,7 @@ CASES = {"compressed": compressed, "triclinic": lambda: small_triclinic(ZS),
 @pytest.mark.parametrize("zbl", [True, False], ids=["zbl", "nozbl"])
 def test_equals_mace_calculator(scale_shift, zbl):
     model = build_mace(scale_shift=scale_shift, zbl=zbl)
-    engine = LocalEngine(MaceModel(model=model))
+    engine = SingleRankEngine(MaceModel(model=model))
     for make in CASES.values():
         atoms = make()
         (got,) = engine.compute([Structure.from_atoms(atoms)])
@@ -133,8 +133,8 @@ def test_zbl_term_is_exercised():
     """The compressed box must make ZBL matter, or the ZBL cases above prove nothing."""
     s = [Structure.from_atoms(compressed())]
     for scale_shift in (True, False):
-        with_zbl = LocalEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=True)))
-        without = LocalEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=False)))
+        with_zbl = SingleRankEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=True)))
+        without = SingleRankEngine(MaceModel(model=build_mace(scale_shift=scale_shift, zbl=False)))
         assert rel(with_zbl.compute(s)[0].energy, without.compute(s)[0].energy) > 1e-5
 
 
@@ -154,7 +154,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_variants_equal_mace_calculator(variant):
     model = build_mace(**variant)
-    engine = LocalEngine(MaceModel(model=model))
+    engine = SingleRankEngine(MaceModel(model=model))
     atoms = small_triclinic(ZS)
     (got,) = engine.compute([Structure.from_atoms(atoms)])
     compare_to_ase(got, reference(model, atoms), rtol=1e-8)
@@ -163,9 +163,9 @@ def test_variants_equal_mace_calculator(variant):
 def test_multi_head_uses_default_head():
     model = build_mace(heads=["pt_head", "Default"])
     atoms = small_triclinic(ZS)
-    (got,) = LocalEngine(MaceModel(model=model)).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(MaceModel(model=model)).compute([Structure.from_atoms(atoms)])
     compare_to_ase(got, reference(model, atoms), rtol=1e-8)
-    (other,) = LocalEngine(MaceModel(model=model, head="pt_head")).compute(
+    (other,) = SingleRankEngine(MaceModel(model=model, head="pt_head")).compute(
         [Structure.from_atoms(atoms)])
     compare_to_ase(other, reference(model, atoms, head="pt_head"), rtol=1e-8)
     assert rel(other.energy, got.energy) > 1e-3
@@ -174,7 +174,7 @@ def test_multi_head_uses_default_head():
 
 
 def test_batch_equals_singles():
-    engine = LocalEngine(MaceModel(model=build_mace()))
+    engine = SingleRankEngine(MaceModel(model=build_mace()))
     structures = [Structure.from_atoms(make()) for make in CASES.values()]
     batched = engine.compute(structures)
     for s, b in zip(structures, batched, strict=True):
@@ -192,7 +192,7 @@ def test_model_file_through_registry(tmp_path):
     assert loaded.spec.species == frozenset(ZS)
     assert loaded.spec.cutoff == pytest.approx(4.0)
     atoms = small_triclinic(ZS)
-    (got,) = LocalEngine(loaded).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(loaded).compute([Structure.from_atoms(atoms)])
     compare_to_ase(got, reference(model, atoms), rtol=1e-8)
 
 
@@ -219,7 +219,7 @@ def test_importing_the_adapter_leaves_torch_load_safe():
 
 
 def test_unknown_species_is_a_clear_error():
-    engine = LocalEngine(MaceModel(model=build_mace()))
+    engine = SingleRankEngine(MaceModel(model=build_mace()))
     atoms = small_triclinic([26])
     with pytest.raises(UnknownSpecies, match="26"):
         engine.compute([Structure.from_atoms(atoms)])
@@ -247,12 +247,12 @@ def test_recompute_and_chunks_equal_stored(variant):
           "attention": VARIANTS["attention"]}[variant]
     model = build_mace(**kw)
     s = [Structure.from_atoms(compressed())]
-    stored = LocalEngine(MaceModel(model=model, recompute="0", chunk=0))
+    stored = SingleRankEngine(MaceModel(model=model, recompute="0", chunk=0))
     (ref,) = stored.compute(s)
     assert stored.model.recomputed == 0
     assert stored.model.counters["chunks"] == 1
     for recompute, chunk in (("1", 0), ("0", 400), ("1", 400)):
-        engine = LocalEngine(MaceModel(model=model, recompute=recompute, chunk=chunk))
+        engine = SingleRankEngine(MaceModel(model=model, recompute=recompute, chunk=chunk))
         (got,) = engine.compute(s)
         assert rel(got.energy, ref.energy) <= 1e-12
         assert rel(got.forces, ref.forces) <= 1e-12
@@ -269,7 +269,7 @@ def test_recompute_auto_follows_free_memory(monkeypatch):
     import mlipd.models.mace_memory as memory
 
     # recompute=auto, chunk=auto; decided per topology, so every call rebuilds (skin 0)
-    engine = LocalEngine(MaceModel(model=build_mace()), skin=0)
+    engine = SingleRankEngine(MaceModel(model=build_mace()), skin=0)
     s = [Structure.from_atoms(compressed())]
     engine.compute(s)
     assert engine.model.counters["recompute"] == 0  # a 64-atom box on this machine
@@ -297,8 +297,8 @@ def test_jit_option_equals_default():
     numbers, also from its second call on, when the executor has optimised its graphs."""
     model = build_mace()
     s = [Structure.from_atoms(compressed())]
-    (ref,) = LocalEngine(MaceModel(model=model)).compute(s)
-    engine = LocalEngine(MaceModel(model=model, recompute="0", jit=True))
+    (ref,) = SingleRankEngine(MaceModel(model=model)).compute(s)
+    engine = SingleRankEngine(MaceModel(model=model, recompute="0", jit=True))
     for _ in range(3):
         (got,) = engine.compute(s)
         assert rel(got.forces, ref.forces) <= 1e-12
@@ -322,8 +322,8 @@ def test_cueq_equals_e3nn():
     layout) through the split interactions, chunks and recomputation."""
     model = build_mace()
     s = [Structure.from_atoms(compressed())]
-    (ref,) = LocalEngine(MaceModel(model=model)).compute(s)
-    engine = LocalEngine(MaceModel(model=model, cueq=True, recompute="1", chunk=300))
+    (ref,) = SingleRankEngine(MaceModel(model=model)).compute(s)
+    engine = SingleRankEngine(MaceModel(model=model, cueq=True, recompute="1", chunk=300))
     (got,) = engine.compute(s)
     assert engine.model.mace is not model  # a converted copy
     assert rel(got.forces, ref.forces) <= 1e-12
@@ -418,7 +418,7 @@ def test_mace_file_drives_real_ipi(processes, short_tmp):
     atoms = bulk_box([6, 14], reps=1, a=4.6, seed=7)
     run = drive_real_ipi(processes, short_tmp, atoms, name="mace",
                          model=f"mace:{short_tmp / 'tiny.model'}")
-    check_trajectory(run, atoms, LocalEngine(MaceModel(model=model)).compute)
+    check_trajectory(run, atoms, SingleRankEngine(MaceModel(model=model)).compute)
 
 
 def small_mace() -> MaceModel:

@@ -14,7 +14,7 @@ from vesin import NeighborList
 
 from mlipd.engine.budget import MemoryBudget, exact_counts, neighbour_bound, upper_bound
 from mlipd.engine.guards import Limits, _reduced, check_structures
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import TooLarge, ValidationError
 from mlipd.model_api import MemoryCost, memory_cost
 from mlipd.models.registry import load_model
@@ -125,7 +125,7 @@ def test_a_pair_pushed_together_within_the_skin_is_refused_on_a_reused_list():
     # the row 4: a reference 0.45 Å apart, then 0.0002 Å apart with each atom
     # moved less than skin / 2, so the neighbour list is reused (answered ok with
     # E = 5.8e47 eV before)
-    engine = LocalEngine(load_model("lj"), skin=0.5)
+    engine = SingleRankEngine(load_model("lj"), skin=0.5)
     (first,) = engine.compute([_pair_structure(0.45)])
     close = _pair_structure(0.45)
     close.positions[0, 0] += 0.2249

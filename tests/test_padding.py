@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mlipd.engine.cuda_graphs import GraphedRun, check_mode, copy_into, enabled, same_layout
-from mlipd.engine.local import LocalEngine
 from mlipd.engine.padding import bucket
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import SetupError
 from mlipd.models.reference import ReferenceMP
 from mlipd.testing.systems import cases
@@ -49,8 +49,8 @@ def _rel(a, b) -> float:
 
 
 def _check_padding_changes_nothing(factory, batch: list[Structure], *, rtol: float):
-    plain = LocalEngine(factory(), dtype=torch.float64)
-    padded = LocalEngine(factory(), dtype=torch.float64, pad=True)
+    plain = SingleRankEngine(factory(), dtype=torch.float64)
+    padded = SingleRankEngine(factory(), dtype=torch.float64, pad=True)
     steps = [batch] + [list(t) for t in zip(*[_moves(s, 4, k) for k, s in enumerate(batch)],
                                              strict=True)]
     for structures in steps:
@@ -104,9 +104,9 @@ def test_a_rebuild_within_the_buckets_keeps_every_shape():
     second's own results: what adopting a captured graph does."""
     s = cases()["triclinic"]
     moved = _moves(s, 1, 7, scale=0.3)[0]
-    first = LocalEngine(ReferenceMP(), dtype=torch.float64, pad=True)
+    first = SingleRankEngine(ReferenceMP(), dtype=torch.float64, pad=True)
     first.compute([s])
-    second = LocalEngine(ReferenceMP(), dtype=torch.float64, pad=True)
+    second = SingleRankEngine(ReferenceMP(), dtype=torch.float64, pad=True)
     (want,) = second.compute([moved])
     a, b = first.step.topology, second.step.topology
     assert a.n_owned == b.n_owned
@@ -133,7 +133,7 @@ def test_modes():
     model = ReferenceMP()
     assert not enabled("auto", cpu, model)
     assert not enabled("1", cpu, model)
-    engine = LocalEngine(ReferenceMP(), cuda_graphs="1")  # CPU: eager, no padding
+    engine = SingleRankEngine(ReferenceMP(), cuda_graphs="1")  # CPU: eager, no padding
     assert engine.graphed is None
     assert not engine.step.pad
     # the runner falls back to the eager step while nothing can be captured

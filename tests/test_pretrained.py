@@ -24,7 +24,7 @@ from mace.calculators import foundations_models as fm
 from mace.tools.utils import get_cache_dir
 from model_cases import bulk_box, small_triclinic
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import ModelUnavailable
 from mlipd.models import caches
 from mlipd.models.mace import MaceModel
@@ -82,11 +82,11 @@ def test_mace_off_file_is_where_mace_off_loads_it(cache_home):
     model = load_model("mace-off:small")
     assert isinstance(model, MaceModel)
     atoms = small_triclinic([1, 6, 8, 14])
-    (got,) = LocalEngine(model).compute([Structure.from_atoms(atoms)])
-    (ref,) = LocalEngine(MaceModel(model=tiny_mace())).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(model).compute([Structure.from_atoms(atoms)])
+    (ref,) = SingleRankEngine(MaceModel(model=tiny_mace())).compute([Structure.from_atoms(atoms)])
     assert got.energy == pytest.approx(ref.energy, rel=1e-12)
     # the memory options of mace: reach the model behind a name too
-    lean = LocalEngine(load_model("mace-off:small,recompute=1,chunk=20"))
+    lean = SingleRankEngine(load_model("mace-off:small,recompute=1,chunk=20"))
     (low,) = lean.compute([Structure.from_atoms(atoms)])
     assert lean.model.counters["recompute"] == 1
     assert lean.model.counters["chunks"] > 1
@@ -168,8 +168,8 @@ def test_tensornet_name_from_matgls_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("0123abcd")
     model = load_model("tensornet:TensorNet-Tiny")
     atoms = small_triclinic([1, 6, 8, 14])
-    (got,) = LocalEngine(model).compute([Structure.from_atoms(atoms)])
-    (ref,) = LocalEngine(load_model(f"tensornet:{snapshot}")).compute(
+    (got,) = SingleRankEngine(model).compute([Structure.from_atoms(atoms)])
+    (ref,) = SingleRankEngine(load_model(f"tensornet:{snapshot}")).compute(
         [Structure.from_atoms(atoms)])
     assert got.energy == pytest.approx(ref.energy, rel=1e-12)
     listed = {f.name: f for f in caches.tensornet_files()}

@@ -12,7 +12,7 @@ from fairchem.core.calculate import pretrained_mlip
 from model_cases import small_triclinic
 from test_esen import ZS, _save
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import ModelUnavailable
 from mlipd.models import caches, esen, sevennet
 from mlipd.models.catalog import ENTRIES
@@ -46,8 +46,8 @@ def test_esen_name_from_fairchems_cache(tmp_path, monkeypatch):
     by_name = load_model(f"esen:{NAME}")
     by_path = load_model(f"esen:{file}")
     s = [Structure.from_atoms(small_triclinic(ZS))]
-    (a,) = LocalEngine(by_name, dtype=torch.float64).compute(s)
-    (b,) = LocalEngine(by_path, dtype=torch.float64).compute(s)
+    (a,) = SingleRankEngine(by_name, dtype=torch.float64).compute(s)
+    (b,) = SingleRankEngine(by_path, dtype=torch.float64).compute(s)
     assert a.energy == pytest.approx(b.energy, rel=1e-12)
     (listed,) = [f for f in caches.esen_files() if f.name == NAME]
     assert listed.present

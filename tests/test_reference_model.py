@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.models.reference import ReferenceMP
 from mlipd.models.registry import load_model
 from mlipd.testing.systems import small_triclinic
@@ -27,7 +27,7 @@ def _one_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def engine():
-    return LocalEngine(ReferenceMP("layers=3,features=16,cutoff=5,seed=0"))
+    return SingleRankEngine(ReferenceMP("layers=3,features=16,cutoff=5,seed=0"))
 
 
 def test_smooth_to_zero_at_cutoff(engine):
@@ -73,7 +73,7 @@ def test_invariant_under_rotation_and_translation(engine):
 
 def test_angular_term(engine):
     """Two bonds of fixed length whose ends stay beyond the cutoff: only the angle acts."""
-    model = LocalEngine(ReferenceMP("cutoff=3"))
+    model = SingleRankEngine(ReferenceMP("cutoff=3"))
     energies = []
     for angle in (120.0, 150.0, 180.0):
         a = np.radians(angle)

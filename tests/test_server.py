@@ -333,13 +333,13 @@ def test_busy_when_the_queue_is_full(tmp_path):
 
 
 def test_unknown_species_is_refused_before_the_engine():
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
     from mlipd.models.lj import LennardJones
     from mlipd.server.app import Server
 
     model = LennardJones()
     model.spec = replace(model.spec, species=frozenset({18}))  # an argon-only potential
-    server = Server(LocalEngine(model), zmq=["tcp://127.0.0.1:0"])
+    server = Server(SingleRankEngine(model), zmq=["tcp://127.0.0.1:0"])
     (address,) = server.start()
     try:
         with Client(address) as c:

@@ -34,7 +34,7 @@ from sevenn.calculator import SevenNetCalculator
 from sevenn.train.dataload import unlabeled_atoms_to_graph
 
 from mlipd.bench.systems import oxide
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import ModelUnavailable
 from mlipd.models import caches
 from mlipd.models.pretrained import sevennet_checkpoint
@@ -136,8 +136,8 @@ def test_sevennet0_equals_sevenn_calculator_float32(name):
     geometry, with the stiffness measured in float64)."""
     atoms = cases()[name]
     s = Structure.from_atoms(atoms)
-    (got,) = LocalEngine(adapter(), dtype=torch.float32).compute([s])
-    engine64 = LocalEngine(adapter64(), dtype=torch.float64)
+    (got,) = SingleRankEngine(adapter(), dtype=torch.float32).compute([s])
+    engine64 = SingleRankEngine(adapter64(), dtype=torch.float64)
     (exact,) = engine64.compute([s])
     ref = atoms.copy()
     ref.calc = calculator()
@@ -165,7 +165,7 @@ def test_sevennet0_equals_sevenn_float64(name):
     atoms = cases()[name]
     model = adapter64()
     energy, forces, stress = sevenn_float64(model.seven, atoms)
-    (got,) = LocalEngine(model, dtype=torch.float64).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(model, dtype=torch.float64).compute([Structure.from_atoms(atoms)])
     assert rel(got.energy, energy) < 1e-8
     assert rel(got.forces, forces) < 1e-8
     if atoms.pbc.all():
@@ -179,10 +179,10 @@ def test_multi_fidelity_needs_modal():
     ref = atoms.copy()
     ref.calc = calculator("7net-mf-0", "PBE")
     s = [Structure.from_atoms(atoms)]
-    (pbe,) = LocalEngine(adapter("7net-mf-0", "PBE"), dtype=torch.float32).compute(s)
+    (pbe,) = SingleRankEngine(adapter("7net-mf-0", "PBE"), dtype=torch.float32).compute(s)
     assert abs(pbe.energy - ref.get_potential_energy()) / len(atoms) < 1e-5
     assert np.abs(pbe.forces - ref.get_forces()).max() < 1e-4
-    (r2scan,) = LocalEngine(adapter("7net-mf-0", "R2SCAN"), dtype=torch.float32).compute(s)
+    (r2scan,) = SingleRankEngine(adapter("7net-mf-0", "R2SCAN"), dtype=torch.float32).compute(s)
     assert abs(r2scan.energy - pbe.energy) / len(atoms) > 1e-3
     with pytest.raises(ValueError, match="modal=NAME"):
         SevenNetModel(model=adapter("7net-mf-0", "PBE").seven)
@@ -240,7 +240,7 @@ def test_drives_real_ipi(processes, short_tmp):
                          temperature_k=300, timestep_fs=2.0, timeout=300)
     # i-PI's files keep 8 decimals: positions rounded by 5e-9 Å move an oxide's forces by
     # ~1e-7 eV/Å (force constants ~20 eV/Å²)
-    check_trajectory(run, atoms, LocalEngine(adapter(), dtype=torch.float64).compute,
+    check_trajectory(run, atoms, SingleRankEngine(adapter(), dtype=torch.float64).compute,
                      force_atol=2e-7)
 
 

@@ -29,7 +29,7 @@ from model_cases import (
     small_triclinic,
 )
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import SetupError
 from mlipd.models.registry import load_model
 from mlipd.models.tensornet import TensorNetModel
@@ -87,7 +87,7 @@ def cases():
 ], ids=["O3-refs", "SO3-norefs-3blocks", "bessel"])
 def test_equals_pes_calculator(variant):
     pot = build_potential(**variant)
-    engine = LocalEngine(TensorNetModel(potential=pot))
+    engine = SingleRankEngine(TensorNetModel(potential=pot))
     for name, atoms in cases().items():
         (got,) = engine.compute([Structure.from_atoms(atoms)])
         compare_to_ase(got, reference(pot, atoms), rtol=1e-8)
@@ -102,7 +102,7 @@ def test_open_slab_equals_periodic_slab_with_vacuum():
     atoms = slab(ZS)
     periodic = atoms.copy()
     periodic.pbc = True
-    (got,) = LocalEngine(TensorNetModel(potential=pot)).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(TensorNetModel(potential=pot)).compute([Structure.from_atoms(atoms)])
     ref = reference(pot, periodic)
     assert rel(got.energy, ref.get_potential_energy()) <= 1e-8
     assert rel(got.forces, ref.get_forces()) <= 1e-8
@@ -117,7 +117,7 @@ def test_model_directory_through_registry(tmp_path):
     assert loaded.spec.species == frozenset(ZS)
     assert loaded.spec.cutoff == 4.0
     atoms = small_triclinic(ZS)
-    (got,) = LocalEngine(loaded).compute([Structure.from_atoms(atoms)])
+    (got,) = SingleRankEngine(loaded).compute([Structure.from_atoms(atoms)])
     compare_to_ase(got, reference(pot, atoms), rtol=1e-8)
 
 

@@ -41,9 +41,9 @@ def engine(case: Case, *, skin: float, device: str):
     """A one-rank mlipd engine for ``case`` in float32 (the model loaded once per process)."""
     import torch
 
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
 
-    return LocalEngine(_model(case.spec), device=device, dtype=torch.float32, skin=skin)
+    return SingleRankEngine(_model(case.spec), device=device, dtype=torch.float32, skin=skin)
 
 
 def mlipd_call(case: Case, structure: str, n_atoms: int, *, skin: float, device: str) -> Call:

@@ -1,6 +1,6 @@
 """The engine interface every front end uses, and the one way to get an engine.
 
-``make_engine`` returns a ``LocalEngine`` (one rank, no process group), a
+``make_engine`` returns a ``SingleRankEngine`` (one rank, no process group), a
 ``DistributedEngine`` (several ranks, spawned or launched by torchrun/srun) or a
 ``WholeEngine`` (a whole-structure model such as an ASE calculator); all satisfy
 ``Engine``.
@@ -97,7 +97,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
              (``mlipd.engine.cuda_graphs``)
     """
     from mlipd.engine.devices import node_devices, resolve_device
-    from mlipd.engine.local import DEFAULT_SKIN
+    from mlipd.engine.single_rank import DEFAULT_SKIN
     from mlipd.engine.threads import threads_per_rank
 
     dtype = dtype or DEFAULT_DTYPE
@@ -117,7 +117,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                                  threads_per_rank=threads, world=world, limits=limits,
                                  heartbeat_s=rank_heartbeat_s)
     if ranks == 1:
-        from mlipd.engine.local import LocalEngine
+        from mlipd.engine.single_rank import SingleRankEngine
         from mlipd.models.registry import load_model
 
         if threads is not None:
@@ -127,7 +127,7 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
             from mlipd.engine.whole import WholeEngine
 
             return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
-        return LocalEngine(loaded, device=resolve_device(local_devices[0]),
+        return SingleRankEngine(loaded, device=resolve_device(local_devices[0]),
                            dtype=DTYPES[dtype], skin=skin, limits=limits,
                            cuda_graphs=cuda_graphs)
     if _whole_structure(model):

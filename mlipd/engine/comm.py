@@ -98,7 +98,7 @@ class Comm:
         return AllReduceSum.apply(tensor, self.group, None if self.wire == self.device
                                   else self.wire)
 
-    # --- front-end traffic (not differentiable) -------------------------------------
+    # --- rank-0 traffic (not differentiable) ----------------------------------------
     def broadcast_object(self, obj: Any = None) -> Any:
         """Pickle ``obj`` on group rank 0 and return it everywhere."""
         box = [obj if self.rank == 0 else None]

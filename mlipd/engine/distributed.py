@@ -1,4 +1,4 @@
-"""The multi-rank engine. The caller's process is rank 0, the front end.
+"""The multi-rank engine. The caller's process is rank 0.
 
 ``DistributedEngine(model, device=, dtype=, ranks=N)`` spawns N - 1 rank processes,
 joins them in a torch.distributed group (NCCL with one GPU per rank, gloo otherwise;
@@ -27,7 +27,7 @@ may sit in fails now; a rank whose heartbeat (written from a thread of its own i
 shared memory) is older than ``heartbeat_s`` (stopped, swapped out, hung with the GIL
 held) is killed, with the same effect. The next request finds the ranks gone and
 starts new ones. Under torchrun or srun (``world=``) ranks cannot be respawned:
-the engine stays broken and every request fails, so the front end should exit and
+the engine stays broken and every request fails, so the caller should exit and
 let the launcher restart the job.
 """
 
@@ -104,7 +104,7 @@ class DistributedEngine:
                  limits: Limits | None = None, heartbeat_s: float | None = None) -> None:
         if world is not None:
             if world.rank != 0:
-                raise SetupError("only rank 0 of a launched job runs the engine's front end")
+                raise SetupError("only rank 0 of a launched job drives the engine")
             ranks = world.size
         if ranks < 1:
             raise SetupError(f"ranks must be >= 1, got {ranks}")

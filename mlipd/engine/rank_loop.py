@@ -1,6 +1,6 @@
 """The per-step protocol every rank follows, and its one-rank special case.
 
-Rank 0 (the front end, which owns all I/O) drives; the other ranks run ``follow``:
+Rank 0 (the caller's process, which owns all I/O) drives; the other ranks run ``follow``:
 
     rank 0:  broadcast StepHeader -> share frame -> Step.run -> gather -> parts
     others:  receive StepHeader   -> share frame -> Step.run -> gather

@@ -3,7 +3,7 @@
 Every rank computes on one device; several ranks may share a GPU. With one GPU per
 rank the ranks talk over NCCL; when ranks share a device (more ranks than GPUs, CPU
 ranks, or ``backend="gloo"`` asked for) they use gloo, staging GPU rows through host
-memory (``mlipd.engine.comm``). Rank 0 (the caller's process, the front end) drives;
+memory (``mlipd.engine.comm``). Rank 0 (the caller's process) drives;
 the others run ``follower_main`` until rank 0 stops them (spawned ranks start in
 ``mlipd.engine.rank_main``). Launch across nodes with
 torchrun or srun (``mlipd.launch``).
@@ -23,8 +23,8 @@ import torch.distributed.distributed_c10d as c10d
 
 from mlipd.engine.comm import Comm
 from mlipd.engine.devices import local_device, pick_backend
-from mlipd.engine.local import for_inference
 from mlipd.engine.rank_loop import RankLoop
+from mlipd.engine.single_rank import for_inference
 from mlipd.engine.step import Step
 from mlipd.malloc import keep_freed_memory
 

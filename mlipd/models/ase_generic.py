@@ -3,7 +3,7 @@
 A package that ships an ASE calculator but has no mlipd adapter yet still runs
 behind every front end, at one rank. Such a calculator is a *whole-structure*
 model: it returns energy, forces and stress itself, so it cannot take part in the
-graph / halo-exchange / autograd path of ``LocalEngine`` and ``DistributedEngine``.
+graph / halo-exchange / autograd path of ``SingleRankEngine`` and ``DistributedEngine``.
 ``make_engine`` sees ``whole_structure = True`` and uses ``mlipd.engine.whole.WholeEngine``
 instead, and refuses ``--ranks`` > 1: distributing a model needs an adapter
 (docs/models.md).

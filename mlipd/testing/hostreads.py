@@ -207,8 +207,8 @@ def _warm_reads_on_rank(rank: int, world_size: int, factory, structure, skin: fl
     import numpy as np
 
     from mlipd.engine.comm import Comm
-    from mlipd.engine.local import for_inference
     from mlipd.engine.partition import Geometry, partition_batch
+    from mlipd.engine.single_rank import for_inference
     from mlipd.engine.step import Frame, Step
 
     cpu = torch.device("cpu")

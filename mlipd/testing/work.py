@@ -365,8 +365,8 @@ def _runs_on_rank(rank: int, world_size: int, factory: Callable[[], Model],
     import torch.distributed as dist
 
     from mlipd.engine.comm import Comm
-    from mlipd.engine.local import for_inference
     from mlipd.engine.ranks import sync_weights
+    from mlipd.engine.single_rank import for_inference
 
     cpu = torch.device("cpu")
     models: dict = {}

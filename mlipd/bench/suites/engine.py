@@ -1,5 +1,5 @@
 """The engine's one step at P = 1 with and without a process group, and what a warm
-step uploads: ``DistributedEngine(ranks=1)`` vs ``LocalEngine`` (the same step; the
+step uploads: ``DistributedEngine(ranks=1)`` vs ``SingleRankEngine`` (the same step; the
 ratio is the cost of the group's collectives), host-to-device bytes per warm step and
 per rebuild, and on a GPU ranks sharing it (gloo, host-staged) against P = 1."""
 
@@ -12,7 +12,7 @@ from mlipd.bench.systems import Jiggle, oxide, silicon
 from mlipd.bench.timing import interleaved
 
 REQUIRES = ("chgnet",)
-DESCRIPTION = "DistributedEngine(ranks=1) vs LocalEngine; host-to-device bytes per step"
+DESCRIPTION = "DistributedEngine(ranks=1) vs SingleRankEngine; host-to-device bytes per step"
 BUDGET_S = {"tiny": 90.0, "quick": 30.0, "full": 1800.0}
 GPU_BUDGET_S = {"full": 25.0}  # one GPU session: all suites in ~9 min
 SIZES = {  # (model, structure, atoms) per size
@@ -26,15 +26,15 @@ REPEATS = {"tiny": 2, "quick": 3, "full": 5}
 
 def run(report: Report, *, size: str, device: str) -> None:
     from mlipd.engine.distributed import DistributedEngine
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
     from mlipd.models.registry import load_model
 
     dev = torch.device(device)
     cases = GPU_FULL if dev.type == "cuda" and size == "full" else SIZES[size]
     ratio = report.table("One step at P = 1: the same step with and without a process group "
                          "(s per warm MD step, median (min-max))",
-                         ["model", "atoms", "dtype", "LocalEngine", "DistributedEngine(ranks=1)",
-                          "ratio"])
+                         ["model", "atoms", "dtype", "SingleRankEngine",
+                          "DistributedEngine(ranks=1)", "ratio"])
     upload = report.table("Host-to-device bytes",
                           ["model", "atoms", "rebuild", "warm step", "positions + cells"])
     for model, build, n in cases:
@@ -42,7 +42,7 @@ def run(report: Report, *, size: str, device: str) -> None:
             ratio.notes.append(f"{model}: not run (the suite's deadline had passed)")
             continue
         md = Jiggle(build(n))
-        local = LocalEngine(load_model(model), device=dev, dtype=torch.float32)
+        local = SingleRankEngine(load_model(model), device=dev, dtype=torch.float32)
         dist = DistributedEngine(model, device=device, ranks=1, dtype=torch.float32)
         try:
             t = interleaved({"local": lambda k, e=local, m=md: e.compute([m.structure(k)]),

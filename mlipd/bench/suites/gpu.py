@@ -105,7 +105,7 @@ def _case_model(name: str, workdir: Path):
 
 def _graphs(report: Report, *, size: str, device: str, deadline: Deadline,
             workdir: Path) -> None:
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
 
     table = report.table(
         f"Warm call, {GRAPH_ATOMS[size]}-atom Si, float32: CUDA graphs on and off "
@@ -118,9 +118,9 @@ def _graphs(report: Report, *, size: str, device: str, deadline: Deadline,
             table.notes.append(f"{name}: not run (deadline)")
             continue
         md = Jiggle(silicon(GRAPH_ATOMS[size]))
-        eager = LocalEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
+        eager = SingleRankEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
                             cuda_graphs="0")
-        graphed = LocalEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
+        graphed = SingleRankEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
                               cuda_graphs="1")
         t = interleaved({"0": lambda k, e=eager, m=md: e.compute([m.structure(k)]),
                          "1": lambda k, e=graphed, m=md: e.compute([m.structure(k)])},
@@ -142,7 +142,7 @@ def _shared(report: Report, *, size: str, device: str, deadline: Deadline,
     """P ranks on one device (gloo: rows staged through the host) against one rank,
     float64: equal to 1e-10, and their step times."""
     from mlipd.engine.distributed import DistributedEngine
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
 
     table = report.table(
         "Ranks sharing one device vs one rank, float64 (s per warm MD step, median (min-max))",
@@ -155,7 +155,7 @@ def _shared(report: Report, *, size: str, device: str, deadline: Deadline,
             continue
         md = Jiggle(silicon(n))
         spec = "reference" if name == "reference" else _spec(name, workdir)
-        one = LocalEngine(_case_model(name, workdir), device=dev, dtype=torch.float64)
+        one = SingleRankEngine(_case_model(name, workdir), device=dev, dtype=torch.float64)
         for p, each in share.shares(ranks):
             if each.passed:
                 table.notes.append(f"{name} at {p} ranks: not run (deadline)")
@@ -194,14 +194,14 @@ def _rel(a, b) -> float:
 def _host_reads(report: Report, *, size: str, device: str, workdir: Path) -> None:
     """Host reads of one warm step at one rank: CUDA's sync-debug warnings on a GPU, and
     the dispatch-mode count on any device, with the ops it names."""
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
     from mlipd.testing.hostreads import HostReads
 
     table = report.table("Host reads per warm step, one rank, 64-atom Si",
                          ["model", "CUDA sync warnings", "counted reads", "ops"])
     dev = torch.device(device)
     for name in READ_MODELS[size]:
-        engine = LocalEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
+        engine = SingleRankEngine(_case_model(name, workdir), device=dev, dtype=torch.float32,
                              cuda_graphs="0")
         md = Jiggle(silicon(64))
         engine.compute([md.structure(0)])  # rebuild

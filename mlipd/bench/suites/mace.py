@@ -334,10 +334,10 @@ def _setup(job: Job):
             return last["edges"]
 
         return package_step, package_edges
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
     from mlipd.models.mace import MaceModel
 
-    engine = LocalEngine(MaceModel(f"{job.model_path},{job.options}"), device=job.device,
+    engine = SingleRankEngine(MaceModel(f"{job.model_path},{job.options}"), device=job.device,
                          dtype=torch.float32)
     return (lambda k: engine.compute([md.structure(k)])), (lambda: int(engine.last_stats[0, 1]))
 

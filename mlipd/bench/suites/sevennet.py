@@ -40,10 +40,11 @@ MODEL = "7net-0"
 
 
 def _mlipd(device: str):
-    from mlipd.engine.local import LocalEngine
+    from mlipd.engine.single_rank import SingleRankEngine
     from mlipd.models.sevennet import SevenNetModel
 
-    engine = LocalEngine(SevenNetModel(MODEL), device=torch.device(device), dtype=torch.float32)
+    engine = SingleRankEngine(SevenNetModel(MODEL), device=torch.device(device),
+                              dtype=torch.float32)
     return lambda s: engine.compute([s], virial=True)
 
 

@@ -33,7 +33,7 @@ def for_inference(model: Model, device: torch.device, dtype: torch.dtype) -> Mod
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-class LocalEngine:
+class SingleRankEngine:
     """Evaluate a model on a batch of structures in one process (one rank).
 
     The batch is one disjoint graph: one model call for all structures.

@@ -1,11 +1,11 @@
-"""LocalEngine's reused (Verlet-skin) neighbour list equals a fresh list at every call."""
+"""SingleRankEngine's reused (Verlet-skin) neighbour list equals a fresh list at every call."""
 
 import numpy as np
 import pytest
 import torch
 from ase.build import bulk
 
-from mlipd.engine.local import LocalEngine
+from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import UnknownSpecies
 from mlipd.models.lj import LennardJones
 from mlipd.models.reference import ReferenceMP
@@ -35,8 +35,8 @@ def assert_same(a, b):
 @pytest.mark.parametrize("make", [lambda: LennardJones(cutoff=5.0),
                                   lambda: ReferenceMP("cutoff=4.5,layers=2,features=8")])
 def test_reuse_equals_fresh_list(make):
-    reused = LocalEngine(make(), skin=0.6)
-    fresh = LocalEngine(make(), skin=0.0)
+    reused = SingleRankEngine(make(), skin=0.6)
+    fresh = SingleRankEngine(make(), skin=0.0)
     traj = trajectory(12, step_ang=0.04)
     for s in traj:
         (a,), (b,) = reused.compute([s]), fresh.compute([s])
@@ -48,8 +48,8 @@ def test_reuse_equals_fresh_list(make):
 def test_pairs_crossing_the_cutoff_are_counted_exactly():
     """Two atoms walked through r = cutoff without a rebuild: the energy follows."""
     cutoff = 4.0
-    engine = LocalEngine(LennardJones(cutoff=cutoff), skin=1.0)
-    fresh = LocalEngine(LennardJones(cutoff=cutoff), skin=0.0)
+    engine = SingleRankEngine(LennardJones(cutoff=cutoff), skin=1.0)
+    fresh = SingleRankEngine(LennardJones(cutoff=cutoff), skin=0.0)
     for r in (4.2, 4.05, 3.99, 3.8, 3.99, 4.1):  # moves < skin / 2 from the first build
         s = Structure(numbers=[18, 18], positions=[[0, 0, 0], [r, 0, 0]],
                       cell=np.zeros((3, 3)), pbc=False)
@@ -61,7 +61,7 @@ def test_pairs_crossing_the_cutoff_are_counted_exactly():
 
 
 def test_rebuild_on_cell_species_or_batch_change():
-    engine = LocalEngine(LennardJones(cutoff=5.0), skin=0.5)
+    engine = SingleRankEngine(LennardJones(cutoff=5.0), skin=0.5)
     s = trajectory(1, step_ang=0.0)[0]
     engine.compute([s])
     engine.compute([s])
@@ -69,7 +69,7 @@ def test_rebuild_on_cell_species_or_batch_change():
     strained = Structure(numbers=s.numbers, positions=s.positions, cell=s.cell * 1.001,
                          pbc=s.pbc)
     (got,) = engine.compute([strained])
-    (want,) = LocalEngine(LennardJones(cutoff=5.0), skin=0.0).compute([strained])
+    (want,) = SingleRankEngine(LennardJones(cutoff=5.0), skin=0.0).compute([strained])
     assert_same(got, want)
     assert engine.rebuilds == 2
     engine.compute([s, strained])
@@ -84,7 +84,7 @@ def test_species_error_is_not_cached():
     """A rejected batch leaves no reusable list behind: the same batch fails again."""
     model = ReferenceMP("cutoff=4")
     model.spec = type(model.spec)(name="ref", cutoff=4.0, n_layers=3, species=frozenset({18}))
-    engine = LocalEngine(model, skin=0.5)
+    engine = SingleRankEngine(model, skin=0.5)
     s = trajectory(1, step_ang=0.0)[0]
     bad = Structure(numbers=np.r_[s.numbers[:-1], 36], positions=s.positions, cell=s.cell,
                     pbc=s.pbc)
@@ -96,7 +96,7 @@ def test_species_error_is_not_cached():
 
 
 def test_virial_off_matches_virial_on():
-    engine = LocalEngine(LennardJones(cutoff=5.0))
+    engine = SingleRankEngine(LennardJones(cutoff=5.0))
     s = trajectory(1, step_ang=0.0)[0]
     (with_v,) = engine.compute([s], virial=True)
     (without,) = engine.compute([s], virial=False)
@@ -106,7 +106,7 @@ def test_virial_off_matches_virial_on():
 
 
 def test_inputs_shared_with_torch_are_not_written():
-    engine = LocalEngine(LennardJones(cutoff=5.0), dtype=torch.float64)
+    engine = SingleRankEngine(LennardJones(cutoff=5.0), dtype=torch.float64)
     s = trajectory(1, step_ang=0.0)[0]
     before = s.positions.copy()
     (r,) = engine.compute([s])
@@ -118,11 +118,11 @@ def test_inputs_shared_with_torch_are_not_written():
 
 def test_batched_virial_equals_singles():
     """The per-structure virial of a batch (segment sums over atoms) equals one by one."""
-    engine = LocalEngine(LennardJones(cutoff=5.0))
+    engine = SingleRankEngine(LennardJones(cutoff=5.0))
     a = trajectory(1, step_ang=0.0)[0]
     tri = Structure(numbers=[18, 18], positions=[[0, 0, 0], [1.9, 1.2, 1.4]],
                     cell=[[3.9, 0, 0], [1.1, 3.7, 0], [0.6, 0.8, 4.1]], pbc=True)
     batch = engine.compute([a, tri, a])
     for s, got in zip([a, tri, a], batch, strict=True):
-        (want,) = LocalEngine(LennardJones(cutoff=5.0), skin=0.0).compute([s])
+        (want,) = SingleRankEngine(LennardJones(cutoff=5.0), skin=0.0).compute([s])
         assert_same(got, want)
