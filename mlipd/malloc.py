@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
-# blocks up to 2 GiB (mallopt's int maximum) come from the reused heap: a CHGNet step on
-# 20k atoms has activations of ~1.3 GB
+# blocks up to 2 GiB (mallopt's int maximum) come from the reused heap: a large step's
+# activation tensors are of that order
 MMAP_THRESHOLD = 2**31 - 1
 TRIM_THRESHOLD = 1 << 30  # give memory back to the OS only above 1 GiB free at the top
 
