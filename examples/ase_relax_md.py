@@ -5,7 +5,7 @@ with ASE driving and ``MlipdCalculator`` computing in this process (no server).
     python examples/ase_relax_md.py --ranks 2        # the same, partitioned over 2 ranks
     python examples/ase_relax_md.py --repeat 1 --relax-steps 5 --md-steps 5   # seconds
 
-float32 is mlipd's default precision: on a CPU it is 2-3x faster than float64, and the
+float32 is mlipd's default precision (usually faster than float64), and the
 geometry (positions, edge vectors, energy sums, forces) stays float64, so the results
 agree with CHGNet's own calculator to ~1e-6 eV/atom. ``--dtype float64`` for reference.
 Writes ``relax_md.png`` (energy and largest force during the relaxation; potential

@@ -11,7 +11,7 @@ their edges, bonds and angles; before each of CHGNet's layers it receives the fe
 of its halo atoms from their owners. So a structure too large for one device's memory
 fits on several. The command-line equivalent is ``mlipd serve --ranks 2`` or
 ``mlipd drive --ranks 2``; here ``MlipdCalculator(model=..., ranks=2)`` spawns the rank
-processes from this script. float32 is the default (on a CPU 2-3x faster than float64;
+processes from this script. float32 is the default (usually faster than float64;
 geometry, energy sums and forces stay float64). ``--check`` (default) evaluates the
 last structure on one rank as well and prints the difference.
 

@@ -8,7 +8,7 @@ temperature over the run.
     python examples/run_pimd.py                      # CHGNet, float32, 4 beads, 20 steps
     python examples/run_pimd.py --model lj:epsilon=0.1,sigma=2.1,cutoff=5 --steps 100
 
-float32 is mlipd's default precision: on a CPU it is 2-3x faster than float64, and the
+float32 is mlipd's default precision (usually faster than float64), and the
 geometry (positions, edge vectors, energy sums, forces, virials) stays float64, so
 CHGNet agrees with its own calculator to ~1e-6 eV/atom. ``--dtype float64`` for
 reference runs. The driver's log (``mlipd.log``) shows its start-up line and its

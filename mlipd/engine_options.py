@@ -26,7 +26,7 @@ DEFAULT_HEARTBEAT_S = 10.0
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--device(s)``, ``--backend``, ``--dtype``, ``--ranks``,
-    ``--threads``, ``--collective-timeout`` and the robustness options."""
+    ``--threads``, ``--collective-timeout``, ``--skin`` and the robustness options."""
     p.add_argument("--model", default="chgnet",
                    help="model name, or NAME:ARG (e.g. mace:model.pt); see `mlipd models`")
     p.add_argument("--device", default="auto",
@@ -48,6 +48,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "torch's default; several share the host's cores, cores / ranks)")
     p.add_argument("--collective-timeout", type=float, default=120.0, metavar="S",
                    help="give up on a collective (a rank that stopped answering) after S s")
+    p.add_argument("--skin", type=float, default=None, metavar="Å",
+                   help="Verlet skin of the reused neighbour list (default 0.5 Å); 0 builds "
+                        "a fresh list at every call")
     p.add_argument("--cuda-graphs", choices=["auto", "0", "1"], default="auto",
                    help="replay the warm one-rank step as a captured CUDA graph (auto: on "
                         "CUDA, for models with fixed shapes between rebuilds)")
@@ -95,9 +98,12 @@ def engine_from_args(args: argparse.Namespace):
     from mlipd.engine import make_engine
     from mlipd.engine.api import describe
 
+    if getattr(args, "skin", None) is not None and not args.skin >= 0:
+        raise SetupError(f"--skin must be >= 0 Å, got {args.skin}")
     t0 = time.perf_counter()
     engine = make_engine(args.model, device=args.device, devices=args.devices,
                          backend=args.backend, dtype=args.dtype, ranks=args.ranks,
+                         skin=getattr(args, "skin", None),
                          world=getattr(args, "world", None),
                          timeout_s=args.collective_timeout, threads=args.threads,
                          limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat,

@@ -4,13 +4,12 @@ Every step moves arrays of N x 3 float64 (1.5 MB at 65k atoms) through several f
 buffers (socket reads, msgpack frames, tensors), and a model's activations are
 tensors of up to gigabytes. glibc serves blocks above its mmap threshold with fresh
 mmap()s and hands them back on free(), so each such buffer pays its page faults
-again: measured here, a 65k-atom ZeroMQ round trip spent 3.7 of its 7.6 ms of
-overhead in them, and a 4,096-atom CHGNet step on CPU took 23.4 s instead of 11.6 s.
-Raising the mmap threshold and the trim threshold keeps those pages in the heap.
+again, at every step. Raising the mmap threshold and the trim threshold keeps those
+pages in the heap.
 
 The price is memory: freed blocks stay in the heap, where fragmentation raises the
-peak. The same 4,096-atom CHGNet step peaked at 9.6 GB instead of 7.1 GB (5.1 instead
-of 2.8 GB with ``recompute=1``). Set ``MLIPD_KEEP_FREED_MEMORY=0`` for runs whose
+peak (`mlipd bench mace` runs its contenders with glibc's default malloc and says so).
+Set ``MLIPD_KEEP_FREED_MEMORY=0`` for runs whose
 limit is memory, not time (large systems on CPU); GPU runs keep their activations in
 CUDA's own caching allocator either way.
 
@@ -31,8 +30,8 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
-# blocks up to 2 GiB (mallopt's int maximum) come from the reused heap: a CHGNet step on
-# 20k atoms has activations of ~1.3 GB
+# blocks up to 2 GiB (mallopt's int maximum) come from the reused heap: a large step's
+# activation tensors are of that order
 MMAP_THRESHOLD = 2**31 - 1
 TRIM_THRESHOLD = 1 << 30  # give memory back to the OS only above 1 GiB free at the top
 
@@ -59,8 +58,8 @@ def give_back_heap() -> bool:
     blocks for reuse, which is right between steps of one size but keeps a 1e6-atom
     request's gigabytes after it was answered. A collection runs first: a refused
     request's error holds its traceback, whose frames hold the request's arrays, in a
-    reference cycle with its future (measured: 12 refused 8 MB frames kept 100 MB until
-    the cyclic collector ran). True if glibc trimmed something."""
+    reference cycle with its future, which only the cyclic collector frees. True if glibc
+    trimmed something."""
     import gc
     import sys
 

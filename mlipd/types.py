@@ -69,8 +69,8 @@ class Structure:
         return int(self.numbers.shape[0])
 
     def species(self) -> set[int]:
-        """The atomic numbers present. O(N) counting (numbers are 1..118), not a sort:
-        np.unique costs ~1 ms at 65k atoms, this ~0.06 ms."""
+        """The atomic numbers present. O(N) counting (numbers are 1..118), not
+        np.unique's sort."""
         return set(np.flatnonzero(np.bincount(self.numbers, minlength=119)).tolist())
 
     @classmethod

@@ -26,7 +26,8 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
               "| mlipd one by one, MD step |", "| package batched (predict_structure) |",
               "| package one by one (CHGNetCalculator) |", "| one at a time |",
               "| one client per bead, at once |", "| one batch request |"],
-    "ipi": ["| mlipd drive |", "| i-PI driver |", "| chgnet |", "| mace |"],
+    "ipi": ["| mlipd drive, MD step |", "| mlipd drive, rebuilding |", "| i-PI driver |",
+            "| chgnet |", "| mace |"],
     "scaling": ["| P=1 |", "| P=2 |", "| P=4 |"],
     "partition": ["| slab |", "| rcb |", "| metis |"],
     "overhead": ["| ipi-dummy |", "| mlipd-zero |", "| mlipd-lj |", "| zmq-client |",
@@ -41,7 +42,8 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
     "clients": ["| C |", "| Fortran |", "| Python |", "| 8 |", "| LAMMPS + mlipd |",
                 "| ASE + MlipdCalculator |", "| ASE + CHGNetCalculator |"],
     "mace": ["MACECalculator", "mlipd stored", "mlipd chunked", "mlipd recomputed",
-             "mlipd recomputed+chunked", "MiB per atom"],
+             "mlipd recomputed+chunked", "MiB per atom", "s per MD step (list reused)",
+             "s per call rebuilding (package: always)"],
     "gpu": ["| chgnet | 8 |", "| reference | 64 | 2 |", "| yes |", "CUDA sync warnings"],
 }
 E3NN_SUITES = {"esen", "sevennet"}  # their packages live in .venv-e3nn (tests/conftest.py)
@@ -64,6 +66,29 @@ def test_suite_writes_its_table(suite, tmp_path, one_torch_thread):
     assert len(rows) >= 2 * len(titles)  # a header and at least one row per table
     bad = [ln for ln in rows if FAILED.search(ln)]
     assert not bad, bad  # every contender of every row has its figure
+
+
+@pytest.mark.parametrize(("skin", "rebuilds"), [(None, 1), ("0", 3)])
+def test_drive_skin_option_sets_the_engine_skin(skin, rebuilds):
+    """The ``ipi`` suite's two mlipd columns differ only by ``mlipd drive --skin``:
+    the default reuses the list within its skin, ``--skin 0`` rebuilds at every call."""
+    from mlipd import cli
+    from mlipd.engine_options import engine_from_args
+    from mlipd.errors import SetupError
+    from mlipd.types import Structure
+
+    argv = ["drive", "--address", "unix:x", "--species", "Ar", "--model", "lj",
+            "--dtype", "float64", "--device", "cpu"] + (["--skin", skin] if skin else [])
+    engine = engine_from_args(cli.parse(argv))
+    try:
+        md = Jiggle(silicon(8))
+        for k in range(3):
+            engine.compute([Structure.from_atoms(md.atoms(k))])
+        assert engine.rebuilds == rebuilds
+    finally:
+        engine.close()
+    with pytest.raises(SetupError, match="--skin"):
+        engine_from_args(cli.parse([*argv, "--skin", "-1"]))
 
 
 def test_interleaved_takes_turns_and_drops_a_failed_contender():

@@ -266,7 +266,7 @@ def _reduced(positions: np.ndarray, cell: np.ndarray,
 
 def _times(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     """``a @ m`` for (N, 3) @ (3, 3) as three axpy passes: a BLAS gemm here wakes its
-    thread pool, which on a loaded machine cost 20 ms instead of 0.1 ms (measured)."""
+    thread pool, which on a loaded machine costs far more than the arithmetic."""
     out = a[:, :1] * m[0]
     out += a[:, 1:2] * m[1]
     out += a[:, 2:] * m[2]

@@ -71,10 +71,11 @@ def load_chgnet(path: str | None = None) -> CHGNet:
 RECOMPUTE = ("auto", "0", "1")
 # autograd's stored activations per angle row and per directed edge, float32: fitted to
 # the peak RSS of 1,000-atom (Li,Mn,Ni)O and (Mn,Ni)O steps on CPU (frozen weights,
-# activations stored); recompute=auto's estimate, ~15% above the 8,000-atom benchmark
+# activations stored); recompute=auto's estimate
 BYTES_PER_ANGLE = 12_000
 BYTES_PER_ATOM = 20_000  # memory budget only (per_atom of memory_per_item)
-# stored over recomputed activations, measured 1.5 / 0.4 MiB per atom (docs/models.md)
+# stored over recomputed activations: an assumed factor, above what the committed
+# benchmarks/results/capacity-cpu.md measures (rows chgnet; see docs/reliability.md)
 RECOMPUTE_SAVING = 3.5
 BYTES_PER_EDGE = 17_000
 
@@ -82,10 +83,10 @@ BYTES_PER_EDGE = 17_000
 SYNTAX = "chgnet[:VERSION|PATH][,recompute=auto|0|1][,angles=auto|select|mask]"
 # A warm step's angles: "mask" runs every candidate angle (edges within bond cutoff + skin
 # at the rebuild) with a weight, fixed shapes and no host read (what a CUDA graph needs);
-# "select" keeps this step's angles (one ``nonzero``, a host read). Measured on 64-atom
-# (Mn,Ni)O, 0.5 Å skin: 19,584 candidate angles for 2,064 of the step, a 3.8x slower
-# CPU step masked; "auto" masks on CUDA (small systems are launch-bound there, and a
-# CUDA graph needs it) and selects on a CPU.
+# "select" keeps this step's angles (one ``nonzero``, a host read). On 64-atom (Mn,Ni)O
+# with a 0.5 Å skin there are 19,584 candidate angles for 2,064 of the step, so a masked
+# CPU step does several times the angle work; "auto" masks on CUDA (small systems are
+# launch-bound there, and a CUDA graph needs it) and selects on a CPU.
 ANGLES = ("auto", "select", "mask")
 
 
@@ -108,9 +109,10 @@ class CHGNetModel(torch.nn.Module):
     """CHGNet as an mlipd model. ``arg``: a chgnet checkpoint file, or a bundled
     version name (``"0.3.0"`` default, ``"0.2.0"``, ``"r2scan"``), optionally followed
     by ``,recompute=1|0|auto``. With 1, autograd keeps only each layer's inputs and
-    the backward pass recomputes the layer (activation checkpointing): ~4x less memory
-    per atom for ~1.5x the time. ``auto`` (default) recomputes when the estimated
-    stored activations exceed half of the device's free memory."""
+    the backward pass recomputes the layer (activation checkpointing): less memory per
+    atom for more time (benchmarks/results/capacity-cpu.md, rows chgnet). ``auto``
+    (default) recomputes when the estimated stored activations exceed half of the
+    device's free memory."""
 
     def __init__(self, arg: str | None = None) -> None:
         super().__init__()

@@ -253,11 +253,10 @@ class MaceModel(torch.nn.Module):
         """e3nn runs MACE's linears, tensor products and harmonics as TorchScript. Its
         profiling executor optimises a function on its second call and again for new
         input shapes (on CUDA it compiles fused kernels for them): a graph whose edge count
-        changes at every MD step pays that in its first calls, ~1 s at the second call on
-        CPU here (and, on an H200, made mlipd's median of 3 warm 1,000-atom calls 4x its
-        cold one, while MACECalculator, timed later on the same already-optimised
-        modules, escaped it). Without the optimisation (default) every call runs the same
-        plan, ~10% slower in steady state on CPU. Process-wide while a forward or a
+        changes at every MD step pays that in its first calls (on a GPU it made mlipd's
+        warm calls slower than its cold one, while MACECalculator, timed later on the same
+        already-optimised modules, escaped it). Without the optimisation (default) every
+        call runs the same plan, somewhat slower in steady state. Process-wide while a forward or a
         recomputation runs (torch has no per-function switch)."""
         return torch.jit.optimized_execution(self.jit)
 

@@ -26,9 +26,9 @@ from mlipd.model_api import LocalGraph
 CHUNK_BYTES = 1 << 28
 # CPU: a chunk's largest per-edge tensor (the tensor product's output) stays below glibc's
 # largest mmap threshold (32 MiB), so its blocks are reused from the heap rather than
-# mapped afresh and faulted in page by page at every call. Measured (the 700k-parameter
-# MACE, 216 atoms, 17,280 edges, 1 thread): stored activations 5.3 s per step without
-# chunks, 2.6 s with 1,024-edge chunks (MACECalculator: 4.8 s); recomputed 3.7 s.
+# mapped afresh and faulted in page by page at every call. Side by side with and without
+# chunks: benchmarks/results/mace-cpu.md (`mlipd bench mace`), rows `mlipd stored` and
+# `mlipd chunked`.
 CPU_CHUNK_TENSOR_BYTES = 24 << 20
 MIN_CHUNK_EDGES = 256
 
@@ -92,9 +92,9 @@ def edge_floats(model: torch.nn.Module) -> list[int]:
 
 def stored_activation_bytes(model: torch.nn.Module, n_edges: int, dtype: torch.dtype) -> int:
     """Estimated activations of a forward without recomputation (per-edge terms only:
-    with ~20-100 neighbours per atom the per-atom terms are a few per cent). For the
-    700k-parameter MACE: 106 kB per edge in float32, against a measured peak of 7.7 MiB
-    per atom at 80 edges per atom (96 kB per edge)."""
+    with ~20-100 neighbours per atom the per-atom terms are a few per cent). The
+    measured peak to compare with: benchmarks/results/mace-cpu.md, rows `mlipd stored`
+    (MiB per atom and edges per atom of the same model)."""
     itemsize = torch.finfo(dtype).bits // 8
     return itemsize * n_edges * sum(edge_floats(model))
 

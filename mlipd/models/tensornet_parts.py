@@ -14,9 +14,8 @@ with matgl's own functions and modules.
 
 The aggregation is our own ``index_add`` on a contiguous source: matgl's reads the
 channels-last view its linears return, and with int64 indices torch's CPU index_add
-then takes a strided scatter path ~20x slower than on contiguous rows (measured at
-8,000 atoms: 2.0 s against 0.1 s per call), which made mlipd slower than matgl's own
-calculator (whose graphs carry int32 indices and avoid that path).
+then takes a strided scatter path much slower than on contiguous rows, which made
+mlipd slower than matgl's own calculator (whose graphs carry int32 indices and avoid that path).
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ Where the forces come from is the link's ``compute``:
   never computed (counted as ``dropped`` in ``stats``).
 * ``Inline``: the engine is called on the link's own thread. Used when this link is
   the only source (one address, no ZeroMQ): a single i-PI client then pays no thread
-  hand-off (two wake-ups per step, ~1 ms on a loaded 2-core machine, measured by
-  ``mlipd bench overhead``).
+  hand-off (two wake-ups per step).
 """
 
 from __future__ import annotations

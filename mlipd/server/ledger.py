@@ -7,8 +7,8 @@ computing, the reply itself once it is finished. Each entry keeps a fingerprint 
 the request frame, a BLAKE2b digest of every byte (a cryptographic hash: a length and
 CRC-32 could be forged, so that a different geometry got the first request's
 result), so a client that reuses an id for a different request gets that request
-computed, never the old reply; only a byte-identical resend is answered from here
-(1.6 MB frame: ~2-4 ms, measured under load). Finished replies are kept for a short
+computed, never the old reply; only a byte-identical resend is answered from here.
+Finished replies are kept for a short
 while (``keep_s``) within a byte budget, for a resend that crossed its reply;
 a request older than that is simply new again. Pending entries are bounded by the
 scheduler's queue. Thread-safe (the I/O thread reads, the engine thread finishes).

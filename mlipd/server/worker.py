@@ -2,8 +2,8 @@
 
 Why the ZeroMQ sockets are served by this thread too, between engine calls: a request
 is then read, batched, computed and answered without a single hand-over between
-threads (each costs a wake-up and a GIL switch; on a loaded 2-core machine two
-hand-overs per request made the 8-atom round trip 1-2.5 ms slower, measured). But a
+threads (each costs a wake-up and a GIL switch, which on a loaded machine waits for
+the scheduler). But a
 long engine call must not silence ``ping``: so the loop *lends* its sockets while it
 computes. Each front end (``FrontEnd``) has a lock the loop holds except during
 engine calls, and a thread of its own that takes the socket once the loop has been

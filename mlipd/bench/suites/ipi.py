@@ -9,8 +9,10 @@ PILE thermostat, i-PI's batched socket mode with ``batch_size`` = beads) driven 
 
 Both clients get the same i-PI input and model file; runs alternate between them
 (``ROUNDS``), and each step's wall time is read from i-PI's properties file
-(``ipi_runs``). mlipd drive reuses its neighbour lists across MD steps within the
-skin, as it always does; i-PI's drivers rebuild their graphs every step.
+(``ipi_runs``). i-PI's drivers rebuild their graphs at every step; mlipd drive is run
+twice, as in the ``latency`` suite: its MD step (``--skin 0.5``, the default: neighbour
+lists reused across steps within the skin) and rebuilding at every step (``--skin 0``,
+the package's graph work, like for like).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from mlipd.bench import ipi_runs
+from mlipd.bench.contenders import MD_SKIN
 from mlipd.bench.report import Report
 from mlipd.bench.systems import silicon
 from mlipd.bench.timing import Deadline, Timing
@@ -42,15 +45,21 @@ SCALE = {"tiny": "small", "quick": "small", "full": "large"}
 ASE_DRIVER = str(Path(__file__).resolve().parents[1] / "ipi_ase_driver.py")
 
 
+MD_STEP, REBUILDING, PACKAGE = "mlipd drive, MD step", "mlipd drive, rebuilding", "i-PI driver"
+
+
 def clients(case, device: str) -> dict[str, list[str]]:
     dev = device.split(":")[0] if device.startswith("cuda") else device
     mlipd = ipi_runs.mlipd_client(case.spec, device=device)
+    out = {MD_STEP: [*mlipd, "--skin", str(MD_SKIN)], REBUILDING: [*mlipd, "--skin", "0"]}
     if case.name == "mace":
-        return {"mlipd drive": mlipd, "i-PI driver": ipi_runs.ipi_client(
-            "mace", param=f"template=init.xyz,model={case.path},device={dev}")}
-    return {"mlipd drive": mlipd, "i-PI driver": ipi_runs.ipi_client(
-        "custom", pes_path=ASE_DRIVER,
-        param=f"template=init.xyz,model={case.name},path={case.path},device={dev}")}
+        out[PACKAGE] = ipi_runs.ipi_client(
+            "mace", param=f"template=init.xyz,model={case.path},device={dev}")
+    else:
+        out[PACKAGE] = ipi_runs.ipi_client(
+            "custom", pes_path=ASE_DRIVER,
+            param=f"template=init.xyz,model={case.name},path={case.path},device={dev}")
+    return out
 
 
 def run(report: Report, *, size: str, device: str) -> None:
@@ -58,7 +67,8 @@ def run(report: Report, *, size: str, device: str) -> None:
     atoms = silicon(ATOMS[size])
     table = report.table(
         f"i-PI PIMD, {nb} beads x {len(atoms)} Si atoms: ms per MD step, median (min-max)",
-        ["model", "i-PI's driver", "mlipd drive", "i-PI driver", "i-PI driver / mlipd drive",
+        ["model", "i-PI's driver", MD_STEP, REBUILDING, PACKAGE,
+         "i-PI driver / mlipd rebuilding", "i-PI driver / mlipd MD step",
          "steps timed (each)"])
     work = Path(tempfile.mkdtemp(prefix="mlipd-bench-ipi-"))
     try:
@@ -76,9 +86,9 @@ def run(report: Report, *, size: str, device: str) -> None:
                          deadline=deadline)
             what = ("-m mace (batched)" if model == "mace"
                     else "-m custom: ASE driver + CHGNetCalculator, bead by bead")
-            table.add(model, what, t["mlipd drive"].cell(1e-3, 1), t["i-PI driver"].cell(1e-3, 1),
-                      t["mlipd drive"].ratio(t["i-PI driver"]),
-                      min(len(x.seconds) for x in t.values()))
+            md, rb, pk = t[MD_STEP], t[REBUILDING], t[PACKAGE]
+            table.add(model, what, md.cell(1e-3, 1), rb.cell(1e-3, 1), pk.cell(1e-3, 1),
+                      rb.ratio(pk), md.ratio(pk), min(len(x.seconds) for x in t.values()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table.notes += [
@@ -87,6 +97,10 @@ def run(report: Report, *, size: str, device: str) -> None:
         f"Per run {WARMUP[size]} warm-up steps, then {STEPS[size]} timed steps; "
         f"{ROUNDS[size]} run(s) per client, alternating. A step's time includes i-PI's own "
         "integrator and the socket.",
+        f"MD step: `mlipd drive --skin {MD_SKIN}` (its default) builds a neighbour list with "
+        "a skin and reuses it while atoms move less than half the skin; rebuilding: "
+        "`--skin 0`, a fresh list and topology at every step, as i-PI's drivers build "
+        "their graphs at every step.",
     ]
 
 
@@ -102,7 +116,8 @@ def _measure(report: Report, case, atoms, *, device: str, size: str, work: Path,
                 continue
             try:
                 times[name] += ipi_runs.run(
-                    work / f"{name.replace(' ', '-')}-{r}", atoms, client, steps=STEPS[size],
+                    work / f"{name.replace(',', '').replace(' ', '-')}-{r}", atoms, client,
+                    steps=STEPS[size],
                     warmup=WARMUP[size], threads=report.threads or 1,
                     timeout=RUN_TIMEOUT_S[size], nbeads=nb, batch_size=nb, thermostat=True)
             except (RuntimeError, TimeoutError) as e:

@@ -161,10 +161,10 @@ def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
         "cancels start-up and shutdown only as far as they are equal in both runs, carries "
         "both runs' scheduling noise in one difference, and includes steps whose requests "
         "i-PI's threads (its force-field poller and the integrator, which hand requests "
-        "over with sleeps of i-PI's latency) overlap with the client's work. On a quiet "
-        "machine the issue measured 1.0 vs 2.6 ms per step but 2.3 ms for both by the "
-        "slope; on a loaded one (the load average above) either can swing by several ms: "
-        "compare figures of one run only.",
+        "over with sleeps of i-PI's latency) overlap with the client's work. Two clients "
+        "that differ by block means can come out equal by the slope, and on a loaded "
+        "machine (the load average above) either can swing by several ms: compare figures "
+        "of one run only.",
     ]
 
 

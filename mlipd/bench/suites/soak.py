@@ -126,7 +126,7 @@ def run(report: Report, *, size: str, device: str) -> None:
             "--max-request-memory", "64M"]
     tally = Tally()
     # one torch thread in the server: on a small shared machine OpenMP's spinning threads
-    # slowed a 4-atom step 50x (3 ms -> 150 ms, measured under load 9 on 2 cores)
+    # slow a small step by far more than its arithmetic
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with running_server(args, log=log, env=env) as srv:
         _warm_up(srv.address)
