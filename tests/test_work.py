@@ -192,11 +192,13 @@ def test_rank_output_packs_and_unpacks():
     out = RankOutput(energies=torch.tensor([1.0, 2.0], dtype=F64),
                      virials=torch.arange(18, dtype=F64).reshape(2, 3, 3),
                      forces=torch.arange(12, dtype=F64).reshape(4, 3),
+                     site_energies=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64),
                      extras=(torch.ones(4, 1, dtype=F64), torch.full((4, 3), 2.0, dtype=F64)),
                      stats=(4, 17, 5))
     flat = torch.cat([pack(out), torch.zeros(7, dtype=F64)])  # rows padded for the gather
     back = unpack(flat.numpy(), 2, layout)
     assert back.stats == out.stats
     for a, b in [(back.energies, out.energies), (back.virials, out.virials),
-                 (back.forces, out.forces), *zip(back.extras, out.extras, strict=True)]:
+                 (back.forces, out.forces), (back.site_energies, out.site_energies),
+                 *zip(back.extras, out.extras, strict=True)]:
         assert torch.equal(a, b)
