@@ -3,11 +3,12 @@ mixed in, every answer checked.
 
 One real server process (Lennard-Jones, so the engine is cheap and the server's own
 handling dominates); ``clients`` threads, each with its own ``mlipd.client.Client`` and
-a raw DEALER socket, send ``requests`` each. About 85% are valid structures of 4 to
-108 atoms (after the run, each answer is compared with a direct evaluation in this
-process: a difference is a *mismatch*); the rest are faults from ``FAULTS`` (geometry
-the guards or the memory budget refuse, frames the decoder refuses), each with the
-error code it must get.
+a raw DEALER socket, send ``requests`` each. About 85% are valid structures, most of 4 to
+108 atoms and ``LARGE_SHARE`` of them 864 to 48,668 atoms (sizes log-uniform between
+1,000 and 50,000); after the run, each answer is compared with a direct evaluation in
+this process: a difference is a *mismatch*. The rest are faults from ``FAULTS``
+(geometry the guards or the memory budget refuse, frames the decoder refuses), each
+with the error code it must get.
 A request with no answer is *lost*. The server's resident memory is read at the start
 (after a warm-up) and at the end.
 """
@@ -30,6 +31,7 @@ from mlipd.bench.report import Report
 DESCRIPTION = "concurrent clients, random sizes, faults mixed in: lost, mismatched, memory"
 SIZES = {"tiny": (8, 12), "quick": (8, 400), "full": (10, 1100)}  # clients, requests each
 FAULT_SHARE = 0.15
+LARGE_SHARE = 0.03  # of the valid structures: 864 to 48,668 atoms
 
 
 def _argon(n_rep: tuple[int, int, int], rng: np.random.Generator):
@@ -87,12 +89,14 @@ FAULTS: dict[str, tuple[str, Callable, str]] = {
         "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "batch",
                                      "structures": [[{}] * 4096] * 400}), "protocol"),
     "not msgpack": ("frame", lambda rng: b"\xc1" + rng.bytes(64), "protocol"),
-    # issue 22: over the memory budget before anything is allocated, and an oversized batch
-    "27 atoms 0.6 Å apart in a 1.8 Å cell": (
-        "structure", lambda rng: _bad(0.6 * np.stack(np.meshgrid(*[np.arange(3)] * 3,
+    # issue 22: over the memory budget before anything is allocated (LJ's estimate 5.0 GiB,
+    # 1.0e7 edges, against 3 GiB that the largest valid structure's 1.8 GiB passes), and an
+    # oversized batch
+    "512 atoms 0.5 Å apart in a 4 Å cell": (
+        "structure", lambda rng: _bad(0.5 * np.stack(np.meshgrid(*[np.arange(8)] * 3,
                                                                   indexing="ij"),
                                                       -1).reshape(-1, 3),
-                                      np.eye(3) * 1.8, True), "too_large"),
+                                      np.eye(3) * 4.0, True), "too_large"),
     "4,097 structures in one batch": (
         "frame", lambda rng: _frame({"v": 1, "id": 1, "op": "batch",
                                      "structures": [_small_structure()] * 4097}), "too_large"),
@@ -112,6 +116,7 @@ class Tally:
     mismatched: int = 0
     faults: dict[str, Counter] = field(default_factory=dict)
     answers: list = field(default_factory=list)  # (structure, result) to check afterwards
+    largest: int = 0  # atoms of the largest valid structure sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -121,9 +126,10 @@ def run(report: Report, *, size: str, device: str) -> None:
     clients, per_client = SIZES[size]
     log = Path(f"/tmp/mlipd-soak-{time.monotonic_ns()}.log")
     args = ["--model", "lj", "--dtype", "float64", "--device", device,
-            "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "20000",
-            # a budget the dense fault exceeds (LJ: 3.2e5 edges x 512 B) and no valid one does
-            "--max-request-memory", "64M"]
+            "--zmq", "tcp://127.0.0.1:0", "--max-request-atoms", "60000",
+            # a budget the dense fault exceeds (LJ: 1.0e7 edges x 512 B) and no valid one
+            # does (48,668 atoms: 3.8e6 edges, 1.8 GiB)
+            "--max-request-memory", "3G"]
     tally = Tally()
     # one torch thread in the server: on a small shared machine OpenMP's spinning threads
     # slow a small step by far more than its arithmetic
@@ -160,9 +166,11 @@ def run(report: Report, *, size: str, device: str) -> None:
                 f"{wall:.1f}", f"{tally.sent / wall:.0f}",
                 f"{'yes' if alive else 'NO'}, {exit_code}")
     summary.notes.append(
-        f"{1 - FAULT_SHARE:.0%} valid structures (fcc argon, 4-108 atoms, rattled; LJ "
-        "float64) compared with a direct evaluation (energy rel 1e-9, forces 1e-9 eV/Å): "
-        "a difference is a mismatch; faults must get their code. Lost: no answer at all. "
+        f"{1 - FAULT_SHARE:.0%} valid structures (fcc argon, rattled, LJ float64: 4-108 "
+        f"atoms, {LARGE_SHARE:.0%} of them 864-48,668; largest sent "
+        f"{tally.largest} atoms) compared with a direct evaluation (energy rel 1e-9, "
+        "forces 1e-9 eV/Å): a difference is a mismatch; faults must get their code. "
+        "Lost: no answer at all. "
         f"Run with {clients} client threads in one process, {per_client} requests each.")
     faults = report.table("Inputs and faults: outcome of each",
                           ["input", "sent", "expected", "outcomes", "as expected"])
@@ -203,6 +211,15 @@ def _warm_up(address: str) -> None:
             c.compute(_argon((n, n, n), rng))
 
 
+def _valid_reps(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Cubic cells per axis of a valid structure: mostly 1-3 (4-108 atoms), a
+    ``LARGE_SHARE`` of 1,000 to 50,000 atoms, log-uniform (4 n^3 atoms)."""
+    if rng.random() < LARGE_SHARE:
+        n = round((np.exp(rng.uniform(np.log(1_000), np.log(50_000))) / 4) ** (1 / 3))
+        return (n, n, n)
+    return tuple(int(x) for x in rng.integers(1, 4, 3))
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -239,7 +256,9 @@ def _client(address: str, k: int, count: int, tally: Tally) -> None:
                         else:
                             tally.codes[code] += 1
                     continue
-                s = _argon(tuple(int(x) for x in rng.integers(1, 4, 3)), rng)
+                s = _argon(_valid_reps(rng), rng)
+                with tally.lock:
+                    tally.largest = max(tally.largest, s.n_atoms)
                 try:
                     got = client.compute(s)
                 except ServerUnavailable:
