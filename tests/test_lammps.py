@@ -84,6 +84,15 @@ def lammps_results(lmp, fix_id: str = "mlipd") -> dict:
             "nktv2p": lmp.extract_global("nktv2p")}
 
 
+def assert_same(got: dict, want: dict) -> None:
+    """Two couplings' ``lammps_results`` on the same configuration, to float64 round-off
+    (summed in another order: by rank, or on the server)."""
+    assert got["energy"] == pytest.approx(want["energy"], rel=1e-10)
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got["pressure"], want["pressure"], rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(got["energies"], want["energies"], rtol=1e-10, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     atoms = triclinic_system()
@@ -175,11 +184,7 @@ def test_two_ranks_equal_one_rank(system, in_process, one_torch_thread):
     finally:
         coupling.close()
         lmp.close()
-    one, _, _ = in_process
-    assert got["energy"] == pytest.approx(one["energy"], rel=1e-10)
-    np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
-    np.testing.assert_allclose(got["energies"], one["energies"], rtol=1e-10, atol=1e-12)
+    assert_same(got, in_process[0])
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +205,7 @@ def test_endpoint_form_equals_in_process_form(system, in_process, server):
     finally:
         coupling.close()
         lmp.close()
-    one, _, _ = in_process
-    assert got["energy"] == pytest.approx(one["energy"], rel=1e-12)
-    np.testing.assert_allclose(got["forces"], one["forces"], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(got["pressure"], one["pressure"], rtol=1e-10, atol=1e-8)
-    np.testing.assert_allclose(got["energies"], one["energies"], rtol=1e-10, atol=1e-12)
+    assert_same(got, in_process[0])
 
 
 def test_a_failed_evaluation_stops_the_run(system, server):
