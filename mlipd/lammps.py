@@ -13,8 +13,9 @@
 yes virial yes``: at every step (and at the set-up of every run) LAMMPS calls back, mlipd
 evaluates the whole system (every atom, ordered by LAMMPS atom id; atom types mapped to
 elements in type order, as ``pair_coeff * * Si O`` does; LAMMPS's triclinic box as the
-cell) and hands LAMMPS its forces, the global energy and the global virial, so ``thermo
-pe``, ``press`` and ``fix npt`` see the model. Only the atoms of GROUP receive forces.
+cell) and hands LAMMPS its forces, the global energy, the global virial and the per-atom
+energies, so ``thermo pe``, ``press``, ``fix npt`` and ``compute pe/atom`` see the model.
+Only the atoms of GROUP receive forces.
 
 Positions go to mlipd unwrapped (LAMMPS's image flags), so an atom that LAMMPS wraps back
 into the box does not look like a jump: the engine keeps its neighbour list and partition
