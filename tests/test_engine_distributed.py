@@ -7,12 +7,12 @@ the same front end and rank loop that ``DistributedEngine`` runs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.server import rank_pids
 
 from mlipd.engine.comm import Comm
 from mlipd.engine.coordinator import Coordinator
@@ -421,16 +421,7 @@ def test_comm_exchange_adjoint_replicas_allreduce():
 
 def _rank_children() -> list[int]:
     """This process's children that are rank processes (``mlipd.engine.rank_main``)."""
-    pid = os.getpid()
-    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    out = []
-    for kid in kids:
-        try:
-            if b"mlipd.engine.rank_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                out.append(int(kid))
-        except OSError:
-            continue  # exited meanwhile
-    return out
+    return rank_pids(os.getpid())
 
 
 def test_bad_model_fails_before_any_rank_starts():

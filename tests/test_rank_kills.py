@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.server import rank_pids
 from helpers.systems import argon
 
 from mlipd.client import Client
@@ -29,25 +30,6 @@ from mlipd.server.testing import running_server
 
 REFERENCE = make_engine("lj", dtype="float64")
 ANSWER_TIMEOUT_S = 10.0  # each answer, result or error (the issue's bound; generous)
-
-
-def rank_pids(server_pid: int) -> list[int]:
-    """The server's rank processes (``python -m mlipd.engine.rank_main``), started by
-    any of its threads (each thread's children are listed under its own task)."""
-    kids = []
-    for task in Path(f"/proc/{server_pid}/task").glob("*"):
-        try:
-            kids += (task / "children").read_text().split()
-        except OSError:
-            continue
-    out = []
-    for kid in kids:
-        try:
-            if b"mlipd.engine.rank_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                out.append(int(kid))
-        except OSError:
-            continue  # exited meanwhile
-    return out
 
 
 class Killer(threading.Thread):

@@ -76,6 +76,27 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+class OneProcess:
+    """The ``Engine`` properties of an engine that runs in the caller's process alone
+    (one device ``self.device``, no process group, never restarted)."""
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (str(self.device),)
+
+    @property
+    def backend(self) -> str | None:
+        return None
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def restarts(self) -> int:
+        return 0
+
+
 def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                 ranks: int = 1, devices: Sequence[str] | None = None,
                 backend: str = "auto", world=None, skin: float | None = None,

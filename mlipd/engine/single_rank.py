@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mlipd.engine.api import OneProcess
 from mlipd.engine.coordinator import Coordinator
 from mlipd.engine.cuda_graphs import GraphedRun
 from mlipd.engine.cuda_graphs import enabled as cuda_graphs_enabled
@@ -33,7 +34,7 @@ def for_inference(model: Model, device: torch.device, dtype: torch.dtype) -> Mod
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-class SingleRankEngine:
+class SingleRankEngine(OneProcess):
     """Evaluate a model on a batch of structures in one process (one rank).
 
     The batch is one disjoint graph: one model call for all structures.
@@ -75,23 +76,6 @@ class SingleRankEngine:
         """The geometry guards' budgets."""
         return self._coordinator.limits
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (str(self.device),)
-
-    @property
-    def backend(self) -> str | None:
-        """No process group: None."""
-        return None
-
-    @property
-    def threads(self) -> int:
-        return torch.get_num_threads()
-
-    @property
-    def restarts(self) -> int:
-        """One process: never restarted."""
-        return 0
 
     @property
     def rebuilds(self) -> int:

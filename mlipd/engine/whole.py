@@ -13,6 +13,7 @@ import torch
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError
 
 from mlipd.engine import deadline
+from mlipd.engine.api import OneProcess
 from mlipd.engine.guards import Limits, check_structures
 from mlipd.errors import CalculationFailed
 from mlipd.model_api import ModelSpec
@@ -21,7 +22,7 @@ from mlipd.types import Result, Structure
 log = logging.getLogger(__name__)
 
 
-class WholeEngine:
+class WholeEngine(OneProcess):
     """The engine API over a whole-structure model (``calculator``: an ASE calculator,
     ``spec``: its ModelSpec); a batch's structures are evaluated one after another.
     The calculator chooses its own device and precision: ``device``/``dtype`` report
@@ -47,22 +48,6 @@ class WholeEngine:
     @property
     def world_size(self) -> int:
         return 1
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (str(self.device),)
-
-    @property
-    def backend(self) -> str | None:
-        return None
-
-    @property
-    def threads(self) -> int:
-        return torch.get_num_threads()
-
-    @property
-    def restarts(self) -> int:
-        return 0
 
     def close(self) -> None:
         """Nothing to release: the calculator lives as long as the engine."""

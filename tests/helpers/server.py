@@ -99,3 +99,22 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM")
+
+
+def rank_pids(server_pid: int) -> list[int]:
+    """The server's rank processes (``python -m mlipd.engine.rank_main``), started by
+    any of its threads (each thread's children are listed under its own task)."""
+    kids = []
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            continue
+    out = []
+    for kid in kids:
+        try:
+            if b"mlipd.engine.rank_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(int(kid))
+        except OSError:
+            continue  # exited meanwhile
+    return out
