@@ -190,10 +190,12 @@ def _connect_once(address: Address, *, timeout: float) -> socket.socket:
 
 
 class FramedSocket:
-    """A connected socket read in exact byte counts into one reused buffer.
+    """A connected socket read in exact byte counts through one reused buffer.
 
-    ``recv_exact`` returns a view that is valid until the next call (the codec
-    copies what it keeps). Two limits: ``timeout`` (s) is the idle time allowed
+    Reads are buffered: one ``recv`` takes whatever has arrived (i-PI sends POSDATA and
+    GETFORCE in one write), so a step costs one wake-up and one system call, not one
+    per field. ``recv_exact`` returns a view that is valid until the next call (the
+    codec copies what it keeps). Two limits: ``timeout`` (s) is the idle time allowed
     between messages (``recv_exact_or_eof``, which starts a message); once a message
     has begun, all of it must arrive within ``frame_timeout`` (s), so a peer that
     trickles a frame byte by byte cannot hold the connection.
@@ -206,38 +208,47 @@ class FramedSocket:
         self.frame_timeout = frame_timeout
         self.sock.settimeout(timeout)
         self._buf = bytearray(1 << 16)
+        self._start = self._end = 0  # the bytes received and not yet read
         self._frame_deadline = float("inf")  # the message being read must end by then
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read (the start of a next message)."""
+        return self._end - self._start
 
     def recv_exact(self, n: int) -> memoryview:
         """Exactly ``n`` bytes of the message begun. A closed peer raises
         ConnectionClosed; the message not complete by its deadline raises ProtocolError."""
-        self._reserve(n)
         if self._frame_deadline == float("inf"):  # a read outside recv_exact_or_eof
             self._frame_deadline = time.monotonic() + self.frame_timeout
-        self._fill(0, n)
-        return memoryview(self._buf)[:n]
+        self._fill(n)
+        return self._take(n)
 
     def recv_exact_or_eof(self, n: int) -> memoryview | None:
         """The first ``n`` bytes of the next message (waiting up to ``timeout``), or None
         when the peer closed before the first byte (a clean end between messages:
         ASE's server closes without EXIT)."""
-        self._reserve(n)
-        self.sock.settimeout(self.timeout)
-        try:
-            first = self.sock.recv_into(memoryview(self._buf)[:n], n)
-        except TimeoutError:
-            raise ProtocolError(f"no message for {self.timeout:g} s") from None
-        except ConnectionResetError:
-            return None
-        if first == 0:
-            return None
+        if self._end == self._start:
+            self._make_room(n)
+            self.sock.settimeout(self.timeout)
+            try:
+                got = self.sock.recv_into(memoryview(self._buf)[self._end:])
+            except TimeoutError:
+                raise ProtocolError(f"no message for {self.timeout:g} s") from None
+            except ConnectionResetError:
+                return None
+            if got == 0:
+                return None
+            self._end += got
         self._frame_deadline = time.monotonic() + self.frame_timeout
-        self._fill(first, n)
-        return memoryview(self._buf)[:n]
+        self._fill(n)
+        return self._take(n)
 
     def peer_closed(self) -> bool:
         """Whether the peer has closed (end of stream pending, nothing before it);
         does not block and consumes nothing."""
+        if self._end > self._start:
+            return False
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
@@ -245,26 +256,47 @@ class FramedSocket:
         except OSError:
             return True
 
-    def _reserve(self, n: int) -> None:
-        if n > len(self._buf):
-            self._buf = bytearray(n)
+    def _take(self, n: int) -> memoryview:
+        view = memoryview(self._buf)[self._start:self._start + n]
+        self._start += n
+        return view
 
-    def _fill(self, got: int, n: int) -> None:
+    def _make_room(self, n: int) -> None:
+        """At least ``n`` bytes of space from the first unread byte on (the unread bytes
+        moved to the front; a larger buffer is a new one: views of the old stay valid)."""
+        pending = self._end - self._start
+        if pending and len(self._buf) - self._start >= n:
+            return
+        if len(self._buf) < n:
+            grown = bytearray(n)
+            grown[:pending] = self._buf[self._start:self._end]
+            self._buf = grown
+        elif pending:
+            self._buf[:pending] = self._buf[self._start:self._end]
+        self._start, self._end = 0, pending
+
+    def _fill(self, n: int) -> None:
+        """Receive until ``n`` bytes are buffered (more when more has arrived)."""
+        if self._end - self._start >= n:
+            return
+        self._make_room(n)
         view = memoryview(self._buf)
-        while got < n:
+        while self._end - self._start < n:
             left = self._frame_deadline - time.monotonic()
             try:
                 if left <= 0:
                     raise TimeoutError
                 self.sock.settimeout(left)
-                k = self.sock.recv_into(view[got:n], n - got)
+                k = self.sock.recv_into(view[self._end:])
             except TimeoutError:
                 raise ProtocolError(
-                    f"message incomplete after {self.frame_timeout:g} s (had {got} of {n} "
-                    "bytes of a read; --frame-timeout)") from None
+                    f"message incomplete after {self.frame_timeout:g} s (had "
+                    f"{self._end - self._start} of {n} bytes of a read; --frame-timeout)"
+                ) from None
             if k == 0:
-                raise ConnectionClosed(f"peer closed the connection after {got} of {n} bytes")
-            got += k
+                raise ConnectionClosed(f"peer closed the connection after "
+                                       f"{self._end - self._start} of {n} bytes")
+            self._end += k
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

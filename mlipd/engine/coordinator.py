@@ -13,7 +13,7 @@ from mlipd.engine.budget import MemoryBudget, default_budget
 from mlipd.engine.guards import CloseWatch, Limits, check_structures
 from mlipd.engine.partition import Geometry, partition_batch
 from mlipd.engine.rank_loop import STEP, Positions, RankLoop, StepHeader
-from mlipd.engine.results import assemble
+from mlipd.engine.results import RankOutput, assemble
 from mlipd.engine.step import Frame
 from mlipd.engine.verlet import RebuildPolicy
 from mlipd.errors import UnknownSpecies
@@ -96,16 +96,16 @@ class Coordinator:
             cells=np.stack([s.cell for s in structures]))
         return Prepared(tuple(structures), header, coords, frame)
 
-    def execute(self, p: Prepared) -> list[np.ndarray]:
-        """The step on every rank (collective at P > 1); every rank's packed output."""
+    def execute(self, p: Prepared) -> list[RankOutput]:
+        """The step on every rank (collective at P > 1); every rank's output on the host."""
         try:
             return self.loop.execute(p.header, p.coords, p.frame)
         except BaseException:
             self.policy.invalidate()  # the topology may be half built: rebuild next time
             raise
 
-    def finish(self, p: Prepared, parts: list[np.ndarray]) -> list[Result]:
-        """Rank 0 alone: Results from the packed outputs (``CalculationFailed`` for
+    def finish(self, p: Prepared, parts: list[RankOutput]) -> list[Result]:
+        """Rank 0 alone: Results from the ranks' outputs (``CalculationFailed`` for
         non-finite output, with every rank consistent)."""
         results, stats = assemble(p.structures, parts, self._owned, self.loop.step.layout,
                                   virial=p.header.virial)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlipd.engine.results import pack, packed_size
+from mlipd.engine.results import RankOutput, pack, packed_size, to_host, unpack
 from mlipd.engine.step import Frame, Step
 from mlipd.engine.topology import GEOMETRY_DTYPE
 
@@ -59,9 +59,9 @@ class RankLoop:
         self.owner: np.ndarray | None = None  # (N,) owner rank of every atom, last partition
 
     def execute(self, header: StepHeader, coords: Positions | None = None,
-                frame: Frame | None = None) -> list[np.ndarray] | None:
+                frame: Frame | None = None) -> list[RankOutput] | None:
         """One step on this rank: rank 0 passes the coordinates (and on a rebuild the
-        frame) and gets every rank's packed output; other ranks get None."""
+        frame) and gets every rank's output on the host; other ranks get None."""
         step = self.step
         step.h2d.new_step()
         if self.comm is None:
@@ -73,8 +73,7 @@ class RankLoop:
                 out = step.run(positions, cells, virial=header.virial)
             else:
                 out = self.run(positions, cells, virial=header.virial, rebuilt=header.rebuild)
-            packed = pack(out)
-            return [packed.cpu().numpy()]
+            return [to_host(out, step.layout)]
         if coords is not None:
             self._send_header(header)
         positions, cells = self._share(header, coords, frame)
@@ -82,7 +81,9 @@ class RankLoop:
         owned = np.bincount(self.owner, minlength=self.comm.world_size).max()
         n_max = packed_size(len(header.counts), int(owned), step.layout)
         gathered = self.comm.gather_rows(packed.view(-1, 1), n_max=n_max)
-        return None if gathered is None else [g.view(-1).numpy() for g in gathered]
+        if gathered is None:
+            return None
+        return [unpack(g.view(-1), len(header.counts), step.layout) for g in gathered]
 
     def _share(self, header: StepHeader, coords: Positions | None,
                frame: Frame | None) -> tuple[torch.Tensor, torch.Tensor]:

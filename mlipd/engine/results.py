@@ -1,5 +1,6 @@
 """A rank's step output (``RankOutput``, what ``Step.run`` returns), its packed form for
-the gather (``pack`` / ``unpack``), and Results from the ranks' outputs (``assemble``):
+the gather and the copy from an accelerator (``pack`` / ``unpack`` / ``to_host``), and
+Results from the ranks' outputs (``assemble``):
 the one place where energies and virials are summed over ranks, forces put back in the
 caller's atom order, extras reshaped, and non-finite output refused."""
 
@@ -100,49 +101,64 @@ def unpack(flat: np.ndarray | torch.Tensor, n_structures: int,
                       stats=stats)
 
 
-def assemble(structures: Sequence[Structure], parts: Sequence[np.ndarray],
+def to_host(out: RankOutput, layout: Sequence[ExtraLayout]) -> RankOutput:
+    """A rank's output on the host, for ``assemble``. On a CPU it is already there (no
+    copy: packing it would cost more than the step of a small system); from an
+    accelerator it crosses packed, in one copy."""
+    if out.forces.device.type == "cpu":
+        return RankOutput(energies=out.energies, virials=out.virials, forces=out.forces,
+                          site_energies=out.site_energies, extras=out.extras,
+                          stats=tuple(int(v) for v in out.stats))
+    return unpack(pack(out).cpu(), out.energies.shape[0], layout)
+
+
+def assemble(structures: Sequence[Structure], outputs: Sequence[RankOutput],
              owned: Sequence[np.ndarray | None], layout: Sequence[ExtraLayout], *,
              virial: bool) -> tuple[list[Result], np.ndarray]:
     """Results per structure and the (P, 3) stats (owned atoms, edges, halo atoms) per rank.
 
-    parts: per rank, its flat float64 packed output (padded rows allowed)
-    owned: per rank, the batch-global ids of its owned atoms in row order; None means
-           every atom, in order (one rank)
+    outputs: per rank, its output on the host (``to_host``, or ``unpack`` of a gathered
+             packed output), stats as ints
+    owned:   per rank, the batch-global ids of its owned atoms in row order; None means
+             every atom, in order (one rank)
     """
     nb = len(structures)
-    head = nb * HEADER_COLUMNS + N_STATS
-    width = row_width(layout)
     energies, virials = np.zeros(nb), np.zeros((nb, 3, 3))
-    stats = np.zeros((len(parts), N_STATS))
-    rows = None
-    for q, (flat, ids) in enumerate(zip(parts, owned, strict=True)):
-        energies += flat[:nb]
-        virials += flat[nb: HEADER_COLUMNS * nb].reshape(nb, 3, 3)
-        stats[q] = flat[HEADER_COLUMNS * nb: head]
-        body = flat[head:].reshape(-1, width)
+    stats = np.zeros((len(outputs), N_STATS))
+    forces = site = None
+    extras: list[np.ndarray] = []
+    for q, (out, ids) in enumerate(zip(outputs, owned, strict=True)):
+        energies += out.energies.numpy()
+        if out.virials is not None:
+            virials += out.virials.numpy()
+        stats[q] = out.stats
         if ids is None:  # one rank: the rows are the batch, in order
-            rows = body
-        else:
-            if rows is None:
-                rows = np.empty((sum(len(i) for i in owned), width))
-            rows[ids] = body[: ids.size]
-    if not _all_finite(energies) or not _all_finite(rows[:, :3]):
+            forces, site = out.forces.numpy(), out.site_energies.numpy()
+            extras = [t.numpy() for t in out.extras]
+            continue
+        if forces is None:
+            n = sum(len(i) for i in owned)
+            forces, site = np.empty((n, 3)), np.empty(n)
+            extras = [np.empty((n, x.width)) for x in layout]
+        forces[ids] = out.forces.numpy()
+        site[ids] = out.site_energies.numpy()
+        for mine, t in zip(extras, out.extras, strict=True):
+            mine[ids] = t.numpy()
+    if not _all_finite(energies) or not _all_finite(forces):
         raise CalculationFailed("model returned NaN or infinite energy or forces")
     offsets = np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])])
     results = []
     for b, s in enumerate(structures):
         lo, hi = offsets[b], offsets[b + 1]
-        mine = rows if nb == 1 else rows[lo:hi]
-        extras, col = {}, ROW_EXTRAS
-        for x in layout:
-            extras[x.name] = mine[:, col: col + x.width].reshape(hi - lo, *x.shape).tolist()
-            col += x.width
+        # a view of this call's own fresh arrays where one structure has them all
+        f = forces if nb == 1 else forces[lo:hi]
         results.append(Result(
             energy=float(energies[b]),
-            # a view of this call's own fresh buffer where it is contiguous
-            forces=np.ascontiguousarray(mine[:, :3]),
+            forces=np.ascontiguousarray(f),
             virial=virials[b].copy() if virial and s.pbc.all() else None,
-            extras=extras, energies=mine[:, 3].copy()))
+            extras={x.name: e[lo:hi].reshape(hi - lo, *x.shape).tolist()
+                    for x, e in zip(layout, extras, strict=True)},
+            energies=site[lo:hi].copy()))
     return results, stats
 
 

@@ -135,13 +135,17 @@ class Step:
         recv, send, images, images_f, eb = (topo.receivers, topo.senders, topo.images,
                                             topo.images_f, topo.edge_batch)
         edge_ids = candidates = edge_mask = None
-        shifts = _shifts(images_f, cells, eb)
-        if (self.skin > 0 or topo.pad_positions is not None) and recv.numel():
+        prune = (self.skin > 0 or topo.pad_positions is not None) and recv.numel() > 0
+        # the shifts autograd sees are those of the edges the model gets: computed once,
+        # after the selection (the candidates' own are plain numbers)
+        shifts = _shifts(images_f, cells, eb) if self.masks or not prune else None
+        if prune:
             with torch.no_grad():  # pairs beyond the cutoff count for nothing: = a fresh list
-                vec = x[send] - x[recv] + shifts
+                cand_shifts = _shifts(images_f, cells, eb) if shifts is None else shifts
+                vec = x[send] - x[recv] + cand_shifts
                 within = (vec * vec).sum(-1) < self.cutoff ** 2
             candidates = CandidateEdges(receivers=recv, senders=send, images=images,
-                                        shifts=shifts.detach(), skin=self.skin)
+                                        shifts=cand_shifts.detach(), skin=self.skin)
             if self.masks:  # fixed shapes: no host read
                 edge_mask = within
             else:  # the model takes the edges within the cutoff only: select (a host read)
@@ -150,7 +154,7 @@ class Step:
                     edge_ids = keep
                     recv, send, images, images_f, eb = (
                         recv[keep], send[keep], images[keep], images_f[keep], eb[keep])
-                    shifts = _shifts(images_f, cells, eb)
+                shifts = _shifts(images_f, cells, eb)
         comm, n = self.comm, topo.n_owned
         graph = LocalGraph(
             n_owned=n, numbers=topo.numbers, positions=x, batch=topo.batch,
@@ -164,17 +168,17 @@ class Step:
         self.last_graph = graph
         out = self.model(graph)
         dt = GEOMETRY_DTYPE
-        energies = torch.zeros(topo.n_structures, dtype=dt, device=self.device)
         site = out.site_energy.to(dt)
         if topo.real is not None:  # padding atoms count for nothing (exact zeros)
             site = site * topo.real
-        energies = energies.index_add(0, topo.batch[:n], site)
         inputs = [x, cells] if virial else [x]
-        if energies.requires_grad:
-            grads = torch.autograd.grad(energies.sum(), inputs, allow_unused=True)
+        if site.requires_grad:  # d(sum of sites) = d(sum of structures' energies), exactly
+            grads = torch.autograd.grad(site.sum(), inputs, allow_unused=True)
         else:  # no pair at all and a pair-only model: nothing depends on positions
             grads = [None] * len(inputs)
         with torch.no_grad():
+            energies = torch.zeros(topo.n_structures, dtype=dt, device=self.device
+                                   ).index_add(0, topo.batch[:n], site)
             g_x = torch.zeros_like(x) if grads[0] is None else grads[0]
             forces = -g_x[:n]
             if comm is not None:  # gradients on halo copies belong to their owners
@@ -189,7 +193,7 @@ class Step:
                        for t, x in zip(out.extras.values(), self.layout, strict=True))
         n_edges = recv.shape[0] if edge_mask is None else edge_mask.sum()
         stats = (n if topo.real is None else topo.n_real_t, n_edges, topo.n_local - n)
-        return RankOutput(energies=energies.detach(), virials=vir, forces=forces,
+        return RankOutput(energies=energies, virials=vir, forces=forces,
                           site_energies=site.detach(), extras=extras, stats=stats)
 
 
