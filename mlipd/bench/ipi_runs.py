@@ -8,6 +8,7 @@ and the client's evaluation. Steps before ``warmup`` are not timed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -77,10 +78,13 @@ def ipi_client(mode: str, *, param: str = "", pes_path: str | None = None) -> li
 
 
 def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
-        threads: int, timeout: float, blocks: int | None = None, **xml) -> list[float]:
+        threads: int, timeout: float, blocks: int | None = None,
+        client_cpu: list[float] | None = None, **xml) -> list[float]:
     """Seconds of each step after ``warmup`` of i-PI driven by ``client``; with
     ``blocks``, the mean step of each of that many runs of consecutive steps instead
-    (for steps too short to time one by one from a polled file).
+    (for steps too short to time one by one from a polled file). With ``client_cpu``,
+    the client process's CPU seconds per step over the timed steps are appended to it
+    (user + system, all its threads: what it spends, whatever the machine's load).
 
     ``client`` may contain ``{socket}`` (the socket's path) and ``{prefix}`` (i-PI's
     sockets_prefix). Raises RuntimeError if i-PI or the client fails, TimeoutError past
@@ -109,7 +113,8 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
             procs.append(subprocess.Popen(argv, cwd=workdir, stdout=clog,
                                           stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True))
-            times = _step_times(out, steps + warmup, procs, deadline, workdir)
+            times, cpu = _step_times(out, steps + warmup, procs, deadline, workdir,
+                                     cpu_steps=(warmup, steps + warmup))
             procs[0].wait(timeout=60)
     finally:
         for p in procs:
@@ -119,6 +124,8 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
         shutil.rmtree(sockdir, ignore_errors=True)
     log.info("i-PI run %s/%s: done in %.1f s", workdir.parent.name, workdir.name,
              time.monotonic() - t0)
+    if client_cpu is not None and len(cpu) == 2:
+        client_cpu.append((cpu[steps + warmup] - cpu[warmup]) / steps)
     if blocks:
         edges = [warmup + round(i * steps / blocks) for i in range(blocks + 1)]
         return [(times[b] - times[a]) / (b - a) for a, b in itertools.pairwise(edges)]
@@ -126,10 +133,12 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def _step_times(out: Path, last: int, procs, deadline: Deadline, workdir: Path
-                ) -> dict[int, float]:
-    """Wall time at which each step's line appeared, until step ``last``."""
+def _step_times(out: Path, last: int, procs, deadline: Deadline, workdir: Path, *,
+                cpu_steps: Sequence[int] = ()) -> tuple[dict[int, float], dict[int, float]]:
+    """Wall time at which each step's line appeared, until step ``last``; and for each
+    of ``cpu_steps``, the client's (``procs[1]``) CPU seconds when its line appeared."""
     seen: dict[int, float] = {}
+    cpu: dict[int, float] = {}
     size = 0
     while last not in seen:
         now = time.perf_counter()
@@ -142,10 +151,24 @@ def _step_times(out: Path, last: int, procs, deadline: Deadline, workdir: Path
             for line in out.read_text().splitlines():
                 if line and not line.startswith("#"):
                     seen.setdefault(int(float(line.split()[0])), now)
+            for step in cpu_steps:
+                if step in seen and step not in cpu:
+                    cpu[step] = _cpu_seconds(procs[1].pid)
             continue
         _check(procs, deadline, workdir)
         time.sleep(POLL_S)
-    return seen
+    return seen, cpu
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid``'s live threads so far, to the nanosecond (the
+    scheduler's run time, ``/proc/PID/task/*/schedstat``; ``stat``'s clock ticks are 10
+    ms, too coarse for a few dozen steps of a millisecond)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total * 1e-9
 
 
 def _wait_for(ready, procs, deadline: Deadline, workdir: Path) -> None:

@@ -87,15 +87,17 @@ def run(report: Report, *, size: str, device: str) -> None:
 
 def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
     table = report.table("ms per i-PI MD step: mlipd drive vs i-pi-py_driver -m dummy, "
-                         "median (min-max) of block means",
+                         "median (min-max) of block means; the client's own CPU ms per step",
                          ["atoms", "steps timed", "ipi-dummy", "mlipd-zero", "mlipd-lj",
-                          "zero / dummy", "lj / dummy"])
+                          "zero / dummy", "lj / dummy", "CPU: dummy", "CPU: zero",
+                          "CPU: lj"])
     for n in SIZES[size]:
         if deadline.passed:
             table.notes.append(f"{n} atoms and beyond: not run (deadline)")
             break
         steps = STEPS[size][n]
         samples: dict[str, list[float]] = {k: [] for k in clients()}
+        cpu: dict[str, list[float]] = {k: [] for k in clients()}
         failed: dict[str, str] = {}
         for r in range(ROUNDS[size]):
             for name, argv in clients().items():
@@ -105,13 +107,15 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
                     samples[name] += ipi_runs.run(
                         tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps, warmup=WARMUP,
                         threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
-                        temperature_k=20.0)
+                        client_cpu=cpu[name], temperature_k=20.0)
                 except (RuntimeError, TimeoutError) as e:
                     failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
         t = {k: Timing(tuple(v), failed.get(k)) for k, v in samples.items()}
         d = t["ipi-dummy"]
         table.add(n, steps, d.cell(1e-3), t["mlipd-zero"].cell(1e-3), t["mlipd-lj"].cell(1e-3),
-                  d.ratio(t["mlipd-zero"]), d.ratio(t["mlipd-lj"]))
+                  d.ratio(t["mlipd-zero"]), d.ratio(t["mlipd-lj"]),
+                  *(f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else ""
+                    for k in ("ipi-dummy", "mlipd-zero", "mlipd-lj")))
     table.notes += [
         "mlipd-zero: LJ with a 3 Å cutoff (no neighbours at 3.8 Å spacing): mlipd's full "
         "path, engine call included, without physics; mlipd-lj: a 6 Å cutoff (real forces).",
@@ -120,6 +124,10 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
         "from the times i-PI's lines appear in its properties file, polled every ms: on a "
         "loaded machine a descheduled poller makes single blocks noisy). One torch thread "
         "per client; float64.",
+        "CPU: the client process's run time over the timed steps per step (the scheduler's "
+        "count, all its threads; median of the runs): what the client itself spends, "
+        "whatever else the machine runs. A step's time is i-PI's own work, the client's "
+        "CPU, and the wake-ups between the two processes.",
     ]
 
 
