@@ -73,6 +73,26 @@ def give_back_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``; ~10 µs), plus, where
+    CUDA is in use, what torch's caching allocator holds unused (``empty_cache`` gives
+    that back); 0 where ``/proc`` is absent."""
+    import sys
+
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        rss = 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        rss += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return rss
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",

@@ -198,10 +198,9 @@ def test_the_queue_is_bounded_in_bytes_and_gives_them_back(srv, gate):
                 assert d.recv(60)["error"]["code"] == "bad_input"
     finally:
         gate.release()
-    st = stats(srv.address)
-    assert st["queue_bytes"] == 0
-    assert st["heap_trims"] >= 1
+    assert stats(srv.address)["queue_bytes"] == 0
     wait_for(lambda: rss_mb(srv.proc.pid) < base + 120, timeout_s=30)
+    assert stats(srv.address)["heap_trims"] >= 1  # idle after large steps: given back
     assert peak_rss_mb(srv.proc.pid) < base + 400
     answered_correctly(srv.address)
 
