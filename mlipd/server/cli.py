@@ -85,11 +85,12 @@ def _check_addresses(addresses: list[str], allow_remote: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlipd.engine_options import engine_from_args
-    from mlipd.malloc import keep_freed_memory
+    from mlipd.malloc import keep_freed_memory, limit_arenas
     from mlipd.server.app import Server
     from mlipd.server.signals import Interrupts
 
     keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
+    limit_arenas()  # before the server's threads: their free memory in few arenas
 
     if not args.zmq and not args.ipi:
         raise SetupError("nothing to serve: give --zmq ADDRESS and/or --ipi ADDRESS")
