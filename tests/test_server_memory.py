@@ -85,6 +85,17 @@ def srv(tmp_path_factory, gate):
         yield s
 
 
+def test_info_reports_the_memory_and_queue_limits(srv):
+    """``info`` names the limits a client meets: the memory budget per engine call
+    (--max-request-memory 64M), the queue's requests (--max-queue, default 1024) and
+    bytes (--max-queue-bytes 24M)."""
+    with Client(srv.address) as c:
+        info = c.info()
+    assert info["max_request_memory"] == 64 << 20
+    assert info["max_queue"] == 1024
+    assert info["max_queue_bytes"] == 24 << 20
+
+
 # ---------------------------------------------------------------- row 1: dense structures
 
 
