@@ -220,7 +220,7 @@ class EngineWorker:
         if check is not None and self.clock() >= check:
             self._idle_check = None
             if self.clock() - self._last_batch < IDLE_TRIM_S:  # a batch ran meanwhile
-                self._arm_idle_check()
+                self._idle_check = self._last_batch + IDLE_TRIM_S
             else:
                 idle = not len(self.scheduler)
         if not (self._shrunk or idle or self._failed):
@@ -236,7 +236,7 @@ class EngineWorker:
 
     def _arm_idle_check(self) -> None:
         if self._idle_check is None:  # the first activity since the last check
-            self._idle_check = max(self.clock(), self._last_batch) + IDLE_TRIM_S
+            self._idle_check = self.clock() + IDLE_TRIM_S
 
     def _ran(self, n_atoms: int) -> None:
         """A batch of ``n_atoms`` goes to the engine (to be answered or refused)."""

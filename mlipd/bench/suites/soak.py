@@ -11,11 +11,13 @@ this process: a difference is a *mismatch*. The rest are faults from ``FAULTS``
 with the error code it must get.
 A request with no answer is *lost*. The server's resident memory is read *at rest*
 after the warm-up, after each quarter of every client's requests and at the end: the
-clients pause (none has a request in flight) and the reading is taken ``REST_S`` later,
-past the server's idle give-back (``mlipd.server.worker.IDLE_TRIM_S``): what the server
-kept, which grows if anything leaks. A reading while clients send can fall inside a large
-step (its working memory, ~1.5 GB at 48k atoms), so RSS is also sampled every
-``RSS_EVERY_S`` while they send: each quarter's median and maximum.
+clients pause (none has a request in flight), one 4-atom structure is computed (the
+engine keeps the last structure's neighbour lists for reuse: ~600 MB after a 48k-atom
+step, so the reading would depend on which came last) and the reading is taken
+``REST_S`` later, past the server's idle give-back (``mlipd.server.worker.IDLE_TRIM_S``):
+what the server kept, which grows if anything leaks. A reading while clients send can
+fall inside a large step (its working memory, ~1.5 GB at 48k atoms), so RSS is also
+sampled every ``RSS_EVERY_S`` while they send: each quarter's median and maximum.
 """
 
 from __future__ import annotations
@@ -144,8 +146,7 @@ def run(report: Report, *, size: str, device: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with running_server(args, log=log, env=env) as srv:
         _warm_up(srv.address)
-        time.sleep(REST_S)
-        rss = [_rss_mb(srv.proc.pid)]  # at rest: 0, 25, 50, 75 and 100% of the requests
+        rss = [_at_rest(srv)]  # at rest: 0, 25, 50, 75 and 100% of the requests
         samples: list[list[float]] = [[] for _ in range(4)]  # every RSS_EVERY_S, by quarter
         quarters = [(threading.Barrier(clients + 1), threading.Event()) for _ in range(3)]
         t0 = time.monotonic()
@@ -163,8 +164,7 @@ def run(report: Report, *, size: str, device: str) -> None:
             else:
                 _sample_until(lambda: not any(t.is_alive() for t in threads),
                               srv.proc.pid, samples[q])
-            time.sleep(REST_S)
-            rss.append(_rss_mb(srv.proc.pid))
+            rss.append(_at_rest(srv))
             if q < 3:
                 with contextlib.suppress(threading.BrokenBarrierError):
                     quarters[q][0].wait(timeout=60)
@@ -201,7 +201,8 @@ def run(report: Report, *, size: str, device: str) -> None:
         "forces 1e-9 eV/Å): a difference is a mismatch; faults must get their code. "
         "Lost: no answer at all. "
         f"Run with {clients} client threads in one process, {per_client} requests each. "
-        f"RSS at rest: every client paused after each quarter of its requests, read "
+        f"RSS at rest: every client paused after each quarter of its requests, one "
+        f"4-atom structure computed (the engine keeps the last structure's lists), read "
         f"{REST_S:g} s later (past the server's idle heap give-back): what it kept. "
         f"Median and maximum: sampled every {RSS_EVERY_S:g} s while clients send (a "
         "reading inside a large step holds its working memory). Last quarter's growth: "
@@ -255,6 +256,16 @@ def _valid_reps(rng: np.random.Generator) -> tuple[int, int, int]:
         n = round((np.exp(rng.uniform(np.log(1_000), np.log(50_000))) / 4) ** (1 / 3))
         return (n, n, n)
     return tuple(int(x) for x in rng.integers(1, 4, 3))
+
+
+def _at_rest(srv) -> float:
+    """The server's RSS (MB) with a small structure computed last, ``REST_S`` later."""
+    from mlipd.client import Client
+
+    with Client(srv.address) as c:
+        c.compute(_argon((1, 1, 1), np.random.default_rng(0)))
+    time.sleep(REST_S)
+    return _rss_mb(srv.proc.pid)
 
 
 def _sample_until(done: Callable[[], bool], pid: int, into: list[float]) -> None:
