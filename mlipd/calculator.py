@@ -74,7 +74,10 @@ class MlipdCalculator(Calculator):
               models`` lists them), ``device`` (auto, cpu, cuda, cuda:N), ``dtype``
               (float32 default, float64), ``ranks`` (processes the structure is
               partitioned across; no ``__main__`` guard needed), ``threads`` (intra-op
-              threads per rank), ``devices`` (rank r on the r-th)
+              threads per rank), ``devices`` (rank r on the r-th),
+              ``max_request_memory`` (bytes one engine call may take, estimated before
+              anything is allocated, as ``--max-request-memory``: over it, ``TooLarge``;
+              default half the device's free memory at start-up, 0: no budget)
     backend:  any object with ``compute(structure, *, virial)`` and ``close()``
     verbose:  show the model packages' own warnings (hidden by default)
     label, atoms, directory: ASE's own Calculator options
@@ -86,7 +89,8 @@ class MlipdCalculator(Calculator):
     def __init__(self, endpoint: str | None = None, *, model: str | None = None,
                  device: str | None = None, dtype: str | None = None, ranks: int | None = None,
                  threads: int | None = None, devices: list[str] | None = None,
-                 backend: Backend | None = None, verbose: bool = False,
+                 max_request_memory: float | None = None, backend: Backend | None = None,
+                 verbose: bool = False,
                  label: str | None = None, atoms: Any = None, directory: str = ".",
                  **client_options: Any) -> None:
         """See the class docstring: ``MlipdCalculator(endpoint)``,
@@ -97,7 +101,8 @@ class MlipdCalculator(Calculator):
             raise CalculatorSetupError("give either an endpoint, model=NAME or backend= "
                                        "(exactly one)")
         engine_options = {"device": device, "dtype": dtype, "ranks": ranks,
-                          "threads": threads, "devices": devices}
+                          "threads": threads, "devices": devices,
+                          "max_request_memory": max_request_memory}
         given = sorted(k for k, v in engine_options.items() if v is not None)
         if model is None and given:
             raise CalculatorSetupError(f"{', '.join(given)}: engine options, for model= only")
@@ -113,10 +118,14 @@ class MlipdCalculator(Calculator):
             backend = Client(endpoint, **client_options)
         elif model is not None:
             from mlipd.engine.api import describe, make_engine
+            from mlipd.engine.guards import Limits
 
+            # the memory budget of mlipd.engine.budget, as in `mlipd serve`
+            limits = Limits(max_request_memory=max_request_memory)
             with quieted(not verbose):
                 engine = make_engine(model, device=device or "auto", dtype=dtype,
-                                     ranks=ranks or 1, threads=threads, devices=devices)
+                                     ranks=ranks or 1, threads=threads, devices=devices,
+                                     limits=limits)
             log.info("engine in this process: %s", describe(engine))
             backend = EngineBackend(engine)
         self.backend = backend

@@ -67,14 +67,11 @@ def add_robustness_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE, metavar="Å",
                    help="refuse atoms closer than this (default "
                         f"{DEFAULT_MIN_DISTANCE} Å; 0 turns the check off)")
-    p.add_argument("--max-request-memory", type=_bytes, default=None, metavar="BYTES",
+    p.add_argument("--max-request-memory", type=byte_size, default=None, metavar="BYTES",
                    help="refuse (too_large) a request whose estimated memory (atoms, edges "
                         "and angles times the model's bytes per item) exceeds BYTES per "
                         "device, e.g. 8G (default: half the device's free memory at "
                         "start-up; 0 turns it off)")
-    p.add_argument("--max-queue-bytes", type=_bytes, default=None, metavar="BYTES",
-                   help="bytes of queued requests (their frames) before new ones are "
-                        "answered 'busy', e.g. 512M (default 1G)")
     p.add_argument("--rank-heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
                    help="with several ranks: restart them when one is silent for S s "
                         "(stopped, hung)")
@@ -112,7 +109,7 @@ def engine_from_args(args: argparse.Namespace):
     return engine
 
 
-def _bytes(text: str) -> float:
+def byte_size(text: str) -> float:
     """``"8G"``, ``"512M"``, ``"1.5e9"`` -> bytes (K, M, G, T: powers of 1024)."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")

@@ -131,3 +131,26 @@ def test_options_go_where_they_belong():
         MlipdCalculator("tcp://127.0.0.1:9", connect_timeout_s=0.5)
     with pytest.raises(TypeError, match="bogus"):
         MlipdCalculator("tcp://127.0.0.1:9", bogus=1)
+
+
+def test_a_dense_structure_is_refused_by_the_memory_budget_before_allocating():
+    """The in-process engine holds the same budget as `mlipd serve`
+    (``mlipd.engine.budget``): 512 argon atoms 0.5 Å apart in a 4 Å cell (LJ's exact
+    estimate ~5 GiB: 1.0e7 edges) are ``too_large`` against 64 MiB, from the estimate,
+    with no model call; a sane structure is computed next, by the same engine."""
+    from ase import Atoms
+
+    from mlipd.errors import TooLarge
+
+    grid = 0.5 * np.stack(np.meshgrid(*[np.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    dense = Atoms("Ar512", positions=grid, cell=np.eye(3) * 4.0, pbc=True)
+    with MlipdCalculator(model="lj", dtype="float64", max_request_memory=64 << 20) as calc:
+        dense.calc = calc
+        with pytest.raises(TooLarge, match=r"estimated memory .* GiB .*budget 0\.0625 GiB"):
+            dense.get_potential_energy()
+        assert calc.engine.last_stats is None  # no step ran: refused before the model
+        sane = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2)
+        sane.calc = calc
+        assert np.isfinite(sane.get_potential_energy())
+    with pytest.raises(CalculatorSetupError, match="max_request_memory: engine options"):
+        MlipdCalculator("tcp://127.0.0.1:9", max_request_memory=1 << 30)

@@ -75,3 +75,13 @@ def test_help_of_the_calculator_is_its_own():
     assert "Basic calculator implementation" not in text  # ASE's, inherited before
     assert 'MlipdCalculator(model="chgnet")' in text
     assert "no ``__main__`` guard needed" in text
+
+
+def test_server_only_options_are_offered_by_serve_alone(capsys):
+    """The queue's byte bound acts in `mlipd serve`'s scheduler; `mlipd drive` has no
+    queue. The memory budget acts in both engines."""
+    serve, drive = help_text(capsys, "serve"), help_text(capsys, "drive")
+    assert "--max-queue-bytes" in serve
+    assert "--max-queue-bytes" not in drive
+    assert "--max-request-memory" in serve
+    assert "--max-request-memory" in drive

@@ -330,6 +330,13 @@ class DistributedEngine:
     def limits(self) -> Limits:
         return self._limits if self._limits is not None else Limits()
 
+    @property
+    def memory_budget(self) -> float | None:
+        """Bytes one engine call may take per device (``mlipd.engine.budget``); None:
+        no budget (or no ranks running)."""
+        memory = self._front.memory if self._front is not None else None
+        return None if memory is None else float(memory.budget)
+
     def compute(self, structures: Sequence[Structure], *, virial: bool = True) -> list[Result]:
         if not structures:
             return []

@@ -78,6 +78,12 @@ class SingleRankEngine(OneProcess):
 
 
     @property
+    def memory_budget(self) -> float | None:
+        """Bytes one engine call may take (``mlipd.engine.budget``); None: no budget."""
+        memory = self._coordinator.memory
+        return None if memory is None else float(memory.budget)
+
+    @property
     def rebuilds(self) -> int:
         """Neighbour-list builds so far (calls minus reuses)."""
         return self._coordinator.policy.rebuilds

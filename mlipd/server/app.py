@@ -36,11 +36,16 @@ log = logging.getLogger(__name__)
 
 
 def engine_info(engine, *, max_request_atoms: int, max_structures: int,
-                request_timeout_s: float) -> dict[str, Any]:
+                request_timeout_s: float, scheduler: Scheduler | None = None
+                ) -> dict[str, Any]:
     """The ``info`` op's value: what a client needs to know about the model, units and
-    limits (it checks a request's size against them before sending)."""
+    limits (it checks a request's size against them before sending). ``scheduler``: the
+    queue's bounds (omitted without one)."""
     spec = engine.spec
     limits = engine.limits
+    budget = getattr(engine, "memory_budget", None)  # a whole-structure model has none
+    queue = {} if scheduler is None else {"max_queue": int(scheduler.max_pending),
+                                          "max_queue_bytes": int(scheduler.max_bytes)}
     return {
         "version": mlipd.__version__,
         "protocol": zmq_msgs.VERSION,
@@ -58,6 +63,8 @@ def engine_info(engine, *, max_request_atoms: int, max_structures: int,
         "max_structures": max_structures,
         "max_pairs": float(limits.max_pairs),
         "min_distance": float(limits.min_distance),
+        "max_request_memory": None if budget is None else int(budget),
+        **queue,
         "request_timeout_s": request_timeout_s,
     }
 
@@ -133,7 +140,8 @@ class Server:
                                    request_timeout_s=self._request_timeout_s)
         info = engine_info(self.engine, max_request_atoms=self._max_request_atoms,
                            max_structures=zmq_msgs.DEFAULT_MAX_STRUCTURES,
-                           request_timeout_s=self._request_timeout_s)
+                           request_timeout_s=self._request_timeout_s,
+                           scheduler=self.scheduler)
         self._context = zmq.Context()
         try:
             if self._curve_dir is not None:

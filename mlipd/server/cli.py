@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for the other i-PI connections' beads")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="queued requests before new ones are answered 'busy'")
+    from mlipd.engine_options import byte_size
+
+    p.add_argument("--max-queue-bytes", type=byte_size, default=None, metavar="BYTES",
+                   help="bytes of queued requests (their frames) before new ones are "
+                        "answered 'busy', e.g. 512M (default 1G)")
     p.add_argument("--max-request-atoms", type=int, default=2_000_000,
                    help="atoms in one ZeroMQ request before it is refused 'too_large'")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
@@ -85,11 +90,12 @@ def _check_addresses(addresses: list[str], allow_remote: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlipd.engine_options import engine_from_args
-    from mlipd.malloc import keep_freed_memory
+    from mlipd.malloc import keep_freed_memory, limit_arenas
     from mlipd.server.app import Server
     from mlipd.server.signals import Interrupts
 
     keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
+    limit_arenas()  # before the server's threads: their free memory in few arenas
 
     if not args.zmq and not args.ipi:
         raise SetupError("nothing to serve: give --zmq ADDRESS and/or --ipi ADDRESS")

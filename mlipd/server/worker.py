@@ -26,9 +26,10 @@ structure (or one late request) fails only its own request.
 
 Memory: the scheduler bounds the queue in bytes as well as in requests. An allocation
 failure inside the engine (CPU or CUDA) becomes ``too_large`` for that request, and
-after a large request (``TRIM_AFTER_BYTES`` of frames, or an allocation failure) the
-loop gives the heap back to the system (``mlipd.malloc.give_back_heap``), so the
-resident memory returns near its baseline instead of keeping the largest request's.
+the loop gives the heap back to the system (``mlipd.malloc.give_back_heap``) when the
+memory a large step left behind will not be reused (``trim_if_due``: after a much
+smaller batch, when idle, after an allocation failure), so the resident memory returns
+near its baseline instead of keeping the largest request's.
 A request cancelled by its client, or whose client went away, leaves the queue at
 once and is answered ``cancelled`` (``cancel``), never computed.
 
@@ -61,7 +62,7 @@ from mlipd.errors import (
     ServerUnavailable,
     TooLarge,
 )
-from mlipd.malloc import give_back_heap
+from mlipd.malloc import give_back_heap, resident_bytes
 from mlipd.memory import is_out_of_memory
 from mlipd.server.metrics import Metrics
 from mlipd.server.scheduler import Scheduler, Ticket, flatten, split
@@ -71,11 +72,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 LEND_AFTER_S = 0.05  # an engine call this long lends the sockets to their own threads
-# freed memory of large requests (frames of LARGE_REQUEST_BYTES or more) after which the
-# heap is trimmed: a trim walks the heap (milliseconds per GB) and the next request pays
-# the page faults again, which mlipd.malloc's tuning avoids for the steady MD steps
-LARGE_REQUEST_BYTES = 8 << 20  # ~250k atoms
-TRIM_AFTER_BYTES = 64 << 20
+# When to give the heap back (``trim_if_due``). mlipd.malloc keeps freed blocks so that
+# steps of one size reuse their pages; a step's memory is set by its atoms and edges, not
+# its frame (a 48,668-atom LJ step: a 1.2 MB frame, ~1.5 GB of heap). A trim costs its
+# walk (~0.2 s per GB on a 2-core EPYC) and, for the next step that needs that memory
+# again, its page faults (that 48k-atom step: 1.9 s on a warm heap, 2.6 s after a trim),
+# so it runs only when the memory would otherwise sit unused:
+# - after a batch of at most 1/SHRINK the atoms of the largest batch since the last
+#   trim: the work moved to smaller structures, whose steps use a fraction of that heap
+#   (and that batch's rebuild has freed the large one's cached lists). MD of one
+#   system, the same size every step, never meets this;
+# - when no batch has run for IDLE_TRIM_S: no step is there to reuse the memory (longer
+#   than the pause between the steps of a running simulation); also what frames refused
+#   before the queue left behind;
+# - after an allocation failure, at once.
+# Each only when the resident memory is TRIM_MIN_BYTES (IDLE_TRIM_MIN_BYTES when idle)
+# above its lowest level after a trim: the give-back also runs a full garbage collection
+# (~0.2 s with torch loaded), worth it between requests only for a large heap.
+SHRINK = 4
+IDLE_TRIM_S = 2.0
+TRIM_MIN_BYTES = 256 << 20
+IDLE_TRIM_MIN_BYTES = 64 << 20
 
 
 class FrontEnd(Protocol):
@@ -118,7 +135,14 @@ class EngineWorker:
         self._front_ends: list[FrontEnd] = []
         self._running = False  # the loop is between start and its end
         self.busy_since: float | None = None  # when the running engine call started
-        self._freed = 0  # bytes of large requests finished since the last heap trim
+        # heap give-back state (trim_if_due), loop thread only but for _quiet_since
+        self._baseline = resident_bytes()  # the lowest resident bytes after a trim
+        self._peak_atoms = 0  # the largest batch whose memory the heap may still hold
+        self._shrunk = False  # a batch under 1/SHRINK of _peak_atoms has run
+        self._failed = False  # an allocation failure: give its memory back at once
+        self._last_atoms = 0
+        self._last_batch = float("-inf")  # when the last batch started or ended
+        self._idle_check: float | None = None  # when to check for idleness (None: no need)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -182,18 +206,46 @@ class EngineWorker:
         return True
 
     def note_freed(self, nbytes: int) -> None:
-        """A front end let go of ``nbytes`` of a request (refused, dropped, answered):
-        counts towards the next heap trim (``TRIM_AFTER_BYTES``)."""
-        if nbytes >= LARGE_REQUEST_BYTES:  # only large frames leave much behind
-            self._freed += nbytes
+        """A front end let go of a request's ``nbytes`` (refused, dropped, answered):
+        once the loop is idle (``IDLE_TRIM_S``) it checks for memory to give back."""
+        self._arm_idle_check()
 
     def trim_if_due(self) -> None:
-        """Give the heap back once enough large requests have been let go, or once the
-        queue is empty after any large request (the process is idle: back to baseline)."""
-        if self._freed >= TRIM_AFTER_BYTES or (self._freed and not len(self.scheduler)):
-            self._freed = 0
+        """Give the heap back when the memory a large step left will not be reused (the
+        rules at ``SHRINK``): after a much smaller batch, when idle, or after an
+        allocation failure; only when resident memory is well above its baseline. Loop
+        thread."""
+        idle = False
+        check = self._idle_check
+        if check is not None and self.clock() >= check:
+            self._idle_check = None
+            if self.clock() - self._last_batch < IDLE_TRIM_S:  # a batch ran meanwhile
+                self._idle_check = self._last_batch + IDLE_TRIM_S
+            else:
+                idle = not len(self.scheduler)
+        if not (self._shrunk or idle or self._failed):
+            return
+        above = resident_bytes() - self._baseline
+        if self._failed or above >= (IDLE_TRIM_MIN_BYTES if idle else TRIM_MIN_BYTES):
             give_back_heap()
             self.metrics.on_trim()
+            self._baseline = min(self._baseline, resident_bytes())
+            if self._shrunk:  # the large batch's lists were freed by this one's rebuild
+                self._peak_atoms = self._last_atoms
+        self._shrunk = self._failed = False
+
+    def _arm_idle_check(self) -> None:
+        if self._idle_check is None:  # the first activity since the last check
+            self._idle_check = self.clock() + IDLE_TRIM_S
+
+    def _ran(self, n_atoms: int) -> None:
+        """A batch of ``n_atoms`` goes to the engine (to be answered or refused)."""
+        self._last_batch = self.clock()
+        self._arm_idle_check()
+        self._last_atoms = n_atoms
+        if n_atoms * SHRINK <= self._peak_atoms:
+            self._shrunk = True
+        self._peak_atoms = max(self._peak_atoms, n_atoms)
 
     def add_gated(self, source: Hashable) -> None:
         """Register an i-PI-like source: batches wait (bounded) for all such sources."""
@@ -302,6 +354,7 @@ class EngineWorker:
                 self._run(batch)
             finally:
                 self.busy_since = None
+                self._last_batch = self.clock()  # idle counts from a batch's end
                 for fe in self._front_ends:
                     fe.reclaim()
             self._flush()
@@ -309,6 +362,9 @@ class EngineWorker:
         if self._stopping:  # drained: what arrived meanwhile is answered by the front ends
             self._flush()
             return False
+        idle_at = self._idle_check
+        if idle_at is not None:
+            due = idle_at if due is None else min(due, idle_at)
         timeout_ms = None if due is None else max(1e3 * (due - now), 0.0) + 0.1
         events = dict(poller.poll(timeout_ms))
         if self._wake_r.fileno() in events:
@@ -347,7 +403,7 @@ class EngineWorker:
         if not live:
             return
         self.busy_since = now
-        self.note_freed(sum(t.nbytes for t in batch))  # answered below, one way or another
+        self._ran(sum(t.n_atoms for t in live))
         try:
             results = self._call(live)
         except MlipdError as e:
@@ -373,7 +429,7 @@ class EngineWorker:
         except (MemoryError, RuntimeError, CalculationFailed) as e:
             if not is_out_of_memory(e):
                 raise
-            self._freed += TRIM_AFTER_BYTES  # give the failed call's memory back now
+            self._failed = True  # give the failed call's memory back now
             raise TooLarge(f"out of memory computing {sum(t.n_atoms for t in batch)} atoms "
                            f"({type(e).__name__}: {str(e)[:200]}); lower the request's size "
                            "or --max-request-memory") from e

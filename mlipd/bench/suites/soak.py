@@ -9,12 +9,20 @@ a raw DEALER socket, send ``requests`` each. About 85% are valid structures, mos
 this process: a difference is a *mismatch*. The rest are faults from ``FAULTS``
 (geometry the guards or the memory budget refuse, frames the decoder refuses), each
 with the error code it must get.
-A request with no answer is *lost*. The server's resident memory is read at the start
-(after a warm-up) and at the end.
+A request with no answer is *lost*. The server's resident memory is read *at rest*
+after the warm-up, after each quarter of every client's requests and at the end: the
+clients pause (none has a request in flight), one 4-atom structure is computed (the
+engine keeps the last structure's neighbour lists for reuse: ~600 MB after a 48k-atom
+step, so the reading would depend on which came last) and the reading is taken
+``REST_S`` later, past the server's idle give-back (``mlipd.server.worker.IDLE_TRIM_S``):
+what the server kept, which grows if anything leaks. A reading while clients send can
+fall inside a large step (its working memory, ~1.5 GB at 48k atoms), so RSS is also
+sampled every ``RSS_EVERY_S`` while they send: each quarter's median and maximum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -32,6 +40,8 @@ DESCRIPTION = "concurrent clients, random sizes, faults mixed in: lost, mismatch
 SIZES = {"tiny": (8, 12), "quick": (8, 400), "full": (10, 1100)}  # clients, requests each
 FAULT_SHARE = 0.15
 LARGE_SHARE = 0.03  # of the valid structures: 864 to 48,668 atoms
+RSS_EVERY_S = 0.1
+REST_S = 3.0  # > mlipd.server.worker.IDLE_TRIM_S: the idle give-back has run
 
 
 def _argon(n_rep: tuple[int, int, int], rng: np.random.Generator):
@@ -136,21 +146,32 @@ def run(report: Report, *, size: str, device: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with running_server(args, log=log, env=env) as srv:
         _warm_up(srv.address)
-        rss = [_rss_mb(srv.proc.pid)]  # at 0, 25, 50, 75 and 100% of the requests sent
+        rss = [_at_rest(srv)]  # at rest: 0, 25, 50, 75 and 100% of the requests
+        samples: list[list[float]] = [[] for _ in range(4)]  # every RSS_EVERY_S, by quarter
+        quarters = [(threading.Barrier(clients + 1), threading.Event()) for _ in range(3)]
         t0 = time.monotonic()
-        threads = [threading.Thread(target=_client, args=(srv.address, k, per_client, tally))
+        threads = [threading.Thread(target=_client,
+                                    args=(srv.address, k, per_client, tally, quarters))
                    for k in range(clients)]
         for t in threads:
             t.start()
-        total = clients * per_client
-        while any(t.is_alive() for t in threads):
-            if len(rss) < 4 and tally.sent >= total * len(rss) / 4:
-                rss.append(_rss_mb(srv.proc.pid))
-            time.sleep(0.01)
+        for q in range(4):
+            if q < 3:  # wait until every client is at the pause, sampling meanwhile
+                _sample_until(lambda q=q: quarters[q][0].n_waiting == clients
+                              or quarters[q][0].broken
+                              or not any(t.is_alive() for t in threads),
+                              srv.proc.pid, samples[q])
+            else:
+                _sample_until(lambda: not any(t.is_alive() for t in threads),
+                              srv.proc.pid, samples[q])
+            rss.append(_at_rest(srv))
+            if q < 3:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    quarters[q][0].wait(timeout=60)
+                quarters[q][1].set()
         for t in threads:
             t.join()
         wall = time.monotonic() - t0
-        rss += [rss[-1]] * (4 - len(rss)) + [_rss_mb(srv.proc.pid)]
         alive = srv.proc.poll() is None
         exit_code = srv.stop()
     log.unlink(missing_ok=True)
@@ -159,10 +180,18 @@ def run(report: Report, *, size: str, device: str) -> None:
     summary = report.table(
         "Soak: every request answered, every answer checked",
         ["clients", "sent", "answered", "ok", "errors by code", "lost", "mismatched",
-         "server RSS at 0/25/50/75/100% (MB)", "wall (s)", "requests/s", "alive, exit"])
+         "server RSS at rest at 0/25/50/75/100% (MB)", "RSS median by quarter (MB)",
+         "RSS max by quarter (MB)", "last quarter's growth", "wall (s)", "requests/s",
+         "alive, exit"])
+    medians = [float(np.median(q)) if q else float("nan") for q in samples]
+    wall -= 4 * REST_S  # the pauses
     summary.add(clients, tally.sent, answered, tally.ok,
                 ", ".join(f"{c} {n}" for c, n in sorted(tally.codes.items())) or "none",
                 tally.lost, tally.mismatched, " / ".join(f"{x:.0f}" for x in rss),
+                " / ".join(f"{x:.0f}" for x in medians),
+                " / ".join(f"{max(q):.0f}" if q else "-" for q in samples),
+                f"{rss[4] / rss[3] - 1:+.1%} at rest, {medians[3] / medians[2] - 1:+.1%} "
+                "median",
                 f"{wall:.1f}", f"{tally.sent / wall:.0f}",
                 f"{'yes' if alive else 'NO'}, {exit_code}")
     summary.notes.append(
@@ -171,7 +200,16 @@ def run(report: Report, *, size: str, device: str) -> None:
         f"{tally.largest} atoms) compared with a direct evaluation (energy rel 1e-9, "
         "forces 1e-9 eV/Å): a difference is a mismatch; faults must get their code. "
         "Lost: no answer at all. "
-        f"Run with {clients} client threads in one process, {per_client} requests each.")
+        f"Run with {clients} client threads in one process, {per_client} requests each. "
+        f"RSS at rest: every client paused after each quarter of its requests, one "
+        f"4-atom structure computed (the engine keeps the last structure's lists), read "
+        f"{REST_S:g} s later (past the server's idle heap give-back): what it kept. "
+        f"Median and maximum: sampled every {RSS_EVERY_S:g} s while clients send (a "
+        "reading inside a large step holds its working memory). Last quarter's growth: "
+        "at rest 75% -> 100%, and the 4th quarter's median over the 3rd's. The server "
+        "gives its heap back after a batch of a quarter of the atoms of the largest "
+        "since the last give-back, or when idle (`mlipd.server.worker`); wall time "
+        "excludes the pauses.")
     faults = report.table("Inputs and faults: outcome of each",
                           ["input", "sent", "expected", "outcomes", "as expected"])
     for name, (_, _, expected) in FAULTS.items():
@@ -220,6 +258,26 @@ def _valid_reps(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(x) for x in rng.integers(1, 4, 3))
 
 
+def _at_rest(srv) -> float:
+    """The server's RSS (MB) with a small structure computed last, ``REST_S`` later."""
+    from mlipd.client import Client
+
+    with Client(srv.address) as c:
+        c.compute(_argon((1, 1, 1), np.random.default_rng(0)))
+    time.sleep(REST_S)
+    return _rss_mb(srv.proc.pid)
+
+
+def _sample_until(done: Callable[[], bool], pid: int, into: list[float]) -> None:
+    """Read ``pid``'s RSS into ``into`` every ``RSS_EVERY_S`` until ``done()``."""
+    next_sample = 0.0
+    while not done():
+        if time.monotonic() >= next_sample:
+            next_sample = time.monotonic() + RSS_EVERY_S
+            into.append(_rss_mb(pid))
+        time.sleep(0.01)
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -227,7 +285,7 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _client(address: str, k: int, count: int, tally: Tally) -> None:
+def _client(address: str, k: int, count: int, tally: Tally, quarters: list) -> None:
     import zmq
 
     from mlipd.client import Client
@@ -242,7 +300,12 @@ def _client(address: str, k: int, count: int, tally: Tally) -> None:
     raw.connect(address)
     try:
         with Client(address, heartbeat_s=20, timeout_s=300) as client:
-            for _ in range(count):
+            for i in range(count):
+                for q, (arrived, resume) in enumerate(quarters):
+                    if i == (q + 1) * count // 4:  # pause: RSS at rest (see run)
+                        with contextlib.suppress(threading.BrokenBarrierError):
+                            arrived.wait(timeout=600)
+                        resume.wait(timeout=600)
                 with tally.lock:
                     tally.sent += 1
                 if rng.random() < FAULT_SHARE:
