@@ -20,6 +20,10 @@ For each structure and each P it asserts:
     that owns no atoms (some run must leave one idle: a cell of fewer atoms than
     ranks); ``per_rank_holding_atoms``: the same, once per extra rank that owns atoms
     (work a model skips on a rank with nothing to do);
+  - ``per_counted_row``: {counter: {op: (elements, FLOPs)}} per row of the model's
+    own that P ranks hold beyond P = 1's, counted by the model (``model.counters[counter]``
+    after the step, e.g. a species table each rank makes of the species it holds: a
+    rank's rows are those it holds, so their sum over ranks exceeds P = 1's);
   - ``per_halo_row``: {op: elements} per halo row, for autograd's own sums of the
     gradients of tensors that hold halo rows (the positions, used as senders and
     receivers; an exchanged feature read twice): the gradient of a halo row exists
@@ -98,24 +102,32 @@ def assert_results_close(got: Result, ref: Result, *, rtol: float, cell: np.ndar
 
 def work_excess(one: Work, many: Sequence[Work], *, per_rank: Mapping[str, tuple[int, int]],
                 per_halo_row: Mapping[str, int],
-                per_rank_holding_atoms: Mapping[str, tuple[int, int]] | None = None
+                per_rank_holding_atoms: Mapping[str, tuple[int, int]] | None = None,
+                per_counted_row: Mapping[str, Mapping[str, tuple[int, int]]] | None = None
                 ) -> dict[str, tuple[int, int]]:
     """{op: (elements, FLOPs)} summed over ``many`` minus ``one`` minus the declared
     constants, for every op where that is not (0, 0)."""
     extra_ranks, halo = len(many) - 1, sum(w.halo for w in many)
     extra_holding = sum(w.owned > 0 for w in many) - 1
     holding = per_rank_holding_atoms or {}
+    counted = {}  # op -> (elements, FLOPs) of the model's extra counted rows
+    for key, ops_of in (per_counted_row or {}).items():
+        rows = sum(w.info[key] for w in many) - one.info[key]
+        for op, (e, f) in ops_of.items():
+            ce, cf = counted.get(op, (0, 0))
+            counted[op] = (ce + rows * e, cf + rows * f)
     ops = (set(one.ops) | {k for w in many for k in w.ops} | set(per_rank) | set(per_halo_row)
-           | set(holding))
+           | set(holding) | set(counted))
     out = {}
     for op in sorted(ops):
         base = one.ops.get(op, (0, 0))
         rank_e, rank_f = per_rank.get(op, (0, 0))
         hold_e, hold_f = holding.get(op, (0, 0))
+        row_e, row_f = counted.get(op, (0, 0))
         e = (sum(w.ops.get(op, (0, 0))[0] for w in many) - base[0] - extra_ranks * rank_e
-             - extra_holding * hold_e - halo * per_halo_row.get(op, 0))
+             - extra_holding * hold_e - halo * per_halo_row.get(op, 0) - row_e)
         f = (sum(w.ops.get(op, (0, 0))[1] for w in many) - base[1] - extra_ranks * rank_f
-             - extra_holding * hold_f)
+             - extra_holding * hold_f - row_f)
         if e or f:
             out[op] = (e, f)
     return out
@@ -136,7 +148,9 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
                           per_rank: Mapping[str, tuple[int, int]] | Sequence[str] = (),
                           per_rank_holding_atoms: Mapping[str, tuple[int, int]] | None = None,
                           exact: Sequence[str] = ("flops", "elements"),
-                          per_halo_row: Mapping[str, int] | None = None, reason: str = "",
+                          per_halo_row: Mapping[str, int] | None = None,
+                          per_counted_row: Mapping[str, Mapping[str, tuple[int, int]]]
+                          | None = None, reason: str = "",
                           dtype: torch.dtype = torch.float64, method: str = "rcb",
                           model_traffic: Callable[[list[Work]], tuple[int, int]] | None = None,
                           extra_runs: Sequence[Run] = (), result_rtol: float = FLOAT64_RTOL,
@@ -152,7 +166,7 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
 
     Returns every run's measurements (``mlipd.testing.work.Measured`` per structure).
     """
-    if (per_rank or per_halo_row or per_rank_holding_atoms) and not reason:
+    if (per_rank or per_halo_row or per_rank_holding_atoms or per_counted_row) and not reason:
         raise ValueError("declared per-rank or per-halo-row work needs a reason")
     names, items = _named(structures)
     base_run = (1, dtype)
@@ -168,7 +182,8 @@ def check_zero_redundancy(make_model: Callable, structures: Sequence[Structure] 
                                       strict=True):
             _check_one(f"{name} at P = {p}", s, one, many, p, per_rank=per_rank,
                        per_halo_row=per_halo_row or {},
-                       holding=per_rank_holding_atoms or {}, model_traffic=model_traffic,
+                       holding=per_rank_holding_atoms or {}, counted=per_counted_row or {},
+                       model_traffic=model_traffic,
                        result_rtol=result_rtol, exact=exact)
     return dict(runs)
 
@@ -213,7 +228,8 @@ def _named(structures) -> tuple[list[str], list[Structure]]:
 
 
 def _check_one(what: str, s: Structure, one: Measured, many: Measured, p: int, *,
-               per_rank, per_halo_row, holding, model_traffic, result_rtol, exact) -> None:
+               per_rank, per_halo_row, holding, counted, model_traffic, result_rtol,
+               exact) -> None:
     assert_results_close(many.result, one.result, rtol=result_rtol, cell=s.cell, what=what)
     (w1,) = one.work
     works = many.work
@@ -230,7 +246,7 @@ def _check_one(what: str, s: Structure, one: Measured, many: Measured, p: int, *
             ce, cf = constants.get(op, (0, 0))
             constants[op] = (ce + e, cf + f)
     excess = work_excess(w1, works, per_rank=constants, per_halo_row=per_halo_row,
-                         per_rank_holding_atoms=holding)
+                         per_rank_holding_atoms=holding, per_counted_row=counted)
     # FLOPs: torch picks the kernel by shape (a batch of one row runs as mm, not bmm), so
     # the matrix ops' FLOPs are compared in sum; and not at all where a rank owns a single
     # atom: its one-row products may run element-wise, FLOPs torch does not count
