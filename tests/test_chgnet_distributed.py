@@ -75,11 +75,19 @@ def bond_traffic(blocks: int):
     return expected
 
 
-# FLOPs exact per op. Elements are not held yet: CHGNet's bond replicas (a cut bond's
-# features on both ranks, partial sums sent home) move their rows with index_copy, cat
-# and slices in the model's code, and the halo atoms' embeddings are looked up from
-# their species (see mlipd/models/chgnet.py): measured, P = 2 bulk, ~2e7 elements of
-# such bookkeeping beyond P = 1's, no FLOPs.
+# FLOPs exact per op. Elements are not held yet. No atom, bond or angle is computed
+# twice, but the bond exchange is assembled in the model's code with copies P = 1 does
+# not make. Measured (P = 2 bulk: 8,663 bonds, 3,185 replicas; P = 1 reads and writes
+# 1.006e9 elements): +5.6e7 elements (+5.6%; +8.4% at P = 8), of which add +3.0e7
+# (autograd's sums of the gradients of the [owned | replica] bond tensors), cat +1.7e7
+# (``BondExchange.spread``: the owned and received rows concatenated, ~1,536 elements
+# an owned bond and ~1,152 a replica), slice_backward +7.9e6 (the owned rows' slices,
+# backward), index / index_put / index_select / index_add +7e5 (replica rows and the
+# bond plans), embedding 129 a halo row (halo atoms' embeddings looked up), and the
+# skin graph's build on halo edges (sort, le, bitwise_not, _to_copy, ...). To hold
+# them: the spread's assembly counted as exchange data movement (as ``graph.exchange``
+# is), P = 1 taking the same slices, the replica rows declared per row
+# (``per_counted_row`` on the model's ``bond_replicas`` counter) and the build measured.
 CHGNET_DECLARED = dict(
     per_rank={"mm": (0, 18)}, exact=("flops",),
     reason="a 3-vector times the cell per structure on every rank (18 FLOPs, measured on "

@@ -354,9 +354,24 @@ def small_runs(tmp_path_factory):
                                                         runs)
 
 
-# FLOPs exact per op, forward and backward. Elements are not held yet: e3nn reads
-# and normalises its weights once per rank, and autograd sums gradients on halo rows
-MACE_DECLARED = dict(exact=("flops",))
+# Elements and FLOPs exact per op, forward and backward, up to: what every rank does
+# whatever it holds (measured on the ranks the 3-atom cell leaves without atoms): e3nn
+# reads and normalises its weights (mm, mul, div, clone) and the harmonics' constants
+# (cat, mul_); what a rank holding atoms adds: the product (symmetric contraction and
+# its linear: clone, mm, mul of its weights), which a rank owning nothing skips (mace's
+# contraction cannot take 0 rows); and per halo row: autograd's sum of the halo
+# positions' gradients (add, 9 a row), and the halo atoms' species that the edges'
+# radial basis reads at the senders: looked up (index), one-hot encoded (aminmax,
+# scatter_, _to_copy) and decoded to atomic numbers by mace's radial basis (argmax,
+# index). Table lookups in place of an exchange; no FLOPs on halo rows.
+MACE_DECLARED = dict(
+    per_rank=("cat", "div", "mul_", "clone", "mm", "mul"),
+    per_rank_holding_atoms={"clone": (1998, 0), "mm": (2981, 0), "mul": (128, 0)},
+    per_halo_row={"add": 9, "index": 6, "aminmax": 1, "scatter_": 3, "_to_copy": 8,
+                  "argmax": 5},
+    reason="weights and constants read and normalised once per rank (the product's on "
+           "ranks holding atoms); autograd's sum of the halo positions' gradients; the "
+           "halo atoms' species looked up and one-hot encoded")
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])

@@ -18,7 +18,8 @@ from model_cases import bulk_box, slab
 from mlipd.model_api import LocalGraph, ModelOutput
 from mlipd.models.reference import ReferenceMP
 from mlipd.testing import check_zero_redundancy
-from mlipd.testing.work import WorkCounter, measure_runs
+from mlipd.testing.redundancy import work_excess
+from mlipd.testing.work import Work, WorkCounter, measure_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "plugin"))
 from mlipd_example_plugin.density import DensityModel
@@ -182,6 +183,39 @@ def test_counter_counts_reads_writes_and_flops_not_views_or_creation():
     assert ops["index_add"][0] == 2 * 8 + 2
     assert ops["mm"] == (47, 120)
     assert not {"zeros", "unsqueeze", "t"} & set(ops)
+
+
+def test_scatter_counts_its_source_and_indices_at_any_share():
+    """A scatter along columns (an index of 10 columns, the repeat's backward) reads its
+    indices and its source's rows, also where the rank holds no row: the index is read
+    once per call whatever the rows, as a per-rank constant."""
+    idx = torch.arange(10) % 3
+    for rows in (0, 1, 5):
+        with WorkCounter() as counter:
+            _ = torch.zeros(rows, 3).index_add(1, idx, torch.ones(rows, 10))
+        assert counter.tally().get("index_add", (0, 0))[0] == 2 * 10 * rows + 10
+
+
+def _work(ops, *, halo=0, owned=1, **info):
+    return Work(ops=ops, rows_sent=0, rows_received=0, exchanges=0, atom_rows_sent=0,
+                atom_rows_received=0, atom_exchanges=0, owned=owned, edges=0, halo=halo,
+                info=info)
+
+
+def test_declared_constants_are_subtracted_exactly():
+    """Each kind of declared constant removes exactly its share of the excess, and what
+    is left is reported: per extra rank, per extra rank holding atoms, per halo row, and
+    per counted row of the model's own (rows P ranks hold beyond P = 1's)."""
+    one = _work({"mm": (100, 10), "cat": (5, 0)}, rows=3)
+    many = [_work({"mm": (60, 5), "cat": (5, 0), "add": (9 * 4, 0)}, halo=4, rows=3),
+            _work({"mm": (66, 5), "cat": (5, 0), "add": (9 * 2, 0)}, halo=2, rows=2),
+            _work({"mm": (20, 0)}, owned=0, rows=0)]  # a rank owning nothing
+    declared = dict(per_rank={"mm": (20, 0)}, per_halo_row={"add": 9},
+                    per_rank_holding_atoms={"cat": (5, 0)})
+    assert work_excess(one, many, **declared, per_counted_row={"rows": {"mm": (3, 0)}}) == {}
+    assert work_excess(one, many, **declared, per_counted_row={"rows": {"mm": (2, 0)}}) == {
+        "mm": (2, 0)}
+    assert work_excess(one, many, **declared) == {"mm": (6, 0)}
 
 
 def test_rank_output_packs_and_unpacks():

@@ -24,6 +24,7 @@ channels).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,11 +153,12 @@ class ESENModel(torch.nn.Module):
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         b, n = self.backbone, graph.n_owned
+        slots = self._slots(graph)  # collective at its rebuild: a rank owning nothing too
         if n == 0:
             return self._empty_rank(graph)
         vec = graph.edge_vectors()
         # every candidate edge, weighted by whether fairchem keeps it now (fixed shapes)
-        keep = capped_mask(self._slots(graph), graph.receivers, vec, graph.edge_mask,
+        keep = capped_mask(slots, graph.receivers, vec, graph.edge_mask,
                            max_neighbors=b.max_neighbors)
         senders, receivers = graph.senders, graph.receivers
         dev = vec.device
@@ -217,15 +219,20 @@ class ESENModel(torch.nn.Module):
                              "(fairchem's eSCNMDBackbone always uses False)")
         slots = graph.cache.get("esen")
         if slots is None or graph.edge_ids is not None:  # a selection changes every step
+            widest = (None if graph.comm is None
+                      else _widest_of_ranks(graph.comm, graph.receivers.device))
             slots = graph.cache["esen"] = neighbor_slots(
-                graph.receivers, n_owned=graph.n_owned, max_neighbors=b.max_neighbors)
+                graph.receivers, n_owned=graph.n_owned, max_neighbors=b.max_neighbors,
+                widest=widest)
         return slots
 
     def _empty_rank(self, graph: LocalGraph) -> ModelOutput:
         """A rank that owns no atoms still joins every exchange, and keeps them in the
-        autograd graph: their backward is collective too."""
+        autograd graph: their backward is collective too. Its (empty) edge vectors are
+        in that graph as on every other rank, so the step's virial takes the same path."""
         b, pos = self.backbone, graph.positions.to(graph.dtype)
-        x = pos.new_zeros((0, b.sph_feature_size, b.sphere_channels)) + 0.0 * pos.sum()
+        zero = 0.0 * (pos.sum() + graph.edge_vectors().to(graph.dtype).sum())
+        x = pos.new_zeros((0, b.sph_feature_size, b.sphere_channels)) + zero
         for _ in b.blocks:
             x = graph.exchange(x)
         return ModelOutput(site_energy=pos.new_zeros(0) + 0.0 * x.sum())
@@ -245,3 +252,14 @@ class ESENModel(torch.nn.Module):
         x = x + x_res
         x_res = x
         return block.atom_wise(block.norm_2(x)) + x_res
+
+
+def _widest_of_ranks(comm, device: torch.device) -> Callable[[int], int]:
+    """A rank's widest neighbour row -> the widest of all ranks (one all-reduce)."""
+
+    def widest(width: int) -> int:
+        widths = torch.zeros(comm.world_size, dtype=torch.long, device=device)
+        widths[comm.rank] = width
+        return int(comm.all_reduce_sum(widths).cpu().numpy().max())
+
+    return widest

@@ -19,6 +19,7 @@ now by a sort along the rows: no count or maximum read back by the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +68,20 @@ class NeighborSlots:
     table: torch.Tensor | None
 
 
-def neighbor_slots(receivers: torch.Tensor, *, n_owned: int, max_neighbors: int
-                   ) -> NeighborSlots:
+def neighbor_slots(receivers: torch.Tensor, *, n_owned: int, max_neighbors: int,
+                   widest: Callable[[int], int] | None = None) -> NeighborSlots:
     """The slots of a topology's candidate edges (receivers (E,) < n_owned): reads the
-    widest row's length once, at the rebuild."""
+    widest row's length once, at the rebuild. ``widest``: this rank's widest row ->
+    the widest over all ranks (collective), so that every rank lays its rows out as
+    one rank would, and caps or not as one rank would (its work then sums to one
+    rank's); None: this rank's alone."""
     n_edges = int(receivers.shape[0])
-    if max_neighbors <= 0 or n_edges == 0:
+    if max_neighbors <= 0 or (n_edges == 0 and widest is None):
         return NeighborSlots(None)
     counts = torch.bincount(receivers, minlength=n_owned)
-    width = int(counts.max())
+    width = int(counts.max()) if n_edges else 0
+    if widest is not None:
+        width = widest(width)
     if width <= max_neighbors:
         return NeighborSlots(None)
     order = torch.argsort(receivers, stable=True)

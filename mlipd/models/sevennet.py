@@ -176,6 +176,8 @@ class SevenNetModel(torch.nn.Module):
         edges = mods["edge_embedding"]({KEY.EDGE_VEC: graph.edge_vectors()})
         present, which = self._species(graph, types)
         embed, first = self._species_features(present, graph.dtype)
+        # the species table's rows: each rank makes those of the species it holds
+        self.counters = {"species_rows": int(present.shape[0])}
 
         x = embed[which[:n]]
         for t, (intro, linear_1, conv, linear_2, outro, gate) in enumerate(self.blocks):

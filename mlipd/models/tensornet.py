@@ -124,7 +124,9 @@ class TensorNetModel(torch.nn.Module):
 
     def forward(self, graph: LocalGraph) -> ModelOutput:
         pot, net, n = self.potential, self.potential.model, graph.n_owned
-        types = self.type_index[graph.numbers]
+        # every local atom's species (the halo's too: the embedding's messages read the
+        # senders' species, a table lookup in place of an exchange)
+        types = torch.take(self.type_index, graph.numbers)
         # matgl aggregates into edge_index[0] (our receivers) and reads edge_index[1] (our
         # senders); its bond vector x[edge_index[1]] - x[edge_index[0]] + offset is
         # graph.edge_vectors()
@@ -150,8 +152,11 @@ class TensorNetModel(torch.nn.Module):
 
 
 def _channels(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A matgl tensor linear: mixes channels of (n, units, 3, 3)."""
-    return linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    """A matgl tensor linear: mixes channels of (n, units, 3, 3). Made contiguous
+    first, so that torch's matmul folds it into one (9 n, units) product at every n
+    (matgl's strided view runs as a batch of n products, each reading the weights,
+    except at n = 0, where it folds: a rank's work would then depend on its share)."""
+    return linear(t.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
 
 
 def _cut(module, dist: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,14 +6,16 @@ piece the backward recomputes) run is counted, per op name, by
 * **elements**: what it reads and writes, every tensor input and output, any dtype;
   a gather (``index``, ``index_select``, ``embedding``, ``gather``, ...) reads only the
   rows it takes (its output) and a scatter (``index_add``, ``index_put``,
-  ``scatter_add``, ``scatter_reduce``, ...) touches only the rows it adds (its source),
-  not the whole tensor they index; the backward of a view (``slice_backward``...)
-  touches the gradient's elements, not the zeros around them;
+  ``scatter_add``, ``scatter_reduce``, ...) touches only the rows it adds (its source,
+  the last tensor argument) and reads its indices, not the whole tensor they index;
+  the backward of a view (``slice_backward``...) touches the gradient's elements, not
+  the zeros around them;
 * **FLOPs** of matrix ops (torch's ``flop_registry``: mm, bmm, addmm, baddbmm,
   convolutions, attention; an einsum arrives as these), and of matrix-vector and
   vector products (mv, addmv, dot: what a one-row matmul can become).
 
-Not counted: views (no data produced) and pure creation (``empty``, ``zeros``, ``full``,
+Not counted: views (no data produced; ``_unsafe_view`` too, a view autograd does not
+track as one) and pure creation (``empty``, ``zeros``, ``full``,
 ``arange``, ``fill_``, ``zero_``...: nothing computed from data); the exchanges' own
 buffers (``mlipd.engine.halo``: counted as the rows they move, ``Comm.traffic``); the
 engine's own code before the model (gathering local positions) and after the backward
@@ -57,11 +59,12 @@ UNSEEN = ("custom kernels outside the aten dispatcher (cuEquivariance CUDA kerne
           "NumPy and other host code in a model", "native neighbour lists (vesin, matscipy)",
           "Python work")
 
-_CREATION = frozenset({
+_NO_WORK = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros",
     "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like",
     "new_full", "fill", "fill_", "zero_", "scalar_tensor", "arange", "linspace", "eye",
-    "lift_fresh", "lift_fresh_copy", "alias", "detach", "set_", "resize_"})
+    "lift_fresh", "lift_fresh_copy", "alias", "detach", "set_", "resize_",
+    "_unsafe_view"})  # the last: a view (reshape's result) autograd does not track as one
 _GATHERS = frozenset({"index", "index_select", "embedding", "gather", "take",
                       "masked_select", "_unsafe_index"})
 _SCATTERS = frozenset({"index_add", "index_add_", "index_put", "index_put_", "_index_put_impl_",
@@ -101,9 +104,12 @@ def op_work(func, args, kwargs, out) -> tuple[int, int]:
         return 2 * rows + index, flops
     if name in _VIEW_BACKWARDS:  # zeros (creation) with the gradient's rows written in
         return 2 * ins[0].numel(), flops
-    if name in _SCATTERS:
-        touched = [t.numel() for t in ins[1:]]
-        return 2 * max(touched, default=0) + sum(touched) - max(touched, default=0), flops
+    if name in _SCATTERS:  # (self, [dim,] index(es), source): the source's rows are read
+        # and written, the indices read; without a source tensor (a fill), the indexed
+        # elements are written
+        *index, source = ins[1:] if len(ins) > 2 else (*ins[1:], None)
+        written = source.numel() if source is not None else sum(t.numel() for t in index)
+        return 2 * written + sum(t.numel() for t in index), flops
     return sum(t.numel() for t in ins) + sum(t.numel() for t in outs), flops
 
 
@@ -119,7 +125,7 @@ class WorkCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.counting and not func.is_view:
             name = func.overloadpacket.__name__
-            if name not in _CREATION:
+            if name not in _NO_WORK:
                 elements, flops = op_work(func, args, kwargs, out)
                 tally = self.ops[name]
                 tally[0] += elements
