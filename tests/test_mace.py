@@ -418,7 +418,9 @@ def test_mace_file_drives_real_ipi(processes, short_tmp):
     atoms = bulk_box([6, 14], reps=1, a=4.6, seed=7)
     run = drive_real_ipi(processes, short_tmp, atoms, name="mace",
                          model=f"mace:{short_tmp / 'tiny.model'}")
-    check_trajectory(run, atoms, SingleRankEngine(MaceModel(model=model)).compute)
+    adapter = MaceModel(model=model)
+    check_trajectory(run, atoms, SingleRankEngine(adapter).compute, cutoff=adapter.spec.cutoff,
+                     layers=adapter.spec.n_layers)
 
 
 def small_mace() -> MaceModel:

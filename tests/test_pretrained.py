@@ -200,7 +200,8 @@ def test_mace_mp_medium_from_cache_drives_real_ipi(processes, short_tmp, cache_h
             out.append(SimpleNamespace(energy=a.get_potential_energy(), forces=a.get_forces()))
         return out
 
-    check_trajectory(run, atoms, mace_calculator)
+    check_trajectory(run, atoms, mace_calculator, cutoff=float(calc.r_max),
+                     layers=len(calc.models[0].interactions))
 
 
 def test_mace_mp_missing_exits_2_at_once(short_tmp, cache_home):
