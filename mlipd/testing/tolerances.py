@@ -16,13 +16,19 @@ the terms' magnitudes. Here:
   quadrature: ``m`` counts L times (``layers``, the model's ``spec.n_layers``), and
   ``terms_per_edge`` times where each edge's message is itself a sum the architecture
   fixes (an SO(2) convolution over (lmax + 1)^2 coefficients: eSEN);
-* ``scale`` = the float64 reference's largest force component (forces), largest
-  |site energy| estimated by |E| / N (energy per atom: the mean of N independent site
-  errors, so the bound is divided by sqrt(N)), largest |value| (extras; or
-  the scale of the features read out, where the model states one);
-  stress: the virial is a sum over the N m edges of r (below the cutoff) times a
-  force term off by eps times the force scale, so
+* ``scale`` = the float64 reference's largest force component (forces), the mean
+  |site energy| (sum |e_i| / N from the model's site energies, |E| / N without them;
+  energy per atom: the mean of N independent site errors, so the bound is divided by
+  sqrt(N)), largest |value| (extras; or the scale of the features read out, where the
+  model states one); stress: the virial is a sum over the N m edges of r (below the
+  cutoff) times a force term off by eps times the force scale, so
   ``LAMBDA * sqrt(N m) * cutoff * eps * force scale / volume``.
+* the engine's own float64 assembly, whatever the features' dtype: the energy as a
+  sum of N site energies (``LAMBDA sqrt(N) eps64 sum |e_i|``), the virial as
+  ``sum_i x_i g_i + cell^T dE/dcell`` (``mlipd.engine.step``), N terms of up to
+  R f_max (R = the largest coordinate + cutoff) whose partial sums walk to
+  sqrt(N) R f_max: ``LAMBDA N eps64 R f_max / volume``. Negligible beside float32's
+  rounding; in float64 they are the largest terms of a large cell.
 
 ``arithmetic`` gives this bound for one computation against exact arithmetic.
 The structures must be rattled (forces not ~0): a force scale of zero would make the
@@ -32,13 +38,15 @@ bound zero, failing a correct model rather than passing a wrong one.
 mlipd runs every model): ``arithmetic`` with ``EPS32`` against the float64 result.
 
 **float64** (distributed vs one rank, mlipd vs a package's own float64 modules, one
-process vs another): two float64 computations of one model on one float64 geometry,
-each within ``arithmetic`` at ``EPS64`` of exact arithmetic, so their difference is
-within twice that (``float64``): about 1e-14 of the force scale for m ~ 100, where the
-blanket 1e-10 relative (``FLOAT64_RTOL``, about 5e5 epsilons) used before was loose by
-four orders of magnitude. Where both sides run the same operations in the same order
-(one rank against the same step, a result passed on unchanged), they are equal bit for
-bit and the tests say so (``==``).
+process vs another): two float64 computations of one model, each within ``arithmetic``
+at ``EPS64`` of exact arithmetic and, where the two build their edge vectors by other
+operations (a rank's halo holds image positions x + n cell; a package builds its own
+graph), within ``geometry`` at ``EPS64`` (the float32-geometry model below, with
+eps64); their difference is within twice that (``float64``): ~1e-14 of the force
+scale, where the blanket 1e-10 relative (``FLOAT64_RTOL``, about 5e5 epsilons) is
+loose by four orders of magnitude. Where both sides run the same operations in the
+same order (the same step on the same input, a result passed on unchanged), they are
+equal bit for bit and the tests say so (``==``).
 
 **float32 geometry** (a package's own float32 calculator: CHGNet's, sevenn's): it
 rounds coordinates to float32 before building edges, moving each by up to
@@ -134,23 +142,85 @@ def arithmetic(ref: Result, structure: Structure, cutoff: float, *, layers: int 
     unit = LAMBDA * np.sqrt(m * layers * terms_per_edge) * eps
     f_max = float(np.abs(ref.forces).max(initial=0.0))
     n = structure.n_atoms
+    sites = _site_magnitudes(ref, n)
     return Bounds(
-        # the mean of N independent site-energy errors
-        energy_per_atom=unit * abs(ref.energy) / n / np.sqrt(n),
-        forces=unit * f_max, stress=_stress(structure, cutoff, m, eps * f_max),
+        # the mean of N independent site-energy errors, and the sum's own rounding
+        energy_per_atom=unit * sites / n / np.sqrt(n) + _assembly_energy(sites, n) / n,
+        forces=unit * f_max,
+        stress=_stress(structure, cutoff, m, eps * f_max) + _assembly_stress(structure,
+                                                                           cutoff, f_max),
         extras={k: unit * max(float(np.abs(np.asarray(v)).max(initial=0.0)),
                               floor.get(k, 0.0))
                 for k, v in ref.extras.items()})
 
 
+def _site_magnitudes(ref: Result, n: int) -> float:
+    """sum |site energy| (|E| where the model gives no site energies)."""
+    if ref.energies is not None and len(ref.energies) == n:
+        return max(float(np.abs(np.asarray(ref.energies)).sum()), abs(ref.energy))
+    return abs(ref.energy)
+
+
+def _assembly_energy(sites: float, n: int) -> float:
+    """The engine's float64 sum of N site energies: each addition rounds by at most
+    EPS64 times a partial sum, itself at most sum |site energy|."""
+    return LAMBDA * np.sqrt(n) * EPS64 * sites
+
+
+def _assembly_stress(structure: Structure, cutoff: float, f_max: float) -> float:
+    """The engine's float64 virial sum_i x_i g_i + cell^T dE/dcell (``mlipd.engine.step``):
+    N terms of up to R f_max (R = the largest coordinate + cutoff), whose partial sums
+    walk to sqrt(N) R f_max (the forces sum to zero), each addition rounding by EPS64
+    of that: LAMBDA N EPS64 R f_max / volume."""
+    if not structure.pbc.all():
+        return 0.0
+    n = structure.n_atoms
+    reach = float(np.abs(structure.positions).max(initial=0.0)) + cutoff
+    volume = abs(float(np.linalg.det(structure.cell)))
+    return LAMBDA * n * EPS64 * reach * f_max / volume
+
+
 def float64(ref: Result, structure: Structure, cutoff: float, *, layers: int = 1,
-            terms_per_edge: int = 1,
-            extras_scale: dict[str, float] | None = None) -> Bounds:
+            terms_per_edge: int = 1, extras_scale: dict[str, float] | None = None,
+            stiff: float | None = None, eps: float = EPS64) -> Bounds:
     """Bounds on the difference of two float64 computations of one model on one float64
-    geometry (summed in different orders): each side's ``arithmetic`` at EPS64."""
+    geometry (summed in different orders): each side's ``arithmetic`` at EPS64, and,
+    where the two build their edge vectors differently (a rank's halo images, a
+    package's own graph), each side's ``geometry`` at EPS64 (``stiff`` from
+    ``stiffness``; None where both build them by the same operations). ``eps``: the
+    features' epsilon, for two float32 runs (EPS32) on float64 geometries."""
     one = arithmetic(ref, structure, cutoff, layers=layers, terms_per_edge=terms_per_edge,
-                     extras_scale=extras_scale, eps=EPS64)
+                     extras_scale=extras_scale, eps=eps)
+    if stiff is not None:
+        one = one + geometry(ref, structure, cutoff, stiff, eps=EPS64)
     return one + one
+
+
+def float64_engine(make_model: Callable):
+    """A float64 ``SingleRankEngine`` of ``make_model()`` (skin 0): the one that measures
+    stiffness for ``measured_float64``."""
+    import torch
+
+    from mlipd.engine.single_rank import SingleRankEngine
+
+    return SingleRankEngine(make_model(), dtype=torch.float64, skin=0.0)
+
+
+def measured_float64(engine, structure: Structure, ref: Result, *, eps: float = EPS64,
+                     terms_per_edge: int = 1,
+                     extras_scale: dict[str, float] | None = None) -> Bounds:
+    """``float64`` for ``engine``'s model (``float64_engine``) at ``structure`` (``ref``:
+    a result there) against a run that builds its edge vectors by other operations (a
+    rank's halo): the stiffness measured with ``engine`` (two steps)."""
+    from dataclasses import replace
+
+    def forces_at(positions: np.ndarray) -> np.ndarray:
+        return engine.compute([replace(structure, positions=positions)])[0].forces
+
+    spec = engine.model.spec
+    return float64(ref, structure, spec.cutoff, layers=max(int(spec.n_layers or 1), 1),
+                   terms_per_edge=terms_per_edge, extras_scale=extras_scale, eps=eps,
+                   stiff=stiffness(forces_at, structure.positions))
 
 
 def stiffness(forces_at: Callable[[np.ndarray], np.ndarray], positions: np.ndarray, *,
@@ -162,10 +232,12 @@ def stiffness(forces_at: Callable[[np.ndarray], np.ndarray], positions: np.ndarr
     return float(np.abs(diff).max()) / (2 * h)
 
 
-def geometry(ref: Result, structure: Structure, cutoff: float, stiff: float) -> Bounds:
-    """Bounds on what a float32 geometry adds (module doc); ``stiff`` from ``stiffness``."""
+def geometry(ref: Result, structure: Structure, cutoff: float, stiff: float, *,
+             eps: float = EPS32) -> Bounds:
+    """Bounds on what a geometry rounded in arithmetic of epsilon ``eps`` (float32 by
+    default) adds (module doc); ``stiff`` from ``stiffness``."""
     reach = float(np.abs(structure.positions).max(initial=0.0)) + cutoff
-    shift = LAMBDA * GEOMETRY_ROUNDINGS * EPS32 * reach  # Å
+    shift = LAMBDA * GEOMETRY_ROUNDINGS * eps * reach  # Å
     m = terms_per_atom(structure, cutoff)
     return Bounds(
         energy_per_atom=3 * shift * float(np.abs(ref.forces).max(initial=0.0)),
@@ -176,8 +248,10 @@ def geometry(ref: Result, structure: Structure, cutoff: float, stiff: float) -> 
 
 def roundings(k: int) -> float:
     """Relative error of a float64 value multiplied or divided by constants ``k`` times
-    (deterministic: each operation rounds by at most eps64 / 2)."""
-    return k * EPS64 / 2
+    (deterministic: each operation rounds by at most u = eps64 / 2, so at most
+    gamma_k = k u / (1 - k u), Higham's bound)."""
+    u = EPS64 / 2
+    return k * u / (1 - k * u)
 
 
 def mismatch(theirs: float, ours: float) -> float:
@@ -214,12 +288,8 @@ def relayed(ref: Result, structure: Structure,
     ``h``: the relative step (scaling) and the step in Å (rounding) of the central
     differences."""
     n = structure.n_atoms
-    f_max = float(np.abs(ref.forces).max(initial=0.0))
     stress = ref.stress(structure.cell)
-    s_max = 0.0 if stress is None else float(np.abs(stress).max())
-    energy = relative * abs(ref.energy) / n
-    forces = relative * f_max + (half_unit(forces_decimals) if forces_decimals else 0.0)
-    stress_b = relative * s_max
+    energy = forces = stress_b = 0.0
     pos, cell = structure.positions, structure.cell
     if scaling:
         up, down = result_at(pos * (1 + h), cell * (1 + h)), result_at(pos * (1 - h),
@@ -244,7 +314,20 @@ def relayed(ref: Result, structure: Structure,
         if stress is not None:
             d = up.stress(cell + h * v) - down.stress(cell - h * v)
             stress_b += LAMBDA * rounding * float(np.abs(d).max()) / (2 * h)
-    return Bounds(energy_per_atom=energy, forces=forces, stress=stress_b,
+    if forces_decimals is not None:
+        forces += half_unit(forces_decimals)
+    return proportional(ref, structure, relative) + Bounds(
+        energy_per_atom=energy, forces=forces, stress=stress_b,
+        extras=dict.fromkeys(ref.extras, 0.0))
+
+
+def proportional(ref: Result, structure: Structure, relative: float) -> Bounds:
+    """Bounds on outputs each multiplied by (1 + d), |d| <= ``relative`` (a unit's
+    ``mismatch``, ``roundings``): relative times each quantity's largest magnitude."""
+    stress = ref.stress(structure.cell)
+    return Bounds(energy_per_atom=relative * abs(ref.energy) / structure.n_atoms,
+                  forces=relative * float(np.abs(ref.forces).max(initial=0.0)),
+                  stress=0.0 if stress is None else relative * float(np.abs(stress).max()),
                   extras={k: relative * float(np.abs(np.asarray(v)).max(initial=0.0))
                           for k, v in ref.extras.items()})
 
