@@ -358,6 +358,6 @@ def assert_within(got: Result, ref: Result, structure: Structure, bounds: Bounds
     r = ratios(got, ref, structure, bounds)
     bad = {k: v for k, v in r.items() if not v <= 1.0}
     if bad:
-        raise AssertionError(f"{what}: error / float32 bound above 1: {bad}; errors "
+        raise AssertionError(f"{what}: error / bound above 1: {bad}; errors "
                              f"{errors(got, ref, structure)}, bounds {bounds}")
     return r
