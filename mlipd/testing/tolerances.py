@@ -87,8 +87,8 @@ EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
 EPS64 = float(np.finfo(np.float64).eps)  # 2**-52
 LAMBDA = 6.0
 GEOMETRY_ROUNDINGS = 3
-# the blanket relative tolerance of float64 comparisons that have no structure at hand
-# (``check_zero_redundancy``'s default); ``float64`` derives the bound where they do
+# a blanket relative tolerance, for a caller that asks for one
+# (``check_zero_redundancy(result_rtol=...)``); ``float64`` derives the bound
 FLOAT64_RTOL = 1e-10
 
 
@@ -265,13 +265,17 @@ def half_unit(decimals: int) -> float:
     return 0.5 * 10.0**-decimals
 
 
-def printed_at_most(text: str, bound: float) -> bool:
-    """Whether a number printed as ``text`` (e.g. ``1.3e-07``, ``0.25``) can be the
-    rounding of a value <= ``bound``: its printed value less half a unit of its last
-    digit is <= bound."""
+def printed_half_unit(text: str) -> float:
+    """The most a number printed as ``text`` (e.g. ``1.3e-07``, ``0.25``) is off: half a
+    unit of its last digit."""
     mantissa, _, exponent = text.strip().lower().partition("e")
-    decimals = len(mantissa.partition(".")[2]) - int(exponent or 0)
-    return abs(float(text)) - half_unit(decimals) <= bound
+    return half_unit(len(mantissa.partition(".")[2]) - int(exponent or 0))
+
+
+def printed_at_most(text: str, bound: float) -> bool:
+    """Whether a number printed as ``text`` can be the rounding of a value <= ``bound``:
+    its printed value less ``printed_half_unit`` is <= bound."""
+    return abs(float(text)) - printed_half_unit(text) <= bound
 
 
 def relayed(ref: Result, structure: Structure,
