@@ -149,6 +149,20 @@ def ipi_relay(nbeads: int = 1) -> dict:
             + tol.roundings(4 + nbeads)}
 
 
+def ipi_bounds(ref: Result, s: Structure, result_at, *, cutoff: float, layers: int,
+               relay: dict) -> tuple[tol.Bounds, tol.Bounds]:
+    """(forces' bound, potential's bound) of what i-PI recorded for a float64 result at
+    ``s`` against a direct float64 evaluation there: two computations of one model
+    (``tol.float64``) and ``ipi_relay``'s ``relay`` (``tol.relayed``)."""
+    reach = max(float(np.abs(s.positions).max()), float(np.abs(s.cell).max()))
+    both = tol.float64(ref, s, cutoff, layers=layers) + tol.relayed(
+        ref, s, result_at, scaling=relay["scaling"],
+        rounding=tol.roundings(3) * reach + tol.half_unit(relay["text_decimals"]),
+        forces_decimals=relay["text_decimals"])
+    return (both + tol.proportional(ref, s, relay["forces_relative"]),
+            both + tol.proportional(ref, s, relay["energy_relative"]))
+
+
 def check_trajectory(run: Run, atoms, compute, *, cutoff: float, layers: int,
                      nbeads: int = 1, steps: int = 20, every: int = 5,
                      min_motion: float = 1e-3) -> None:
@@ -182,13 +196,8 @@ def check_trajectory(run: Run, atoms, compute, *, cutoff: float, layers: int,
         results = [as_result(r) for r in compute(structures)]
         energy_bound = 0.0
         for b, (s, r) in enumerate(zip(structures, results, strict=True)):
-            reach = max(float(np.abs(s.positions).max()), float(np.abs(cell).max()))
-            both = tol.float64(r, s, cutoff, layers=layers) + tol.relayed(
-                r, s, result_at, scaling=relay["scaling"],
-                rounding=tol.roundings(3) * reach + tol.half_unit(relay["text_decimals"]),
-                forces_decimals=relay["text_decimals"])
-            forces_b = both + tol.proportional(r, s, relay["forces_relative"])
-            energy_b = both + tol.proportional(r, s, relay["energy_relative"])
+            forces_b, energy_b = ipi_bounds(r, s, result_at, cutoff=cutoff, layers=layers,
+                                            relay=relay)
             got = Result(energy=r.energy, forces=forces[b][step])
             ratio = tol.ratios(got, r, s, forces_b)["forces"]
             assert ratio <= 1.0, (step, b, ratio, forces_b)
