@@ -13,7 +13,8 @@ fits on several. The command-line equivalent is ``mlipd serve --ranks 2`` or
 ``mlipd drive --ranks 2``; here ``MlipdCalculator(model=..., ranks=2)`` spawns the rank
 processes from this script. float32 is the default (usually faster than float64;
 geometry, energy sums and forces stay float64). ``--check`` (default) evaluates the
-last structure on one rank as well and prints the difference.
+last structure on one rank as well, prints the difference and writes that structure
+(``multirank_last.traj``).
 
 Writes ``multirank.png``: owned and halo atoms per rank, and the time of each step.
 """
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
             de = abs(check.get_potential_energy() - ours["energy"]) / n
             df = np.abs(check.get_forces() - ours["forces"]).max()
         print(f"one rank, same structure: |dE| {de:.1e} eV/atom, max |dF| {df:.1e} eV/Å")
+        atoms.copy().write(out / "multirank_last.traj")  # that structure, for a recheck
     plot(stats, step_s, out / "multirank.png",
          title=f"{args.model}, {n} atoms on {args.ranks} ranks ({args.dtype})")
     print(f"plot: {out / 'multirank.png'}")

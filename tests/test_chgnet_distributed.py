@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
-from model_cases import as_structures, assert_results_close, check_float32
+from model_cases import as_structures, check_float32
 from test_chgnet import molecule, slab, triclinic
 
 from mlipd.engine import make_engine
 from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.models.chgnet import CHGNetModel, load_chgnet
 from mlipd.testing import check_zero_redundancy
+from mlipd.testing import tolerances as tol
 from mlipd.testing.work import Work, measure_runs
 from mlipd.types import Structure
 
@@ -119,27 +120,42 @@ def test_float32_on_four_ranks(structures, runs):
     print("CHGNet P = 4 float32 error / bound:", ratios)
 
 
-def test_distributed_one_rank_equals_local(structures, reference):
+def float64_bound(s: Structure, ref, engine: SingleRankEngine):
+    """Two float64 computations of CHGNet at ``s`` (``tol.measured_float64``: edge vectors
+    built by other operations, the stiffness measured with ``engine``; magnetic moments
+    read out of ~1 μB terms as in test_chgnet)."""
+    return tol.measured_float64(engine, s, ref, extras_scale={"magmoms": 1.0})
+
+
+@pytest.fixture(scope="module")
+def bounds(structures, reference):
+    engine = SingleRankEngine(CHGNetModel(), dtype=torch.float64)
+    return {name: float64_bound(s, reference[name], engine) for name, s in structures.items()}
+
+
+def test_distributed_one_rank_equals_local(structures, reference, bounds):
     """``DistributedEngine(ranks=1)`` runs the same step as ``SingleRankEngine``: a batch with
-    magnetic moments agrees to 1e-12."""
+    magnetic moments agrees within the float64 bound."""
     from mlipd.engine.distributed import DistributedEngine
 
     names = list(structures)
     with DistributedEngine("chgnet", ranks=1, dtype=torch.float64) as engine:
         results = engine.compute([structures[n] for n in names])
     for name, r in zip(names, results, strict=True):
-        assert_results_close(r, reference[name], rtol=1e-12, cell=structures[name].cell)
+        ratios = tol.assert_within(r, reference[name], structures[name], bounds[name], name)
+        print(f"{name}, P = 1: float64 error / bound", {k: f"{v:.2g}" for k, v in ratios.items()})
 
 
 @pytest.mark.parametrize("model", ["chgnet", "chgnet:0.3.0,recompute=1"])
-def test_make_engine_two_ranks(structures, reference, model):
+def test_make_engine_two_ranks(structures, reference, bounds, model):
     """The product path: ``make_engine("chgnet", ranks=2)`` on a batch; with
     recomputation in backward, the forces are the same."""
     names = ["triclinic", "slab"]
     with make_engine(model, ranks=2, dtype="float64") as engine:
         results = engine.compute([structures[n] for n in names])
     for name, r in zip(names, results, strict=True):
-        assert_results_close(r, reference[name], rtol=1e-10, cell=structures[name].cell)
+        ratios = tol.assert_within(r, reference[name], structures[name], bounds[name], name)
+        print(f"{name}, P = 2: float64 error / bound", {k: f"{v:.2g}" for k, v in ratios.items()})
 
 
 def test_md_with_reused_bond_graph_equals_fresh_lists():
@@ -156,7 +172,9 @@ def test_md_with_reused_bond_graph_equals_fresh_lists():
         steps.append(Structure(s0.numbers, x.copy(), s0.cell, s0.pbc))
     fresh = SingleRankEngine(CHGNetModel(), dtype=torch.float64, skin=0.0)
     reuse = SingleRankEngine(CHGNetModel(), dtype=torch.float64, skin=0.5)
+    probe = SingleRankEngine(CHGNetModel(), dtype=torch.float64)  # stiffness, its own lists
     built = pruned = 0
+    worst = 0.0
     with make_engine("chgnet", ranks=2, dtype="float64") as two:
         for s in steps:
             (want,) = fresh.compute([s])
@@ -166,13 +184,11 @@ def test_md_with_reused_bond_graph_equals_fresh_lists():
             pruned += g.edge_ids is not None or (g.edge_mask is not None
                                                  and not bool(g.edge_mask.all()))
             (got2,) = two.compute([s])
+            bound = float64_bound(s, want, probe)
             for r in (got, got2):
-                assert r.energy == pytest.approx(want.energy, rel=1e-12)
-                np.testing.assert_allclose(r.forces, want.forces, rtol=0, atol=1e-10)
-                np.testing.assert_allclose(r.virial, want.virial, rtol=0, atol=1e-9)
-                np.testing.assert_allclose(r.extras["magmoms"], want.extras["magmoms"],
-                                           atol=1e-11)
+                worst = max(worst, *tol.assert_within(r, want, s, bound, "step").values())
         assert two.rebuilds < len(steps)
     assert fresh.rebuilds == len(steps)
     assert built == reuse.rebuilds < len(steps) // 2
     assert pruned >= len(steps) - reuse.rebuilds  # pairs beyond the cutoff were masked
+    print("reused lists and P = 2: float64 error / bound (worst)", f"{worst:.2g}")

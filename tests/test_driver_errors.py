@@ -16,6 +16,7 @@ import pytest
 from conftest import MLIPD
 from helpers import systems
 from helpers.fake_ipi import FakeIpi
+from helpers.float64_bounds import assert_over_wire
 
 from mlipd.engine import make_engine
 from mlipd.protocols import ipi
@@ -114,7 +115,8 @@ def test_bad_connection_is_closed_others_keep_working(case, processes, short_tmp
             s2 = argon(seed=seed)
             (got,) = good.step([s2])
             (ref,) = engine.compute([s2])
-            np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-12, atol=1e-15)
+            # positions and results through i-PI's units and back (2 roundings each)
+            assert_over_wire(got, ref, s2, engine, geometry_roundings=2, output_roundings=2)
         assert len(first) == 1
         good.conn.sendall(ipi.Header.EXIT.value)
         out, _ = proc.communicate(timeout=30)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 from helpers.fake_ipi import FakeIpi
+from helpers.float64_bounds import assert_over_wire
 from helpers.server import Dealer
 from helpers.systems import argon
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +30,7 @@ from mlipd.protocols import ipi
 from mlipd.protocols import zmq_msgs as zm
 from mlipd.protocols.convert import structures_from_posdata
 from mlipd.server.testing import running_server
+from mlipd.types import Result
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,7 +66,7 @@ def still_serving(srv, pid: int) -> None:
     with Client(srv.address) as c:
         got = c.compute(s)
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(got, ref, s, REFERENCE)
 
 
 def check_reply(reply, rid=None) -> None:
@@ -138,9 +141,10 @@ def test_zmq_bit_flips_in_float_fields(served, seed, n_flips):
     if reply["ok"]:  # what was computed equals a direct evaluation of the same bytes
         structures = zm.unpack_request(msgpack.packb(msg)).structures
         refs = REFERENCE.compute(list(structures))
-        for r, ref in zip(reply["results"], refs, strict=True):
-            np.testing.assert_allclose(np.frombuffer(r["forces"]["data"], "<f8").reshape(-1, 3),
-                                       ref.forces, rtol=1e-9, atol=1e-9)
+        for r, ref, s in zip(reply["results"], refs, structures, strict=True):
+            forces = np.frombuffer(r["forces"]["data"], "<f8").reshape(-1, 3)
+            assert_over_wire(Result(energy=ref.energy, forces=forces),
+                             replace(ref, virial=None), s, REFERENCE)
 
 
 def test_zmq_after_the_batches_the_same_process_answers(served):
@@ -180,7 +184,8 @@ def test_ipi_bit_flips_in_float_fields(served, seed, n_flips):
     m = ipi.read_posdata(ipi.BufferReader(bytes(frame[ipi.HEADER_LEN:])).read_exact)
     (flipped,) = structures_from_posdata(m, numbers=s.numbers, pbc=np.ones(3, bool))
     (ref,) = REFERENCE.compute([flipped])
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
+    # the geometry decoded from the same bytes; the results through i-PI's units and back
+    assert_over_wire(got, ref, flipped, REFERENCE, output_roundings=2)
 
 
 @FUZZ
@@ -206,5 +211,5 @@ def test_ipi_after_the_batches_the_link_and_the_process_answer(served):
     s = argon(seed=5)
     (got,) = fake.step([s])
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
+    assert_over_wire(got, ref, s, REFERENCE, geometry_roundings=2, output_roundings=2)
     still_serving(srv, srv.proc.pid)

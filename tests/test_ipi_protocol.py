@@ -24,12 +24,16 @@ from mlipd.protocols.convert import (
     results_from_forceready,
     structures_from_posdata,
 )
+from mlipd.testing import tolerances as tol
 from mlipd.types import Result, Structure
 from mlipd.units import BOHR_ANG, FORCE_AU_EV_ANG, HARTREE_EV
 
 pytestmark = pytest.mark.timeout(120)
 
 RNG = np.random.default_rng(7)
+# a value divided by a unit on one side and multiplied by the same float64 constant on
+# the other (ASE's Ha / Bohr is computed as ours): two roundings, per component
+TWO_ROUNDINGS = tol.roundings(2)
 
 
 def reader(blob: bytes):
@@ -74,8 +78,8 @@ def test_ase_posdata_decodes(pair):
     m = ipi.read_posdata(r.read_exact)
     assert r.remaining == 0
     (s,) = structures_from_posdata(m, numbers=np.full(len(pos), 18), pbc=np.ones(3, bool))
-    np.testing.assert_allclose(s.cell, cell, rtol=1e-15)
-    np.testing.assert_allclose(s.positions, pos, rtol=1e-15)
+    np.testing.assert_allclose(s.cell, cell, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(s.positions, pos, rtol=TWO_ROUNDINGS)
 
 
 def test_our_forceready_decodes_in_ase(pair):
@@ -89,9 +93,9 @@ def test_our_forceready_decodes_in_ase(pair):
     client.sendall(ipi.encode_forceready(forceready_from_results([result])))
     e, f, v, more = IPIProtocol(server).sendrecv_force()
     assert drain(client, 12) == ipi.Header.GETFORCE.value
-    np.testing.assert_allclose(e, result.energy, rtol=1e-15)
-    np.testing.assert_allclose(f, result.forces, rtol=1e-14)
-    np.testing.assert_allclose(v, virial, rtol=1e-14)
+    np.testing.assert_allclose(e, result.energy, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(f, result.forces, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(v, virial, rtol=TWO_ROUNDINGS)
     assert decode_extras(bytes(more)) == {"charges": [0.1] * n}
 
 
@@ -107,9 +111,12 @@ def test_ase_forceready_and_init_decode(pair):
     assert ipi.read_header(r.read_exact) is ipi.Header.FORCEREADY
     (got,) = results_from_forceready(ipi.read_forceready(r.read_exact))
     assert r.remaining == 0
-    np.testing.assert_allclose(got.energy, 1.5, rtol=1e-15)
-    np.testing.assert_allclose(got.forces, forces, rtol=1e-14)
-    np.testing.assert_allclose(got.virial, virial, rtol=1e-14)
+    # ASE divides the energy by Ha; it multiplies forces by Bohr / Ha and the virial by
+    # 1 / Ha, constants rounded themselves (one more rounding each, and Bohr / Ha is
+    # not the inverse of our rounded Ha / Bohr: one more)
+    np.testing.assert_allclose(got.energy, 1.5, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(got.forces, forces, rtol=tol.roundings(4))
+    np.testing.assert_allclose(got.virial, virial, rtol=tol.roundings(3))
     assert got.extras == {}  # b"\0": blank, as i-PI's parse_extra treats it
     IPIProtocol(server).sendinit()
     r = ipi.BufferReader(drain(client, 12 + 4 + 4 + 1))
@@ -146,8 +153,8 @@ def test_ipi_unbatched_posdata_decodes(pair):
     np.testing.assert_array_equal(m.cells[0], h)
     np.testing.assert_array_equal(m.inverse_cells[0], np.linalg.inv(h))
     (s,) = structures_from_posdata(m, numbers=np.full(len(pos), 14), pbc=np.ones(3, bool))
-    np.testing.assert_allclose(s.cell, cell, rtol=1e-15)
-    np.testing.assert_allclose(s.positions, pos, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(s.cell, cell, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(s.positions, pos, rtol=TWO_ROUNDINGS, atol=0)
     d.close()
 
 
@@ -188,9 +195,10 @@ def test_ipi_batched_init_posdata_and_forceready(pair):
     client.sendall(ipi.encode_forceready(forceready_from_results(results)))
     got = d._recv_forces_bulk_batch(n, 3)
     for res, (pot, f, vir, extra) in zip(results, got, strict=False):
-        np.testing.assert_allclose(pot * HARTREE_EV, res.energy, rtol=1e-15)
-        np.testing.assert_allclose(f.reshape(n, 3) * FORCE_AU_EV_ANG, res.forces, rtol=1e-14)
-        np.testing.assert_allclose(vir.T * HARTREE_EV, res.virial, rtol=1e-14)
+        np.testing.assert_allclose(pot * HARTREE_EV, res.energy, rtol=TWO_ROUNDINGS)
+        np.testing.assert_allclose(f.reshape(n, 3) * FORCE_AU_EV_ANG, res.forces,
+                                   rtol=TWO_ROUNDINGS)
+        np.testing.assert_allclose(vir.T * HARTREE_EV, res.virial, rtol=TWO_ROUNDINGS)
         assert {k: v for k, v in extra.items() if k != "raw"} == dict(res.extras)
     d.close()
 
@@ -204,7 +212,7 @@ def test_ipi_reads_unbatched_forceready_with_empty_extra(pair):
     client.sendall(blob)
     d = ipi_driver(server, status=Status.Up | Status.HasData)
     pot, _forces, vir, extra = d._recv_forces_bulk(n)
-    assert pot == pytest.approx(0.5 / HARTREE_EV, rel=1e-15)
+    assert pot == 0.5 / HARTREE_EV  # the same division: bit for bit
     np.testing.assert_array_equal(vir, np.zeros((3, 3)))  # no virial: zeros on the wire
     assert extra == {}
     d.close()
@@ -287,8 +295,8 @@ def test_structures_round_trip_units():
     s = Structure(numbers=np.full(len(pos), 18), positions=pos, cell=cell, pbc=True)
     m = ipi.read_posdata(reader(ipi.encode_posdata(posdata_from_structures([s]))[12:]))
     (back,) = structures_from_posdata(m, numbers=s.numbers, pbc=s.pbc)
-    np.testing.assert_allclose(back.cell, cell, rtol=1e-15)
-    np.testing.assert_allclose(back.positions, pos, rtol=1e-15)
+    np.testing.assert_allclose(back.cell, cell, rtol=TWO_ROUNDINGS)
+    np.testing.assert_allclose(back.positions, pos, rtol=TWO_ROUNDINGS)
     np.testing.assert_allclose(m.cells[0] @ m.inverse_cells[0], np.eye(3), atol=1e-14)
 
 

@@ -109,7 +109,7 @@ def runs(plugin_dir):
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
-def test_ranks_equal_p1_without_redundancy(runs, ranks):
+def test_ranks_equal_p1_without_redundancy(runs, on_path, ranks):  # on_path: the bound's engine
     """Every op's work summed over ranks is P = 1's, forward and backward, besides
     autograd's sums of the gradients on halo rows (positions: 9 elements a row, the
     exchanged density: 3), and the one exchange per step moves exactly the halo."""
@@ -126,3 +126,20 @@ def test_float32_on_four_ranks(runs):
     factory, cases, measured = runs
     ratios = check_float32(factory, cases, 4, runs=measured)
     print("plugin float32 error / bound:", ratios)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_at_one_and_two_threads(plugin_dir, threads):
+    """float32 at P = 1 and P = 2 with 1 and 2 torch threads on every rank (float32 sums
+    follow the threads; CI's 2 cores give a lone rank 2 threads and each of 2 ranks 1:
+    ``mlipd.engine.threads``), within the same derived bounds."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(plugin_dir))
+        factory = functools.partial(load_model, SPEC)
+        cases = as_structures(four_cases(SPECIES, bulk_reps=3))
+        measured = measure_runs(factory, list(cases.values()), [(1, F64), (1, F32), (2, F32)],
+                                threads=threads)
+    for ranks in (1, 2):
+        ratios = check_float32(factory, cases, ranks, runs=measured)
+        print(f"plugin float32, P = {ranks}, {threads} threads: error / bound (worst)",
+              {k: f"{max(r.get(k, 0.0) for r in ratios):.2g}" for k in ratios[0]})

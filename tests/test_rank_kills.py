@@ -27,8 +27,16 @@ from mlipd.client import Client
 from mlipd.engine import make_engine
 from mlipd.errors import CalculationFailed
 from mlipd.server.testing import running_server
+from mlipd.testing import tolerances as tol
 
 REFERENCE = make_engine("lj", dtype="float64")
+
+
+def assert_equal_energy(got, want, structure) -> None:
+    """Two float64 computations, a rank's halo images built by other operations
+    (``tol.measured_float64``, the stiffness measured with ``REFERENCE``)."""
+    bound = tol.measured_float64(REFERENCE, structure, want).energy_per_atom
+    assert abs(got.energy - want.energy) / structure.n_atoms <= bound, (got.energy, want.energy)
 ANSWER_TIMEOUT_S = 10.0  # each answer, result or error (the issue's bound; generous)
 
 
@@ -84,7 +92,7 @@ def run_kills(tmp_path: Path, kills: int, seed: int) -> None:
                     failures.append(str(e))
                     continue
                 (want,) = REFERENCE.compute([structure])
-                assert got.energy == pytest.approx(want.energy, rel=1e-12)
+                assert_equal_energy(got, want, structure)
                 results += 1
         finally:
             killer.stop.set()
@@ -92,7 +100,7 @@ def run_kills(tmp_path: Path, kills: int, seed: int) -> None:
         assert killer.done == kills
         got = c.compute(argon(seed=3))  # the ranks come back after the last kill too
         (want,) = REFERENCE.compute([argon(seed=3)])
-        assert got.energy == pytest.approx(want.energy, rel=1e-12)
+        assert_equal_energy(got, want, argon(seed=3))
         assert s.proc.poll() is None
         assert c.stats()["rank_restarts"] >= 1
         assert results >= 1

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.fake_ipi import FakeIpi
+from helpers.float64_bounds import assert_over_wire
 from helpers.systems import argon
 
 from mlipd.client import Client
@@ -31,7 +32,8 @@ def check_step(fake: FakeIpi, seed: int) -> None:
     s = argon(seed=seed)
     (got,) = fake.step([s])
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-6, atol=1e-8)
+    # positions and results through i-PI's units and back, our constants on both sides
+    assert_over_wire(got, ref, s, REFERENCE, geometry_roundings=2, output_roundings=2)
 
 
 def with_positions(s: Structure, positions: np.ndarray) -> Structure:

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 from ase.build import bulk
+from helpers.float64_bounds import assert_over_wire
 from helpers.server import Dealer, Gate, peak_rss_mb, plugin_env, raw
 from helpers.systems import argon
 
@@ -39,8 +40,7 @@ def answered_correctly(address: str, seed: int = 7) -> None:
     with Client(address, heartbeat_s=5, timeout_s=120) as c:
         got = c.compute(s)
     (ref,) = REFERENCE.compute([s])
-    assert got.energy == pytest.approx(ref.energy, rel=1e-12)
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(got, ref, s, REFERENCE)
 
 
 def rss_mb(pid: int) -> float:
@@ -294,8 +294,7 @@ def test_a_different_request_forged_to_the_same_length_and_crc_is_computed(srv):
         (got,) = zm.unpack_reply(msgpack.packb(d.recv()), expect_id=5).results
     (sent,) = zm.unpack_request(forged).structures
     (ref,) = REFERENCE.compute([sent])
-    assert got.energy == pytest.approx(ref.energy, rel=1e-12)
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(got, ref, sent, REFERENCE)
 
 
 # ---------------------------------------------------------------- row 7: gone clients

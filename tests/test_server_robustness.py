@@ -19,6 +19,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from helpers.float64_bounds import assert_over_wire
 from helpers.server import Dealer, Gate, peak_rss_mb, plugin_env, raw
 from helpers.systems import argon
 
@@ -38,8 +39,7 @@ def answered_correctly(client: Client, seed: int = 7) -> None:
     s = argon(seed=seed)
     got = client.compute(s)
     (ref,) = REFERENCE.compute([s])
-    assert got.energy == pytest.approx(ref.energy, rel=1e-12)
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(got, ref, s, REFERENCE)
 
 
 def one(positions, cell, pbc) -> Structure:
@@ -175,7 +175,7 @@ def test_ping_stats_and_info_answered_during_a_long_computation(srv, gate):
     worker.join(timeout=60)
     assert "error" not in out, out
     (ref,) = REFERENCE.compute([s])
-    np.testing.assert_allclose(out["result"].forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(out["result"], ref, s, REFERENCE)
     assert len(latencies) >= 3, latencies  # pings answered while the engine was held
     assert "stats: requests=" in srv.log_text()  # --stats-every: counters in the log
     with Client(srv.address) as c:
@@ -216,7 +216,7 @@ def test_a_repeated_id_is_answered_not_recomputed(srv, gate):
     finally:
         gate.release()
     (ref,) = REFERENCE.compute([other])
-    np.testing.assert_allclose(got.forces, ref.forces, rtol=1e-10, atol=1e-12)
+    assert_over_wire(got, ref, other, REFERENCE)
     with Client(srv.address) as c:
         assert c.stats()["engine_calls"] == calls_before + 2
 
@@ -305,7 +305,7 @@ def test_sigterm_answers_the_running_and_100_queued_requests(tmp_path):
     refs = REFERENCE.compute([structures[k] for k in range(101)])
     for rid, ref in enumerate(refs):
         (got,) = zm.unpack_reply(msgpack.packb(replies[rid]), expect_id=rid).results
-        assert got.energy == pytest.approx(ref.energy, rel=1e-12)
+        assert_over_wire(got, ref, structures[rid], REFERENCE)
 
 
 def test_a_stopped_rank_is_replaced_within_seconds_and_bad_input_costs_no_restart(tmp_path):

@@ -254,10 +254,9 @@ def test_drives_real_ipi(processes, short_tmp):
     atoms = oxide(8)
     run = drive_real_ipi(processes, short_tmp, atoms, name="7n", model="sevennet",
                          temperature_k=300, timestep_fs=2.0, timeout=300)
-    # i-PI's files keep 8 decimals: positions rounded by 5e-9 Å move an oxide's forces by
-    # ~1e-7 eV/Å (force constants ~20 eV/Å²)
-    check_trajectory(run, atoms, SingleRankEngine(adapter(), dtype=torch.float64).compute,
-                     force_atol=2e-7)
+    model = adapter()
+    check_trajectory(run, atoms, SingleRankEngine(model, dtype=torch.float64).compute,
+                     cutoff=model.spec.cutoff, layers=model.spec.n_layers)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

@@ -325,24 +325,30 @@ Run = tuple  # (ranks, dtype) or (ranks, dtype, factory): a factory other than t
 
 def measure_runs(factory: Callable[[], Model], structures: Sequence[Structure],
                  runs: Sequence[Run], *, method: str = "rcb",
-                 timeout_s: float = 900.0) -> dict[Run, list[Measured]]:
+                 timeout_s: float = 900.0, threads: int = 1) -> dict[Run, list[Measured]]:
     """For each run (P, dtype[, factory]), per structure (each partitioned alone over P
     ranks): the engine's step (skin 0, on the CPU) and its measured work.
 
     One spawn of max(P) real gloo processes serves every run (P > 1 on a process
     subgroup of the first P ranks, P = 1 on rank 0 without a communicator), so
-    importing the model's package is paid once per process, not once per P."""
+    importing the model's package is paid once per process, not once per P.
+    ``threads``: torch's intra-op threads on each rank (float32 sums follow them)."""
     structures = [s if isinstance(s, Structure) else Structure.from_atoms(s)
                   for s in structures]
     runs = [tuple(r) for r in runs]
     world = max(r[0] for r in runs)
     if world == 1:
-        per_rank = [_runs_on_rank(0, 1, factory, structures, runs, method)]
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            per_rank = [_runs_on_rank(0, 1, factory, structures, runs, method)]
+        finally:
+            torch.set_num_threads(before)
     else:
         from mlipd.testing.ranks import run_on_ranks
 
         per_rank = run_on_ranks(_runs_on_rank, world, factory, structures, runs, method,
-                                timeout_s=timeout_s)
+                                timeout_s=timeout_s, threads=threads)
     out: dict[Run, list[Measured]] = {}
     for j, run in enumerate(runs):
         p = run[0]

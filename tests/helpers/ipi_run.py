@@ -12,7 +12,8 @@ import ase.io
 import numpy as np
 from conftest import MLIPD, Processes, free_tcp_port
 
-from mlipd.types import Structure
+from mlipd.testing import tolerances as tol
+from mlipd.types import Result, Structure
 
 
 def ipi_xml(*, init_file: str, socket_xml: str, nbeads: int = 1, steps: int = 20,
@@ -125,28 +126,91 @@ def drive_real_ipi(processes: Processes, workdir: Path, atoms, *, model: str,
     return run
 
 
-def check_trajectory(run: Run, atoms, compute, *, nbeads: int = 1, steps: int = 20,
-                     every: int = 5, force_atol: float = 2e-8, min_motion: float = 1e-3) -> None:
+def ipi_relay(nbeads: int = 1) -> dict:
+    """What i-PI does to mlipd's numbers (``mlipd.testing.tolerances.relayed``): it holds
+    positions and cell in Bohr by its own constant (8 digits), which mlipd converts with
+    ASE's, so the driver sees the recorded geometry scaled by their ``mismatch``; each
+    coordinate is rounded by 3 float64 conversions (Å to Bohr, Bohr to Å on each side)
+    and by the 8 decimals of i-PI's extended xyz; forces go to Hartree/Bohr by ASE's
+    constant and back by i-PI's (mismatch + 2 roundings), then to 8 decimals; the
+    potential goes to Hartree by ASE's constant and back by i-PI's, a known factor
+    (``energy_factor``, i-PI's Hartree over ASE's: 1 + 9.6e-8) that the tests divide
+    out (one rounding), plus 2 roundings, is averaged over the beads (one rounding a
+    bead, one for the mean here) and printed to 16 digits (1)."""
+    from ase import units as ase_units
+    from ipi.utils import units as ipi_units
+
+    def mismatch(kind: str, user: str, ase_value: float) -> float:
+        return tol.mismatch(1.0 / ipi_units.unit_to_internal(kind, user, 1.0), ase_value)
+
+    return {"scaling": mismatch("length", "angstrom", ase_units.Bohr),
+            "text_decimals": 8,
+            "forces_relative": mismatch("force", "ev/ang", ase_units.Ha / ase_units.Bohr)
+            + tol.roundings(2),
+            "energy_factor": (1.0 / ipi_units.unit_to_internal("energy", "electronvolt", 1.0)
+                              / ase_units.Ha),
+            "energy_relative": tol.roundings(5 + nbeads)}
+
+
+def ipi_bounds(ref: Result, s: Structure, result_at, *, cutoff: float, layers: int,
+               relay: dict) -> tuple[tol.Bounds, tol.Bounds]:
+    """(forces' bound, potential's bound) of what i-PI recorded for a float64 result at
+    ``s`` against a direct float64 evaluation there: two computations of one model
+    (``tol.float64``) and ``ipi_relay``'s ``relay`` (``tol.relayed``)."""
+    reach = max(float(np.abs(s.positions).max()), float(np.abs(s.cell).max()))
+    both = tol.float64(ref, s, cutoff, layers=layers) + tol.relayed(
+        ref, s, result_at, scaling=relay["scaling"],
+        rounding=tol.roundings(3) * reach + tol.half_unit(relay["text_decimals"]),
+        forces_decimals=relay["text_decimals"])
+    return (both + tol.proportional(ref, s, relay["forces_relative"]),
+            both + tol.proportional(ref, s, relay["energy_relative"]))
+
+
+def check_trajectory(run: Run, atoms, compute, *, cutoff: float, layers: int,
+                     nbeads: int = 1, steps: int = 20, every: int = 5,
+                     min_motion: float = 1e-3) -> None:
     """Every ``every``-th recorded step: i-PI's forces of every bead and its potential
     (the bead average) equal ``compute(structures)`` (anything with ``.energy`` and
-    ``.forces`` per structure) at the positions i-PI recorded; and the atoms moved.
+    ``.forces`` per structure, float64) at the positions i-PI recorded; and the atoms
+    moved.
 
-    Tolerances: i-PI's constants differ from ASE's (used by mlipd) by ~1e-7 relative and
-    its files keep 8 decimals, hence rtol 1e-6 and ``force_atol`` (2e-8 eV/Å for soft
-    systems; stiff ones move their forces by more when positions are rounded by 5e-9 Å).
+    Bounds (``mlipd.testing.tolerances``): ``compute`` and the driver are two float64
+    computations of one model (``tol.float64``, of ``cutoff`` and ``layers``), the
+    driver's relayed through i-PI (``ipi_relay``, ``tol.relayed``).
     """
+    relay = ipi_relay(nbeads)
     props = run.properties()
     assert props.shape[0] == steps + 1
     positions = [run.frames("pos", b) for b in range(nbeads)]
     forces = [run.frames("for", b) for b in range(nbeads)]
+    cell = atoms.cell.array
+
+    def as_result(r) -> Result:
+        return Result(energy=float(r.energy), forces=np.asarray(r.forces, dtype=float))
+
+    def result_at(pos, c) -> Result:
+        return as_result(compute([Structure(numbers=atoms.numbers, positions=pos, cell=c,
+                                            pbc=True)])[0])
+
+    worst: dict[str, float] = {}
     for step in range(0, steps + 1, every):
         structures = [Structure(numbers=atoms.numbers, positions=positions[b][step],
-                                cell=atoms.cell.array, pbc=True) for b in range(nbeads)]
-        results = compute(structures)
-        for b, r in enumerate(results):
-            np.testing.assert_allclose(forces[b][step], r.forces, rtol=1e-6, atol=force_atol)
-        np.testing.assert_allclose(props[step, 4], np.mean([r.energy for r in results]),
-                                   rtol=1e-6)
+                                cell=cell, pbc=True) for b in range(nbeads)]
+        results = [as_result(r) for r in compute(structures)]
+        energy_bound = 0.0
+        for b, (s, r) in enumerate(zip(structures, results, strict=True)):
+            forces_b, energy_b = ipi_bounds(r, s, result_at, cutoff=cutoff, layers=layers,
+                                            relay=relay)
+            got = Result(energy=r.energy, forces=forces[b][step])
+            ratio = tol.ratios(got, r, s, forces_b)["forces"]
+            assert ratio <= 1.0, (step, b, ratio, forces_b)
+            worst["forces"] = max(worst.get("forces", 0.0), ratio)
+            energy_bound = max(energy_bound, energy_b.energy_per_atom * s.n_atoms)
+        error = abs(props[step, 4] / relay["energy_factor"]
+                    - np.mean([r.energy for r in results]))
+        assert error <= energy_bound, (step, error, energy_bound)
+        worst["energy"] = max(worst.get("energy", 0.0), error / energy_bound)
+    print("i-PI trajectory: error / bound (worst)", {k: f"{v:.2g}" for k, v in worst.items()})
     if min_motion:
         moved = max(float(np.abs(positions[0][steps] - positions[0][0]).max()), 0.0)
         assert moved > min_motion  # the atoms moved: forces came from the model each step
