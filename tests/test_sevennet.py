@@ -23,6 +23,7 @@ from model_cases import (
     bulk_box,
     check_distributed,
     check_float32,
+    float64_bound,
     four_cases,
     molecule,
     rel,
@@ -160,16 +161,25 @@ def test_sevennet0_equals_sevenn_calculator_float32(name):
 
 @pytest.mark.parametrize("name", ["oxide", "slab", "triclinic", "molecule"])
 def test_sevennet0_equals_sevenn_float64(name):
-    """float64: sevenn's own forward in float64 to 1e-8 relative (sums over hundreds of
-    edges in another order; the 3-atom cell's stress differs by ~1e-10)."""
+    """float64: sevenn's own forward in float64 (its own graph, sums in another order):
+    energy and forces within the float64 bound of ``mlipd.testing.tolerances``
+    (``float64_bound``)."""
     atoms = cases()[name]
     model = adapter64()
     energy, forces, stress = sevenn_float64(model.seven, atoms)
-    (got,) = SingleRankEngine(model, dtype=torch.float64).compute([Structure.from_atoms(atoms)])
-    assert rel(got.energy, energy) < 1e-8
-    assert rel(got.forces, forces) < 1e-8
+    s = Structure.from_atoms(atoms)
+    engine = SingleRankEngine(model, dtype=torch.float64)
+    (got,) = engine.compute([s])
+    theirs = Result(energy=energy, forces=forces)
+    bound = float64_bound(engine, s, got)
+    ratios = tol.assert_within(dataclasses.replace(got, virial=None), theirs, s, bound, name)
     if atoms.pbc.all():
+        # not yet derived: sevenn's stress differs from our virial's symmetric part by
+        # 2.2e-10 eV/Å³ on the 3-atom cell, 12x the float64 bound (forces: 1e-3 of it);
+        # the cause is not found, so the stress keeps its former 1e-8 relative
         assert rel(got.stress(atoms.cell.array), stress) < 1e-8
+    print(f"SevenNet {name} float64 vs sevenn: error / bound",
+          {k: f"{v:.2g}" for k, v in ratios.items()})
 
 
 def test_multi_fidelity_needs_modal():
@@ -180,8 +190,18 @@ def test_multi_fidelity_needs_modal():
     ref.calc = calculator("7net-mf-0", "PBE")
     s = [Structure.from_atoms(atoms)]
     (pbe,) = SingleRankEngine(adapter("7net-mf-0", "PBE"), dtype=torch.float32).compute(s)
-    assert abs(pbe.energy - ref.get_potential_energy()) / len(atoms) < 1e-5
-    assert np.abs(pbe.forces - ref.get_forces()).max() < 1e-4
+    # float32 on both sides, sevenn's geometry float32 too: as the test above
+    engine64 = SingleRankEngine(SevenNetModel("7net-mf-0,modal=PBE").double(),
+                                dtype=torch.float64)  # its own copy: the cached one is float32
+    (exact,) = engine64.compute(s)
+    spec = engine64.model.spec
+    ours = tol.arithmetic(exact, s[0], spec.cutoff, layers=spec.n_layers)
+    theirs = ours + tol.geometry(exact, s[0], spec.cutoff, tol.stiffness(
+        lambda x: engine64.compute([dataclasses.replace(s[0], positions=x)])[0].forces,
+        s[0].positions))
+    package = Result(energy=ref.get_potential_energy(), forces=ref.get_forces())
+    tol.assert_within(dataclasses.replace(pbe, virial=None, extras={}), package, s[0],
+                      ours + theirs, "7net-mf-0 PBE vs sevenn")
     (r2scan,) = SingleRankEngine(adapter("7net-mf-0", "R2SCAN"), dtype=torch.float32).compute(s)
     assert abs(r2scan.energy - pbe.energy) / len(atoms) > 1e-3
     with pytest.raises(ValueError, match="modal=NAME"):
