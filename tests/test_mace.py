@@ -424,7 +424,7 @@ def test_float32_on_ranks_at_two_threads(small_runs):
     print("forces changed by the threads (P = 2, per structure):", changed)
 
 
-# --- P > 1: the distributed engine equals P = 1 to 1e-10, with zero redundancy ------------
+# --- P > 1: the distributed engine equals P = 1 to the float64 bound, with zero redundancy -
 # By default one case runs (spawning ranks that import mace costs ~10 s each on 2 cores);
 # the full 4 x 3 matrix of (class, ZBL) x P is marked slow. Each structure is also sent
 # alone, so it is split over all P ranks.

@@ -212,8 +212,9 @@ def test_multi_fidelity_needs_modal():
 @pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.slow),
                                    pytest.param(3, marks=pytest.mark.slow), 4])
 def test_distributed_equals_single(ranks, one_torch_thread):
-    """float64, P ranks equal P = 1 to 1e-10 with every atom and edge owned once (the
-    engine's counters), on a bulk box, a small triclinic cell, a slab and a molecule."""
+    """float64, P ranks equal P = 1 to the derived float64 bound, every atom and edge
+    owned once (the engine's counters), on a bulk box, a small triclinic cell, a slab and
+    a molecule."""
     structures = {"bulk": bulk_box(ZS, reps=3), "triclinic": small_triclinic(ZS),
                   "slab": slab(ZS), "molecule": molecule(ZS)}
     check_distributed("sevennet", adapter(), ranks, structures)
