@@ -76,23 +76,41 @@ def bond_traffic(blocks: int):
     return expected
 
 
-# FLOPs exact per op. Elements are not held yet. No atom, bond or angle is computed
-# twice, but the bond exchange is assembled in the model's code with copies P = 1 does
-# not make. Measured (P = 2 bulk: 8,663 bonds, 3,185 replicas; P = 1 reads and writes
-# 1.006e9 elements): +5.6e7 elements (+5.6%; +8.4% at P = 8), of which add +3.0e7
-# (autograd's sums of the gradients of the [owned | replica] bond tensors), cat +1.7e7
-# (``BondExchange.spread``: the owned and received rows concatenated, ~1,536 elements
-# an owned bond and ~1,152 a replica), slice_backward +7.9e6 (the owned rows' slices,
-# backward), index / index_put / index_select / index_add +7e5 (replica rows and the
-# bond plans), embedding 129 a halo row (halo atoms' embeddings looked up), and the
-# skin graph's build on halo edges (sort, le, bitwise_not, _to_copy, ...). To hold
-# them: the spread's assembly counted as exchange data movement (as ``graph.exchange``
-# is), P = 1 taking the same slices, the replica rows declared per row
-# (``per_counted_row`` on the model's ``bond_replicas`` counter) and the build measured.
+# Elements and FLOPs exact per op, forward and backward. No atom, bond or angle is computed
+# twice: a cut bond's features are computed by its owner (the replica's partial sum sent
+# home and completed there, the new features sent back: ``comm.sum_home`` and
+# ``comm.extend``, data movement as ``graph.exchange`` is). Declared, each measured
+# exactly (tests/test_chgnet_distributed.py at P = 2, 4 and 8 on four structures):
+# - per rank, on a rank owning nothing too: every linear layer and layer norm reads its
+#   weights (mm, addmm, native_layer_norm and its backward; mm's 18 FLOPs: a 3-vector
+#   times the cell per structure), and small per-structure constants (mul, sub, add,
+#   select_backward, max, min, sqrt, reciprocal); and on a rank holding atoms, the range
+#   of its bond keys (min, max and the span: sub, add; ``chgnet_graph._unique_rows``);
+# - per halo atom: autograd's sums of the gradients of its rows (its position, 9; its
+#   features, 6 adds of a 64-wide row) and its embedding looked up from its
+#   species (sub, embedding: a table row, no arithmetic, in place of an exchange);
+# - per replica bond (the model's ``bond_replicas``): autograd's sums of the gradients of
+#   the [owned | replica] bond tensors (18 adds of a 64-wide row: the bond features of
+#   three blocks and the two bond weights, read by every block), and the build of its
+#   identity and plan once per topology (its keys renumbered: sort, _to_copy,
+#   bitwise_not, index_put_, remainder, sum; its owner, keys and nearness gathered:
+#   index, nonzero, _unique2);
+# - per short replica (``short_replicas``): its row in the sum-home plan (index,
+#   nonzero, _unique2).
 CHGNET_DECLARED = dict(
-    per_rank={"mm": (0, 18)}, exact=("flops",),
-    reason="a 3-vector times the cell per structure on every rank (18 FLOPs, measured on "
-           "ranks owning nothing)")
+    per_rank=("mm", "addmm", "native_layer_norm", "native_layer_norm_backward", "mul", "sub",
+              "add", "select_backward", "max", "min", "sqrt", "reciprocal"),
+    per_rank_holding_atoms={"min": (6, 0), "max": (6, 0), "sub": (12, 0), "add": (6, 0)},
+    per_halo_row={"add": 1161, "sub": 2, "embedding": 129},
+    per_counted_row={
+        "bond_replicas": {"add": (3456, 0), "sort": (3, 0), "_to_copy": (2, 0),
+                          "bitwise_not": (2, 0), "index_put_": (3, 0), "remainder": (2, 0),
+                          "sum": (1, 0), "index": (47, 0), "nonzero": (1, 0),
+                          "_unique2": (1, 0)},
+        "short_replicas": {"index": (15, 0), "nonzero": (1, 0), "_unique2": (2, 0)}},
+    reason="weights read once per rank; a rank's bond keys' range; autograd's sums of the "
+           "gradients of halo atom and replica bond rows; halo atoms' embeddings looked up; "
+           "replica bonds' plans built")
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8, pytest.param(3, marks=pytest.mark.slow)])

@@ -13,6 +13,10 @@ API (all collective: every rank of the group calls them in the same order):
         copies from the owners; differentiable (backward sums gradients at the owners)
     comm.scatter_home(plan, wanted_rows (n, ...)) -> (m, ...)
         the adjoint: every owner receives the sum of what its holders sent
+    comm.extend(plan, *owned (m, F_k)) -> ((m + n, F_k), ...)
+        rows kept as [owned | copies]: each tensor followed by the copies it receives
+    comm.sum_home(plan, partial (m + n', ...), rows, homed) -> (m, ...)
+        partial sums on such rows completed at the owners
     comm.all_reduce_sum(tensor) -> tensor summed over ranks; differentiable
     comm.traffic: rows sent and received by every exchange so far (``Traffic``)
 
@@ -35,8 +39,10 @@ import torch.distributed as dist
 from mlipd.engine.halo import (
     AllReduceSum,
     Exchange,
+    Extend,
     HaloPlan,
     ScatterHome,
+    SumHome,
     Traffic,
     all_to_all_rows,
 )
@@ -90,6 +96,18 @@ class Comm:
 
     def exchange(self, plan: HaloPlan, owned_rows: torch.Tensor) -> torch.Tensor:
         return Exchange.apply(owned_rows, plan)
+
+    def extend(self, plan: HaloPlan, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor of owned rows (m, F_k) followed by the rows ``plan`` receives of
+        it, (m + n, F_k), several tensors in one exchange (``halo.Extend``)."""
+        return Extend.apply(plan, *owned)
+
+    def sum_home(self, plan: HaloPlan, partial: torch.Tensor, rows: torch.Tensor,
+                 homed: torch.Tensor) -> torch.Tensor:
+        """Partial sums on [owned (m) | copies] rows (m + n, ...) -> the owned rows' sums
+        (m, ...): the copies ``rows`` (``plan``'s wanted rows) added at their owners,
+        to the owned rows ``homed`` (``halo.SumHome``)."""
+        return SumHome.apply(partial, plan, plan.n_owned, rows, homed)
 
     def scatter_home(self, plan: HaloPlan, wanted_rows: torch.Tensor) -> torch.Tensor:
         return ScatterHome.apply(wanted_rows, plan)

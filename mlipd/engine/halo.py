@@ -11,6 +11,10 @@ Two adjoint operations, each one ``all_to_all_single``:
   Backward: the reverse all_to_all, scatter-added into the owners' rows.
 - ``ScatterHome``: wanted rows (n, ...) -> owned rows (m, ...), each owner receives the
   sum of the values its holders sent. Backward: ``Exchange``.
+
+and two built on them for rows kept as [owned | copies] (CHGNet's bonds): ``Extend``
+(owned rows followed by the copies they receive) and ``SumHome`` (partial sums on such
+rows completed at the owners).
 Every rank must call them in the same order (they are collectives, also in backward).
 
 Rows live on the rank's compute device; the collectives run on the plan's ``wire``
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
@@ -128,6 +133,80 @@ class ScatterHome(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return Exchange.apply(grad, ctx.plan), None
+
+
+def extend_rows(plan: HaloPlan, owned: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Non-differentiable forward of ``Extend``: each (m, F_k) tensor followed by the rows
+    it receives, (m + n, F_k); several tensors in one exchange, side by side."""
+    packed = owned[0] if len(owned) == 1 else torch.cat(owned, dim=1)
+    received = exchange_rows(plan, packed)
+    parts = (received,) if len(owned) == 1 else received.split([t.shape[1] for t in owned],
+                                                                 dim=1)
+    return tuple(torch.cat([o, r]) for o, r in zip(owned, parts, strict=True))
+
+
+def home_grads(plan: HaloPlan, grads: tuple[torch.Tensor, ...], m: int
+               ) -> tuple[torch.Tensor, ...]:
+    """Backward of ``Extend``: each (m + n, F_k) gradient's owned rows plus its received
+    rows' gradients, summed at their owners."""
+    packed = grads[0][m:] if len(grads) == 1 else torch.cat([g[m:] for g in grads], dim=1)
+    home = scatter_home_rows(plan, packed)
+    parts = (home,) if len(grads) == 1 else home.split([g.shape[1] for g in grads], dim=1)
+    return tuple(g[:m] + h for g, h in zip(grads, parts, strict=True))
+
+
+class Extend(torch.autograd.Function):
+    """Owned rows (m, ...) -> [owned | received] (m + n, ...), for one or several tensors
+    in one exchange. Backward: the received rows' gradients summed home and added to the
+    owned rows', within the exchange (no accumulation of two gradients of ``owned``)."""
+
+    @staticmethod
+    def forward(ctx, plan: HaloPlan, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.m = plan, owned[0].shape[0]
+        return extend_rows(plan, owned)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        return None, *home_grads(ctx.plan, grads, ctx.m)
+
+
+def sum_home_rows(plan: HaloPlan, partial: torch.Tensor, m: int, rows: torch.Tensor,
+                  homed: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable forward of ``SumHome``."""
+    home = scatter_home_rows(plan, partial[m:][rows])
+    # added to the owned rows that received a part only (not a dense add over all rows)
+    return partial[:m].index_add(0, homed, home[homed])
+
+
+def sum_home_grads(plan: HaloPlan, grad: torch.Tensor, n_rows: int, m: int,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """Backward of ``SumHome``: (m, ...) -> (n_rows, ...), each owned row's gradient, and
+    a copy of it at every row ``rows`` holds of it (zero at the other rows)."""
+    out = grad.new_zeros((n_rows, *grad.shape[1:]))
+    out[:m] = grad
+    out[m:][rows] = exchange_rows(plan, grad)
+    return out
+
+
+class SumHome(torch.autograd.Function):
+    """Partial sums on rows [owned (m) | copies of others' rows] -> the owned rows' sums
+    (m, ...): ``rows`` (among the copies, ``plan``'s wanted rows) sent to their owners
+    and added there, to the owned rows ``homed`` they reach. Backward: each owned row's
+    gradient, copied to the rows that hold it (the adjoint)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, plan: HaloPlan, m: int, rows: torch.Tensor,
+                homed: torch.Tensor) -> torch.Tensor:
+        ctx.plan, ctx.m, ctx.n_rows = plan, m, partial.shape[0]
+        ctx.save_for_backward(rows)
+        return sum_home_rows(plan, partial, m, rows, homed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return sum_home_grads(ctx.plan, grad, ctx.n_rows, ctx.m, rows), None, None, None, None
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -200,11 +200,7 @@ class CHGNetModel(torch.nn.Module):
         skin = build_skin_graph(graph.receivers, graph.senders, graph.images, build_lengths,
                                 global_ids=graph.global_ids, n_owned=graph.n_owned,
                                 reach=reach)
-        plans = None
-        if graph.comm is not None:
-            near = torch.zeros(skin.n_bonds, dtype=torch.bool, device=lengths.device)
-            near[skin.edge_bond[build_lengths <= reach]] = True
-            plans = BondPlans(graph, skin, graph.senders, near)
+        plans = None if graph.comm is None else BondPlans(graph, skin, graph.senders)
         cached = skin, fixed_bond_graph(skin, graph.receivers), plans
         graph.cache["chgnet"] = cached
         return cached
@@ -240,15 +236,17 @@ class CHGNetModel(torch.nn.Module):
         d2u = bg.edge_bond
         zero = to_centre.new_zeros(1, 3)
         b_ag, b_bg, unit = m.bond_basis_expansion(
-            center=to_centre, neighbor=zero, undirected2directed=bonds.owned(bg.bond_edge),
+            center=to_centre, neighbor=zero, undirected2directed=bg.bond_edge[: bg.n_owned_bonds],
             image=zero, lattice=to_centre.new_zeros(3, 3))
         angle_bases = m.angle_basis_expansion(unit[bg.angle_d1], unit[bg.angle_d2])
         b_ag, b_bg, angle_bases = (t.to(graph.dtype) for t in (b_ag, b_bg, angle_bases))
 
         # halo rows too, from their species: a table lookup, cheaper than an exchange
         atom = m.atom_embedding(graph.numbers - 1)
-        bond, w_ag, w_bg = _spread_all(
-            bonds, m.bond_embedding(b_ag), m.bond_weights_ag(b_ag), m.bond_weights_bg(b_bg))
+        # ``owned``: the owned bonds' features, which the owner updates; ``bond``: the
+        # same rows followed by the replicas', which angles and messages read
+        owned = m.bond_embedding(b_ag)
+        bond, w_ag, w_bg = bonds.spread(owned, m.bond_weights_ag(b_ag), m.bond_weights_bg(b_bg))
         angle = m.angle_embedding(angle_bases)
         recompute = torch.is_grad_enabled() and self._should_recompute(bg, graph)
         run = self._checkpointed if recompute else _call
@@ -260,8 +258,8 @@ class CHGNetModel(torch.nn.Module):
                        n_own, edge_w)
             layer = m.bond_conv_layers[i]
             partial = run(_bond_conv_partial, layer, atom, bond, w_bg, angle, bg, angle_w)
-            owned = run(_bond_conv_finish, layer, bonds.owned(bond), bonds.sum_home(partial))
-            bond = bonds.spread(owned)
+            owned = run(_bond_conv_finish, layer, owned, bonds.sum_home(partial))
+            (bond,) = bonds.spread(owned)
             if i < m.n_conv - 2:  # the last AngleUpdate's output is never read
                 angle = run(m.angle_layers[i], atom, bond, angle, bg.angles)
             else:
@@ -344,14 +342,6 @@ def _bond_conv_finish(layer, bond: torch.Tensor, summed: torch.Tensor) -> torch.
     if layer.bond_norm is not None:
         new = layer.bond_norm(new)
     return new
-
-
-def _spread_all(bonds: BondExchange, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``bonds.spread`` of several (n_owned_bonds, F_k) tensors in one exchange."""
-    if bonds.plans is None:
-        return owned
-    widths = [t.shape[1] for t in owned]
-    return bonds.spread(torch.cat(owned, dim=1)).split(widths, dim=1)
 
 
 def _call(fn, *args):

@@ -5,8 +5,8 @@ of them and replicated on the other, which holds the directed edge centred at it
 atom (``chgnet_graph``). Each BondConv sums messages over the angles at both atoms, so
 the replica sends its part of the sum home (``sum_home``), the owner alone computes
 the new bond features, and sends them back to the replicas (``spread``), where the
-next AngleUpdate and AtomConv read them. Backward is the adjoint pair
-(``comm.scatter_home`` and ``comm.exchange``).
+next AngleUpdate and AtomConv read them (``comm.sum_home`` and ``comm.extend``, each the
+other's adjoint in backward).
 
 The plans are made once per topology on the skin graph (``BondPlans``, collective):
 every replica bond for ``spread``, the replicas that may be short (within bond cutoff
@@ -23,13 +23,9 @@ from mlipd.models.chgnet_graph import BondGraph, SkinGraph
 
 
 class BondPlans:
-    """One rank's bond plans for a topology (collective: every rank builds them).
+    """One rank's bond plans for a topology (collective: every rank builds them)."""
 
-    near: (U_c,) bool, skin bonds within bond cutoff + skin (the only ones ever short)
-    """
-
-    def __init__(self, graph: LocalGraph, skin: SkinGraph, senders: torch.Tensor,
-                 near: torch.Tensor) -> None:
+    def __init__(self, graph: LocalGraph, skin: SkinGraph, senders: torch.Tensor) -> None:
         comm = graph.comm
         n_own = skin.n_owned_bonds
         rep = torch.arange(n_own, skin.n_bonds, device=skin.bond_keys.device)
@@ -38,7 +34,7 @@ class BondPlans:
         # the owner offers all its bonds: a bond whose two ranks disagree at round-off
         # on "<= 3 Å" is still found (its message is ~0: the weights vanish smoothly)
         self.all_plan = comm.plan_from_keys(owned_keys, skin.bond_keys[rep], partner)
-        short = near[rep]
+        short = skin.near[rep]
         self.short = torch.nonzero(short).squeeze(1)  # among the replica rows
         self.short_plan = comm.plan_from_keys(owned_keys, skin.bond_keys[rep[short]],
                                               partner[short])
@@ -62,25 +58,20 @@ class BondExchange:
         self.plans = plans
         self.comm = comm
 
-    def owned(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U, ...) -> the owned rows (n_owned_bonds, ...)."""
-        return rows if self.plans is None else rows[: self.n_owned]
-
     def sum_home(self, partial: torch.Tensor) -> torch.Tensor:
         """(U, F) partial sums -> (n_owned_bonds, F): each owned bond's part plus what
         its replica holds (a bond without angles now has an exact zero part)."""
         if self.plans is None:
             return partial
         p = self.plans
-        home = self.comm.scatter_home(p.short_plan, partial[self.n_owned:][p.short])
-        # added to the bonds that received a part only (not a dense add over all bonds)
-        return partial[: self.n_owned].index_add(0, p.homed, home[p.homed])
+        return self.comm.sum_home(p.short_plan, partial, p.short, p.homed)
 
-    def spread(self, owned: torch.Tensor) -> torch.Tensor:
-        """(n_owned_bonds, F) -> (U, F): replica rows copied from their owners."""
+    def spread(self, *owned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(n_owned_bonds, F_k) tensors -> (U, F_k) each: replica rows copied from their
+        owners, in one exchange."""
         if self.plans is None:
             return owned
-        return torch.cat([owned, self.comm.exchange(self.plans.all_plan, owned)])
+        return self.comm.extend(self.plans.all_plan, *owned)
 
 
 def local_owners(graph: LocalGraph) -> torch.Tensor:

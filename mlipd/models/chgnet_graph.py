@@ -136,6 +136,8 @@ class SkinGraph:
     n_owned_bonds: the owned bonds (first rows)
     angle_d1, angle_d2: (A_c,) int64 ordered pairs of distinct candidate edges at the
                  same centre, both within bond cutoff + skin when built
+    near:        (U_c,) bool, bonds within bond cutoff + skin when built (the only ones
+                 that can be short before the next rebuild)
     """
 
     edge_bond: torch.Tensor
@@ -144,6 +146,7 @@ class SkinGraph:
     n_owned_bonds: int
     angle_d1: torch.Tensor
     angle_d2: torch.Tensor
+    near: torch.Tensor
 
     @property
     def n_bonds(self) -> int:
@@ -164,19 +167,23 @@ def build_skin_graph(receivers: torch.Tensor, senders: torch.Tensor, images: tor
     owned = torch.zeros(n_bonds, dtype=torch.bool, device=dev)
     owned[edge_bond[canonical]] = True
     n_owned_bonds = int(owned.sum())
-    if n_owned_bonds < n_bonds:  # renumber bonds: owned rows first
-        order = torch.argsort((~owned).to(torch.int8), stable=True)
-        new_row = torch.empty_like(order)
-        new_row[order] = torch.arange(n_bonds, device=dev)
-        bond_keys, edge_bond = bond_keys[order], new_row[edge_bond]
+    # renumber bonds, owned rows first (the identity at one rank, done all the same: a
+    # rank's share of the build is then the same work per bond at every P)
+    order = torch.argsort((~owned).to(torch.int8), stable=True)
+    new_row = torch.empty_like(order)
+    new_row[order] = torch.arange(n_bonds, device=dev)
+    bond_keys, edge_bond = bond_keys[order], new_row[edge_bond]
     ar = torch.arange(n_edges, device=dev)
     # each bond's geometry from one local directed edge: the canonical one where local
     pick = torch.where(canonical, ar, ar + n_edges)
     bond_edge = torch.full((n_bonds,), 2 * n_edges, dtype=torch.long, device=dev)
     bond_edge = bond_edge.scatter_reduce(0, edge_bond, pick, reduce="amin") % max(n_edges, 1)
-    d1, d2 = _pairs_at_centres(torch.nonzero(lengths <= reach).squeeze(1), receivers, n_owned)
+    within = torch.nonzero(lengths <= reach).squeeze(1)
+    near = torch.zeros(n_bonds, dtype=torch.bool, device=dev)
+    near[edge_bond[within]] = True
+    d1, d2 = _pairs_at_centres(within, receivers, n_owned)
     return SkinGraph(edge_bond=edge_bond, bond_edge=bond_edge, bond_keys=bond_keys,
-                     n_owned_bonds=n_owned_bonds, angle_d1=d1, angle_d2=d2)
+                     n_owned_bonds=n_owned_bonds, angle_d1=d1, angle_d2=d2, near=near)
 
 
 def _pairs_at_centres(cand: torch.Tensor, receivers: torch.Tensor,

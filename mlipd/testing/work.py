@@ -193,9 +193,11 @@ class _Exchanges:
     (the module-level names the engine looks up at call time) and every method of
     ``Comm`` a model may call (plans from keys, exchanges, sums over ranks)."""
 
-    NAMES = (("mlipd.engine.halo", "exchange_rows"), ("mlipd.engine.halo", "scatter_home_rows"),
-             ("mlipd.engine.halo", "all_reduce"), ("mlipd.engine.step", "scatter_home_rows"))
-    COMM = ("plan_from_keys", "exchange", "scatter_home", "reduce_replicas", "all_reduce_sum")
+    NAMES = (*(("mlipd.engine.halo", name) for name in (
+        "exchange_rows", "scatter_home_rows", "all_reduce", "extend_rows", "home_grads",
+        "sum_home_rows", "sum_home_grads")), ("mlipd.engine.step", "scatter_home_rows"))
+    COMM = ("plan_from_keys", "exchange", "scatter_home", "extend", "sum_home",
+            "all_reduce_sum")
 
     def __init__(self, counter: WorkCounter) -> None:
         import importlib
