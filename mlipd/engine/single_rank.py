@@ -76,7 +76,6 @@ class SingleRankEngine(OneProcess):
         """The geometry guards' budgets."""
         return self._coordinator.limits
 
-
     @property
     def memory_budget(self) -> float | None:
         """Bytes one engine call may take (``mlipd.engine.budget``); None: no budget."""
