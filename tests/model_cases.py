@@ -78,14 +78,16 @@ def four_cases(species: Sequence[int], *, bulk_reps: int = 5) -> dict[str, Atoms
     }
 
 
-def float64_bound(engine: SingleRankEngine, s: Structure, ref: Result) -> tol.Bounds:
+def float64_bound(engine: SingleRankEngine, s: Structure, ref: Result, *,
+                  terms_per_edge: int = 1) -> tol.Bounds:
     """Two float64 computations of ``engine``'s model at ``s`` that build their edge
     vectors by other operations (``tol.measured_float64``: the stiffness measured with
-    ``engine``)."""
-    return tol.measured_float64(engine, s, ref)
+    ``engine``); ``terms_per_edge`` as there."""
+    return tol.measured_float64(engine, s, ref, terms_per_edge=terms_per_edge)
 
 
-def compare_to_ase(result: Result, atoms: Atoms, engine: SingleRankEngine) -> dict[str, float]:
+def compare_to_ase(result: Result, atoms: Atoms, engine: SingleRankEngine, *,
+                   terms_per_edge: int = 1) -> dict[str, float]:
     """``atoms`` carries a package calculator (float64); energy, forces (and stress if
     periodic) within ``float64_bound`` of ``result`` (``engine``'s), plus the stress's 4
     float64 roundings through the virial here. Returns error / bound."""
@@ -94,7 +96,8 @@ def compare_to_ase(result: Result, atoms: Atoms, engine: SingleRankEngine) -> di
               else None)
     package = Result(energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
                      virial=virial)
-    bound = float64_bound(engine, s, result) + tol.proportional(result, s, tol.roundings(4))
+    bound = (float64_bound(engine, s, result, terms_per_edge=terms_per_edge)
+             + tol.proportional(result, s, tol.roundings(4)))
     ratios = tol.assert_within(result, package, s, bound, "against the package")
     print("float64 vs the package: error / bound", {k: f"{v:.2g}" for k, v in ratios.items()})
     return ratios

@@ -210,8 +210,10 @@ def test_the_queue_is_bounded_in_bytes_and_gives_them_back(srv, gate):
     finally:
         gate.release()
     assert stats(srv.address)["queue_bytes"] == 0
+    # RSS near its base: the frames released, and the heap given back when idle if it
+    # kept more than IDLE_TRIM_MIN_BYTES of them (whether it must depends on what the
+    # allocator kept: stats' heap_trims is not asserted; test_memory.py holds the rule)
     wait_for(lambda: rss_mb(srv.proc.pid) < base + 120, timeout_s=30)
-    assert stats(srv.address)["heap_trims"] >= 1  # idle after large steps: given back
     assert peak_rss_mb(srv.proc.pid) < base + 400
     answered_correctly(srv.address)
 

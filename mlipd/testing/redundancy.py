@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlipd.testing import tolerances as tol
+import mlipd.testing.tolerances as tol
 from mlipd.testing.work import Measured, Run, Work, measure_runs
 from mlipd.types import Result, Structure
 

@@ -21,8 +21,10 @@ the terms' magnitudes. Here:
   energy per atom: the mean of N independent site errors, so the bound is divided by
   sqrt(N)), largest |value| (extras; or the scale of the features read out, where the
   model states one); stress: the virial is a sum over the N m edges of r (below the
-  cutoff) times a force term off by eps times the force scale, so
-  ``LAMBDA * sqrt(N m) * cutoff * eps * force scale / volume``.
+  cutoff) times the edge's force term, itself computed through the L layers' sums of
+  ``terms_per_edge`` terms (a random error of ``sqrt(L terms_per_edge) eps`` times the
+  force scale), so ``LAMBDA * sqrt(N m) * cutoff * sqrt(L terms_per_edge) * eps *
+  force scale / volume``.
 * the engine's own float64 assembly, whatever the features' dtype: the energy as a
   sum of N site energies (``LAMBDA sqrt(N) eps64 sum |e_i|``), the virial as
   ``sum_i x_i g_i + cell^T dE/dcell`` (``mlipd.engine.step``), N terms of up to
@@ -147,8 +149,8 @@ def arithmetic(ref: Result, structure: Structure, cutoff: float, *, layers: int 
         # the mean of N independent site-energy errors, and the sum's own rounding
         energy_per_atom=unit * sites / n / np.sqrt(n) + _assembly_energy(sites, n) / n,
         forces=unit * f_max,
-        stress=_stress(structure, cutoff, m, eps * f_max) + _assembly_stress(structure,
-                                                                           cutoff, f_max),
+        stress=(_stress(structure, cutoff, m, np.sqrt(layers * terms_per_edge) * eps * f_max)
+                + _assembly_stress(structure, cutoff, f_max)),
         extras={k: unit * max(float(np.abs(np.asarray(v)).max(initial=0.0)),
                               floor.get(k, 0.0))
                 for k, v in ref.extras.items()})
