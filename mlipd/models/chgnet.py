@@ -231,7 +231,7 @@ class CHGNetModel(torch.nn.Module):
             bg = replace(bg, angles=bg.angles[keep], angle_d1=bg.angle_d1[keep],
                          angle_d2=bg.angle_d2[keep])
             angle_w = None
-        bonds = BondExchange(plans, bg, graph.comm)
+        bonds = BondExchange(plans, graph.comm)
         atom_graph = torch.stack([graph.receivers, graph.senders], dim=1)
         d2u = bg.edge_bond
         zero = to_centre.new_zeros(1, 3)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mlipd.model_api import LocalGraph
-from mlipd.models.chgnet_graph import BondGraph, SkinGraph
+from mlipd.models.chgnet_graph import SkinGraph
 
 
 class BondPlans:
@@ -40,8 +40,6 @@ class BondPlans:
                                               partner[short])
         # owned bonds that receive a replica's partial sum: the only rows ``sum_home`` adds
         self.homed = torch.unique(self.short_plan.send_rows)
-        self.n_owned = n_own
-        self.n_replicas = int(rep.shape[0])
 
 
 class BondExchange:
@@ -53,8 +51,7 @@ class BondExchange:
     rows moved are counted by the communicator's ``traffic``).
     """
 
-    def __init__(self, plans: BondPlans | None, bg: BondGraph, comm=None) -> None:
-        self.n_owned = bg.n_owned_bonds
+    def __init__(self, plans: BondPlans | None, comm=None) -> None:
         self.plans = plans
         self.comm = comm
 
