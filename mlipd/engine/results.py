@@ -7,7 +7,7 @@ caller's atom order, extras reshaped, and non-finite output refused."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -106,9 +106,7 @@ def to_host(out: RankOutput, layout: Sequence[ExtraLayout]) -> RankOutput:
     copy: packing it would cost more than the step of a small system); from an
     accelerator it crosses packed, in one copy."""
     if out.forces.device.type == "cpu":
-        return RankOutput(energies=out.energies, virials=out.virials, forces=out.forces,
-                          site_energies=out.site_energies, extras=out.extras,
-                          stats=tuple(int(v) for v in out.stats))
+        return replace(out, stats=tuple(int(v) for v in out.stats))
     return unpack(pack(out).cpu(), out.energies.shape[0], layout)
 
 
