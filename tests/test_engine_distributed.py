@@ -457,3 +457,46 @@ def test_bad_model_fails_before_any_rank_starts():
     with pytest.raises(UnknownModel):
         make_engine("no-such-model", ranks=2)
     assert _rank_children() == before
+
+
+_FAILED_JOIN_THEN_START = """
+import datetime, sys
+import numpy as np
+import torch.distributed as dist
+from mlipd.engine import make_engine
+from mlipd.engine.ranks import init_process_group
+from mlipd.testing.systems import bulk_box
+
+store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                      timeout=datetime.timedelta(seconds=10))
+try:  # rank 1 never comes: the join fails, as when a rank dies between its key and it
+    init_process_group(backend="gloo", rank=0, world_size=2, timeout_s=10, store=store,
+                       connect_timeout_s=0.5)
+except RuntimeError:
+    pass
+else:
+    sys.exit("a join without rank 1 succeeded")
+s = bulk_box(repeat=2)
+(want,) = make_engine("lj", dtype="float64").compute([s])
+engine = make_engine("lj", dtype="float64", ranks=2, timeout_s=30)
+(got,) = engine.compute([s])
+engine.close()
+assert abs(got.energy - want.energy) <= 1e-9 * abs(want.energy), (got.energy, want.energy)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_join_does_not_spoil_the_next_start(tmp_path):
+    """A rank killed between its announcement and its connection fails that start;
+    the next start of the same process must work (it once waited on the wrong keys
+    for ever, so every later request got 'could not restart ranks')."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "failed_join.py"
+    script.write_text(_FAILED_JOIN_THEN_START)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok"), done.stdout

@@ -104,11 +104,25 @@ def init_process_group(*, backend: str, rank: int, world_size: int, timeout_s: f
     if rank != 0:
         store.set(f"{JOINED_KEY}{rank}", str(os.getpid()))
     short = connect_timeout_s is not None and hasattr(c10d, "_set_pg_timeout")
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=connect_timeout_s)
-                            if short else timeout)
+    try:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=connect_timeout_s)
+                                if short else timeout)
+    except BaseException:
+        forget_failed_group()
+        raise
     if short:
         c10d._set_pg_timeout(timeout)
+
+
+def forget_failed_group() -> None:
+    """A failed ``init_process_group`` has already counted its group, and torch names a
+    group by that count: the next join of this process would wait on keys named "1/..."
+    while fresh ranks write "0/...", and every restart after one failed join would time
+    out. ``destroy_process_group`` resets the count; a group that never formed has
+    nothing to destroy, so reset it here."""
+    if not dist.is_initialized() and hasattr(c10d, "_world"):
+        c10d._world.group_count = 0
 
 
 def rank_step(config: RankConfig, local_rank: int) -> Step:
