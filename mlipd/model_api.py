@@ -181,7 +181,10 @@ class LocalGraph:
     def edge_vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(E, 3) Å, from receiver to sender, computed in float64 and returned in
         ``dtype`` (default: the model's)."""
-        vec = self.positions[self.senders] - self.positions[self.receivers] + self.shifts
+        # index_select, not x[ids]: its backward is an index_add, where indexing's is an
+        # index_put_ with accumulation (1.6x slower on 30k edges on a CPU)
+        x = self.positions
+        vec = x.index_select(0, self.senders) - x.index_select(0, self.receivers) + self.shifts
         return vec.to(dtype or self.dtype)
 
 

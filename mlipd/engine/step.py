@@ -142,7 +142,7 @@ class Step:
         if prune:
             with torch.no_grad():  # pairs beyond the cutoff count for nothing: = a fresh list
                 cand_shifts = _shifts(images_f, cells, eb) if shifts is None else shifts
-                vec = x[send] - x[recv] + cand_shifts
+                vec = x.index_select(0, send) - x.index_select(0, recv) + cand_shifts
                 within = (vec * vec).sum(-1) < self.cutoff ** 2
             candidates = CandidateEdges(receivers=recv, senders=send, images=images,
                                         shifts=cand_shifts.detach(), skin=self.skin)
@@ -177,8 +177,9 @@ class Step:
         else:  # no pair at all and a pair-only model: nothing depends on positions
             grads = [None] * len(inputs)
         with torch.no_grad():
-            energies = torch.zeros(topo.n_structures, dtype=dt, device=self.device
-                                   ).index_add(0, topo.batch[:n], site)
+            energies = (site.sum().reshape(1) if topo.n_structures == 1 else  # MD's case
+                        torch.zeros(topo.n_structures, dtype=dt, device=self.device
+                                    ).index_add(0, topo.batch[:n], site))
             g_x = torch.zeros_like(x) if grads[0] is None else grads[0]
             forces = -g_x[:n]
             if comm is not None:  # gradients on halo copies belong to their owners
@@ -208,9 +209,9 @@ def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor
 def _cell_virial(x: torch.Tensor, g_x: torch.Tensor, cells: torch.Tensor,
                  g_cells: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(B, 3, 3) eV: dE/d(eps) = x^T dE/dx + cell^T dE/dcell per structure (module doc)."""
-    w = cells.transpose(1, 2) @ g_cells
     if cells.shape[0] == 1:
-        return w + (x.T @ g_x).unsqueeze(0)
+        return torch.addmm(cells[0].T @ g_cells[0], x.T, g_x).unsqueeze(0)
+    w = cells.transpose(1, 2) @ g_cells
     outer = (x.unsqueeze(2) * g_x.unsqueeze(1)).view(-1, 9)
     return w + torch.zeros(cells.shape[0], 9, dtype=x.dtype, device=x.device).index_add(
         0, batch, outer).view(-1, 3, 3)

@@ -40,9 +40,11 @@ DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every fron
 BUDGET_S = {"tiny": 150.0, "quick": 150.0, "full": 3600.0}  # quick: ~80 s on a quiet machine
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
-STEPS = {"tiny": {8: 20}, "quick": {8: 50, 1000: 25},
+STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
          "full": {8: 400, 1000: 200, 65536: 25}}
-WARMUP = 5
+# MD runs thousands of steps: time the steady state, after the steps that pay a
+# client's one-time costs (allocator, torch's dispatch caches)
+WARMUP = {"tiny": 5, "quick": 50, "full": 50}
 RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
 BLOCKS = 3
 ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
@@ -105,7 +107,8 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
                     continue
                 try:
                     samples[name] += ipi_runs.run(
-                        tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps, warmup=WARMUP,
+                        tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps,
+                        warmup=WARMUP[size],
                         threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
                         client_cpu=cpu[name], temperature_k=20.0)
                 except (RuntimeError, TimeoutError) as e:
@@ -119,7 +122,7 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
     table.notes += [
         "mlipd-zero: LJ with a 3 Å cutoff (no neighbours at 3.8 Å spacing): mlipd's full "
         "path, engine call included, without physics; mlipd-lj: a 6 Å cutoff (real forces).",
-        f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP} warm-up steps; each "
+        f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP[size]} warm-up steps; each "
         f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
         "from the times i-PI's lines appear in its properties file, polled every ms: on a "
         "loaded machine a descheduled poller makes single blocks noisy). One torch thread "
