@@ -47,7 +47,7 @@ STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
 WARMUP = {"tiny": 5, "quick": 50, "full": 50}
 RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
 BLOCKS = 3
-ROUNDS = {"tiny": 1, "quick": 1, "full": 3}
+ROUNDS = {"tiny": 1, "quick": 2, "full": 3}
 ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
 # two run lengths per size: the slope between them is one step
