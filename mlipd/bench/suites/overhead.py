@@ -7,7 +7,7 @@
    (real LJ). Runs alternate between the clients (``ROUNDS``); a sample is the mean
    step over a block of consecutive steps (``ipi_runs``, ``blocks``).
 2. The same comparison timed end to end (8 atoms): the wall time of whole i-PI NVE
-   runs of ``WHOLE_STEPS`` steps (100 and 500 at quick), from i-PI's start to its exit,
+   runs of ``WHOLE_STEPS`` steps (500 and 2,000 at quick), from i-PI's start to its exit,
    for ``i-pi-py_driver -m dummy`` and mlipd-zero; the slope between the two lengths is
    the cost of one step with start-up and shutdown taken out.
 3. Where mlipd-zero's time goes, in this process: the driver's protocol path (decode
@@ -50,8 +50,10 @@ BLOCKS = 3
 ROUNDS = {"tiny": 1, "quick": 2, "full": 3}
 ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
-# two run lengths per size: the slope between them is one step
-WHOLE_STEPS = {"tiny": (50, 150), "quick": (100, 500), "full": (100, 500)}
+# two run lengths per size: the slope between them is one step. Both longer than i-PI's
+# floor: 100 and 500 dummy steps both took 2.62 s from i-PI's start to its exit (2,000:
+# 5.58 s), so a slope from runs inside it reads ~0 for a fast client
+WHOLE_STEPS = {"tiny": (50, 150), "quick": (500, 2000), "full": (500, 2000)}
 WHOLE_ATOMS = 8
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 CUTOFF = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}  # 3 Å < the 3.8 Å spacing: no neighbours
