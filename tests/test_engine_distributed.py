@@ -500,3 +500,66 @@ def test_a_failed_join_does_not_spoil_the_next_start(tmp_path):
                           timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok"), done.stdout
+
+
+# loaded by every Python process started with this directory on PYTHONPATH: the first
+# rank process to join sleeps between announcing itself and connecting, alive
+_SLOW_RANK_SITECUSTOMIZE = """
+import os
+
+with open("/proc/self/cmdline", "rb") as f:  # sys.argv is not set yet
+    rank_process = b"mlipd.engine.rank_main" in f.read()
+if os.environ.get("SLOW_JOIN_MARKER") and rank_process:
+    import time
+    import torch.distributed as dist
+
+    plain = dist.init_process_group
+
+    def slow(*args, **kwargs):
+        marker = os.environ["SLOW_JOIN_MARKER"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(4.0)
+        return plain(*args, **kwargs)
+
+    dist.init_process_group = slow
+"""
+
+_SLOW_THEN_START = """
+import logging, sys
+from mlipd.engine import make_engine
+from mlipd.testing.systems import bulk_box
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+s = bulk_box(repeat=2)
+(want,) = make_engine("lj", dtype="float64").compute([s])
+engine = make_engine("lj", dtype="float64", ranks=2, timeout_s=30)
+(got,) = engine.compute([s])
+engine.close()
+assert abs(got.energy - want.energy) <= 1e-9 * abs(want.energy), (got.energy, want.energy)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ranks_slow_to_connect_are_started_again(tmp_path):
+    """A rank alive but slower to connect than the connection bound (a loaded machine)
+    is not an error: the ranks are started once more (a dead rank is, at once)."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_RANK_SITECUSTOMIZE)
+    script = tmp_path / "slow_join.py"
+    script.write_text(_SLOW_THEN_START)
+    marker = tmp_path / "slept"
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_JOIN_MARKER=str(marker),
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()  # the first rank did sleep
+    assert "did not connect within" in done.stdout, done.stdout
+    assert "starting the ranks again" in done.stdout, done.stdout
+    assert done.stdout.strip().endswith("ok"), done.stdout

@@ -70,6 +70,7 @@ JOIN_POLL_S = 0.02  # how often rank 0 looks for starting ranks (and their handl
 # it 5 times: a rank killed in the first milliseconds of its join costs rank 0 5 x this
 # (measured: 5.0 s at 1 s, 25 s at 5 s), a wait every request behind it shares
 CONNECT_TIMEOUT_S = 1.0
+CONNECT_ATTEMPTS = 2  # a connection that timed out with every rank alive: start them again
 DEFAULT_HEARTBEAT_S = 10.0  # silence after which rank 0 kills and replaces a rank
 
 
@@ -82,6 +83,10 @@ def check_factory(model: str | Callable) -> None:
         raise SetupError(f"the model factory {name} is defined in the script being run "
                          "(__main__), which rank processes do not import: define it in a "
                          "module of its own, or give a model name")
+
+
+class SlowConnection(RuntimeError):
+    """The group's connection timed out while every rank process was alive."""
 
 
 class DistributedEngine:
@@ -178,13 +183,22 @@ class DistributedEngine:
                  cfg.backend, ", ".join(cfg.devices))
 
     def _spawn(self) -> None:
-        # rank 0 hosts the store on a port of the kernel's choice, then tells the ranks
-        store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=self._timeout_s))
-        self._procs = RankProcesses(world_size=self._ranks, backend=self._config.backend,
-                                    host="127.0.0.1", port=store.port,
-                                    timeout_s=self._timeout_s, threads=self._threads)
-        self._join_watching(store)
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            # rank 0 hosts the store on a port of the kernel's choice, then tells the ranks
+            store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=self._timeout_s))
+            self._procs = RankProcesses(world_size=self._ranks, backend=self._config.backend,
+                                        host="127.0.0.1", port=store.port,
+                                        timeout_s=self._timeout_s, threads=self._threads)
+            try:
+                self._join_watching(store)
+                break
+            except SlowConnection as e:
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
+                log.warning("%s; starting the ranks again", e)
+                self._procs.stop()
+                self._procs = None
         self._start_monitor()
 
     def _join_watching(self, store: dist.Store) -> None:
@@ -204,9 +218,17 @@ class DistributedEngine:
             if time.monotonic() > end:
                 raise RuntimeError(f"the ranks did not start within {self._timeout_s:g} s")
             time.sleep(JOIN_POLL_S)
-        init_process_group(backend=self._config.backend, rank=0, world_size=self._ranks,
-                           timeout_s=self._timeout_s, store=store,
-                           connect_timeout_s=min(CONNECT_TIMEOUT_S, self._timeout_s))
+        bound = min(CONNECT_TIMEOUT_S, self._timeout_s)
+        try:
+            init_process_group(backend=self._config.backend, rank=0, world_size=self._ranks,
+                               timeout_s=self._timeout_s, store=store, connect_timeout_s=bound)
+        except RuntimeError as e:
+            lost = self._procs.lost()
+            if lost is not None:
+                raise RuntimeError(f"{lost} while the ranks connected ({e})") from e
+            # every rank alive: slow (a loaded machine), not dead
+            raise SlowConnection(f"the ranks did not connect within {bound:g} s, all alive "
+                                 f"({e})") from e
 
     def _start_monitor(self) -> None:
         self._monitor_stop = threading.Event()
