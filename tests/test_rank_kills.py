@@ -41,8 +41,10 @@ ANSWER_TIMEOUT_S = 10.0  # each answer, result or error (the issue's bound; gene
 
 
 class Killer(threading.Thread):
-    """SIGKILLs ``kills`` rank processes of the server: odd kills at a random moment,
-    even kills as soon as a new rank process appears (during its start-up)."""
+    """SIGKILLs ``kills`` rank processes of the server: odd kills at a random moment
+    once the ranks are serving again (``served``: a result came since the last kill;
+    on a loaded machine a start-up can outlast any fixed delay), even kills as soon as
+    a new rank process appears (during its start-up)."""
 
     def __init__(self, server_pid: int, kills: int, seed: int) -> None:
         super().__init__(name="rank-killer", daemon=True)
@@ -51,16 +53,22 @@ class Killer(threading.Thread):
         self.done = 0
         self.killed: set[int] = set()
         self.stop = threading.Event()
+        self.served = threading.Event()
 
     def run(self) -> None:
         while self.done < self.kills and not self.stop.is_set():
             at_start = self.done % 2 == 1
             if not at_start:
+                end = time.monotonic() + 60  # never served: the loop's asserts say so
+                while not (self.served.wait(0.05) or self.stop.is_set()
+                           or time.monotonic() > end):
+                    pass
                 self.stop.wait(self.rng.uniform(0.0, 1.5))
             deadline = time.monotonic() + 60
             while not self.stop.is_set() and time.monotonic() < deadline:
                 fresh = [p for p in rank_pids(self.server_pid) if p not in self.killed]
                 if fresh:
+                    self.served.clear()
                     try:
                         os.kill(fresh[0], signal.SIGKILL)
                     except ProcessLookupError:
@@ -96,6 +104,7 @@ def run_kills(tmp_path: Path, kills: int, seed: int) -> None:
                 (want,) = REFERENCE.compute([structure])
                 assert_equal_energy(got, want, structure)
                 results += 1
+                killer.served.set()
         finally:
             killer.stop.set()
             killer.join(timeout=70)

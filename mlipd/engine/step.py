@@ -177,9 +177,10 @@ class Step:
         else:  # no pair at all and a pair-only model: nothing depends on positions
             grads = [None] * len(inputs)
         with torch.no_grad():
-            energies = (site.sum().reshape(1) if topo.n_structures == 1 else  # MD's case
-                        torch.zeros(topo.n_structures, dtype=dt, device=self.device
-                                    ).index_add(0, topo.batch[:n], site))
+            # index_add for one structure too: a bead computed alone and in a batch
+            # give the same bits (tests/test_driver_ipi.py compares trajectories exactly)
+            energies = torch.zeros(topo.n_structures, dtype=dt, device=self.device
+                                   ).index_add(0, topo.batch[:n], site)
             g_x = torch.zeros_like(x) if grads[0] is None else grads[0]
             forces = -g_x[:n]
             if comm is not None:  # gradients on halo copies belong to their owners
@@ -209,9 +210,9 @@ def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor
 def _cell_virial(x: torch.Tensor, g_x: torch.Tensor, cells: torch.Tensor,
                  g_cells: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(B, 3, 3) eV: dE/d(eps) = x^T dE/dx + cell^T dE/dcell per structure (module doc)."""
-    if cells.shape[0] == 1:
-        return torch.addmm(cells[0].T @ g_cells[0], x.T, g_x).unsqueeze(0)
     w = cells.transpose(1, 2) @ g_cells
+    if cells.shape[0] == 1:
+        return w + (x.T @ g_x).unsqueeze(0)
     outer = (x.unsqueeze(2) * g_x.unsqueeze(1)).view(-1, 9)
     return w + torch.zeros(cells.shape[0], 9, dtype=x.dtype, device=x.device).index_add(
         0, batch, outer).view(-1, 3, 3)
