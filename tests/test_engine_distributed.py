@@ -459,23 +459,13 @@ def test_bad_model_fails_before_any_rank_starts():
     assert _rank_children() == before
 
 
-_FAILED_JOIN_THEN_START = """
-import datetime, sys
-import numpy as np
-import torch.distributed as dist
+
+# each case runs in a fresh process (torch.distributed's state is per process): its
+# prologue, then two ranks that must give one rank's energy
+_TWO_RANKS_EQUAL_ONE = """
 from mlipd.engine import make_engine
-from mlipd.engine.ranks import init_process_group
 from mlipd.testing.systems import bulk_box
 
-store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
-                      timeout=datetime.timedelta(seconds=10))
-try:  # rank 1 never comes: the join fails, as when a rank dies between its key and it
-    init_process_group(backend="gloo", rank=0, world_size=2, timeout_s=10, store=store,
-                       connect_timeout_s=0.5)
-except RuntimeError:
-    pass
-else:
-    sys.exit("a join without rank 1 succeeded")
 s = bulk_box(repeat=2)
 (want,) = make_engine("lj", dtype="float64").compute([s])
 engine = make_engine("lj", dtype="float64", ranks=2, timeout_s=30)
@@ -486,20 +476,43 @@ print("ok")
 """
 
 
+def _two_ranks_after(tmp_path, prologue: str, **env: str):
+    """Run ``prologue`` then ``_TWO_RANKS_EQUAL_ONE`` in a new interpreter; its output."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(prologue + _TWO_RANKS_EQUAL_ONE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    return done
+
+
+_FAILED_JOIN = """
+import datetime, sys
+import torch.distributed as dist
+from mlipd.engine.ranks import init_process_group
+
+store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                      timeout=datetime.timedelta(seconds=10))
+try:  # rank 1 never comes: the join fails, as when a rank dies between its key and it
+    init_process_group(backend="gloo", rank=0, world_size=2, timeout_s=10, store=store,
+                       connect_timeout_s=0.5)
+except RuntimeError:
+    pass
+else:
+    sys.exit("a join without rank 1 succeeded")
+"""
+
+
 @pytest.mark.timeout(180)
 def test_a_failed_join_does_not_spoil_the_next_start(tmp_path):
     """A rank killed between its announcement and its connection fails that start;
     the next start of the same process must work (it once waited on the wrong keys
     for ever, so every later request got 'could not restart ranks')."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "failed_join.py"
-    script.write_text(_FAILED_JOIN_THEN_START)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok"), done.stdout
+    _two_ranks_after(tmp_path, _FAILED_JOIN)
 
 
 # loaded by every Python process started with this directory on PYTHONPATH: the first
@@ -525,41 +538,19 @@ if os.environ.get("SLOW_JOIN_MARKER") and rank_process:
     dist.init_process_group = slow
 """
 
-_SLOW_THEN_START = """
-import logging, sys
-from mlipd.engine import make_engine
-from mlipd.testing.systems import bulk_box
-
-logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-s = bulk_box(repeat=2)
-(want,) = make_engine("lj", dtype="float64").compute([s])
-engine = make_engine("lj", dtype="float64", ranks=2, timeout_s=30)
-(got,) = engine.compute([s])
-engine.close()
-assert abs(got.energy - want.energy) <= 1e-9 * abs(want.energy), (got.energy, want.energy)
-print("ok")
-"""
-
 
 @pytest.mark.timeout(180)
 def test_ranks_slow_to_connect_are_started_again(tmp_path):
     """A rank alive but slower to connect than the connection bound (a loaded machine)
     is not an error: the ranks are started once more (a dead rank is, at once)."""
-    import subprocess
-    import sys
-
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_SLOW_RANK_SITECUSTOMIZE)
-    script = tmp_path / "slow_join.py"
-    script.write_text(_SLOW_THEN_START)
     marker = tmp_path / "slept"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_JOIN_MARKER=str(marker),
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=150, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _two_ranks_after(
+        tmp_path, "import logging, sys\nlogging.basicConfig(level=logging.WARNING, "
+        "stream=sys.stdout)\n", SLOW_JOIN_MARKER=str(marker),
+        PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     assert marker.exists()  # the first rank did sleep
     assert "did not connect within" in done.stdout, done.stdout
     assert "starting the ranks again" in done.stdout, done.stdout
-    assert done.stdout.strip().endswith("ok"), done.stdout
