@@ -93,8 +93,7 @@ class Coordinator:
         coords = Positions(
             positions=(structures[0].positions if len(structures) == 1
                        else np.concatenate([s.positions for s in structures])),
-            cells=(structures[0].cell[None] if len(structures) == 1
-                   else np.stack([s.cell for s in structures])))
+            cells=np.stack([s.cell for s in structures]))
         return Prepared(tuple(structures), header, coords, frame)
 
     def execute(self, p: Prepared) -> list[RankOutput]:

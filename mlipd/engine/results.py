@@ -144,8 +144,7 @@ def assemble(structures: Sequence[Structure], outputs: Sequence[RankOutput],
             mine[ids] = t.numpy()
     if not _all_finite(energies) or not _all_finite(forces):
         raise CalculationFailed("model returned NaN or infinite energy or forces")
-    offsets = ((0, structures[0].n_atoms) if nb == 1 else  # MD's case, without numpy's cost
-               np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])]))
+    offsets = np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])])
     results = []
     for b, s in enumerate(structures):
         lo, hi = offsets[b], offsets[b + 1]
