@@ -54,6 +54,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", choices=["auto", "0", "1"], default="auto",
                    help="replay the warm one-rank step as a captured CUDA graph (auto: on "
                         "CUDA, for models with fixed shapes between rebuilds)")
+    p.add_argument("--compile", choices=["0", "1"], default="0",
+                   help="1: run the one-rank step (model, forces, virial) as one "
+                        "torch.compile'd function: seconds of compiling at the first call, "
+                        "then less per-step overhead for small systems (one rank; a model "
+                        "it cannot compile runs eagerly, with a warning)")
     add_robustness_options(p)
 
 
@@ -104,7 +109,7 @@ def engine_from_args(args: argparse.Namespace):
                          world=getattr(args, "world", None),
                          timeout_s=args.collective_timeout, threads=args.threads,
                          limits=limits_from(args), rank_heartbeat_s=args.rank_heartbeat,
-                         cuda_graphs=args.cuda_graphs)
+                         cuda_graphs=args.cuda_graphs, compile=args.compile)
     log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, describe(engine))
     return engine
 

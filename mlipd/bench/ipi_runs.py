@@ -61,11 +61,13 @@ def input_xml(*, prefix: str, steps: int, nbeads: int = 1, batch_size: int = 1,
 """
 
 
-def mlipd_client(model: str, *, dtype: str = "float32", device: str = "cpu") -> list[str]:
-    """``mlipd drive`` for the run's socket ({socket} is filled in) and template."""
+def mlipd_client(model: str, *, dtype: str = "float32", device: str = "cpu",
+                 options: Sequence[str] = ()) -> list[str]:
+    """``mlipd drive`` for the run's socket ({socket} is filled in) and template, with
+    further ``options`` (e.g. ``--compile 1``)."""
     return [sys.executable, "-m", "mlipd", "drive", "--address", "unix:{socket}",
             "--structure", "init.xyz", "--model", model, "--dtype", dtype,
-            "--device", device]
+            "--device", device, *options]
 
 
 def ipi_client(mode: str, *, param: str = "", pes_path: str | None = None) -> list[str]:

@@ -35,6 +35,8 @@ class Engine(Protocol):
     threads:    intra-op threads of each rank
     limits:     the geometry guards' budgets (``mlipd.engine.guards.Limits``)
     restarts:   times the ranks were torn down and started again
+    compiled:   the step runs as one compiled function (``mlipd.engine.compiled``; False
+                too once it gave up on the model)
     calls:      engine calls so far (batching counters)
     """
 
@@ -67,6 +69,9 @@ class Engine(Protocol):
     @property
     def restarts(self) -> int: ...
 
+    @property
+    def compiled(self) -> bool: ...
+
     def compute(self, structures: Sequence[Structure], *,
                 virial: bool = True) -> list[Result]:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (fully periodic cells, when
@@ -96,12 +101,17 @@ class OneProcess:
     def restarts(self) -> int:
         return 0
 
+    @property
+    def compiled(self) -> bool:
+        return False
+
 
 def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
                 ranks: int = 1, devices: Sequence[str] | None = None,
                 backend: str = "auto", world=None, skin: float | None = None,
                 timeout_s: float = 120.0, threads: int | None = None, limits=None,
-                rank_heartbeat_s: float | None = None, cuda_graphs: str = "auto") -> Engine:
+                rank_heartbeat_s: float | None = None, cuda_graphs: str = "auto",
+                compile: str = "0") -> Engine:
     """Load ``model`` (``name`` or ``name:arg``) and return an engine on ``ranks`` ranks.
 
     device:  auto (CUDA when available), cpu, cuda or cuda:N; devices: an explicit list
@@ -116,7 +126,11 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
     rank_heartbeat_s: restart the ranks when one is silent this long (several ranks)
     cuda_graphs: auto, 0 or 1: replay the warm one-rank step as a captured CUDA graph
              (``mlipd.engine.cuda_graphs``)
+    compile: 0 or 1: run the one-rank step's model, forces and virial as one
+             ``torch.compile``d function (``mlipd.engine.compiled``); one rank and
+             mlipd's own adapters only
     """
+    from mlipd.engine.compiled import check_mode as check_compile
     from mlipd.engine.devices import node_devices, resolve_device
     from mlipd.engine.single_rank import DEFAULT_SKIN
     from mlipd.engine.threads import threads_per_rank
@@ -128,6 +142,9 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
         raise SetupError(f"--ranks must be >= 1, got {ranks}")
     if threads is not None:
         threads_per_rank(threads, 1)  # checked before anything loads
+    if check_compile(compile) and (ranks > 1 or (world is not None and world.size > 1)):
+        raise SetupError("--compile 1 needs one rank: a compiled step cannot hold the "
+                         "ranks' exchanges")
     skin = DEFAULT_SKIN if skin is None else skin
     local_devices = node_devices(device, devices)  # every name checked, one-line errors
     if world is not None and world.size > 1:
@@ -147,10 +164,14 @@ def make_engine(model: str, *, device: str = "auto", dtype: str | None = None,
         if is_whole_structure(loaded):
             from mlipd.engine.whole import WholeEngine
 
+            if check_compile(compile):
+                raise SetupError(f"--compile 1: {model!r} is a whole-structure model (it "
+                                 "computes its own forces), there is no step to compile")
+
             return WholeEngine(loaded, device=device, dtype=DTYPES[dtype], limits=limits)
         return SingleRankEngine(loaded, device=resolve_device(local_devices[0]),
-                           dtype=DTYPES[dtype], skin=skin, limits=limits,
-                           cuda_graphs=cuda_graphs)
+                                dtype=DTYPES[dtype], skin=skin, limits=limits,
+                                cuda_graphs=cuda_graphs, compile=compile)
     if _whole_structure(model):
         raise SetupError(
             f"{model!r} is a single-device (whole-structure) model and cannot run on "
@@ -179,6 +200,8 @@ def describe(engine: Engine) -> str:
              f"dtype {str(engine.dtype).removeprefix('torch.')}",
              f"{ranks} rank{'s' if ranks > 1 else ''}" + (f" over {backend}" if backend else ""),
              f"{threads} thread{'s' if threads > 1 else ''}" + (" per rank" if ranks > 1 else "")]
+    if engine.compiled:
+        parts.append("compiled step (torch.compile at the first call)")
     memory = [f"{resident_bytes() / 2**20:.0f} MiB resident"]
     if engine.device.type == "cuda":
         memory.append(f"{torch.cuda.memory_allocated(engine.device) / 2**20:.0f} MiB "

@@ -343,6 +343,11 @@ class DistributedEngine:
         return self._threads
 
     @property
+    def compiled(self) -> bool:
+        """Never: a compiled step cannot hold the ranks' exchanges."""
+        return False
+
+    @property
     def last_stats(self) -> np.ndarray | None:
         """(P, 3) per rank of the last step: owned atoms, edges (r < cutoff), halo atoms."""
         return None if self._front is None else self._front.last_stats

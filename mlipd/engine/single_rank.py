@@ -14,13 +14,14 @@ from collections.abc import Sequence
 import torch
 
 from mlipd.engine.api import OneProcess
+from mlipd.engine.compiled import check_mode as compile_enabled
 from mlipd.engine.coordinator import Coordinator
 from mlipd.engine.cuda_graphs import GraphedRun
 from mlipd.engine.cuda_graphs import enabled as cuda_graphs_enabled
 from mlipd.engine.guards import Limits
 from mlipd.engine.rank_loop import RankLoop
 from mlipd.engine.step import Step
-from mlipd.errors import CalculationFailed
+from mlipd.errors import CalculationFailed, SetupError
 from mlipd.model_api import Model, ModelSpec
 from mlipd.types import Result, Structure
 
@@ -44,20 +45,25 @@ class SingleRankEngine(OneProcess):
         (``mlipd.engine.cuda_graphs``; on CUDA only)
     pad: pad atom and edge counts to buckets (``mlipd.engine.padding``); default: when
         CUDA graphs are captured
+    compile: ``0`` or ``1``: run the model, forces and virial as one ``torch.compile``d
+        function (``mlipd.engine.compiled``); not with CUDA graphs
     """
 
     def __init__(self, model: Model, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float64, skin: float = DEFAULT_SKIN,
                  limits: Limits | None = None, cuda_graphs: str = "auto",
-                 pad: bool | None = None) -> None:
+                 pad: bool | None = None, compile: str = "0") -> None:
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = for_inference(model, self.device, dtype)
-        graphs = cuda_graphs_enabled(cuda_graphs, self.device, self.model)
+        compiled = compile_enabled(compile)
+        if compiled and str(cuda_graphs) == "1":
+            raise SetupError("compile=1 with cuda_graphs=1: pick one")
+        graphs = not compiled and cuda_graphs_enabled(cuda_graphs, self.device, self.model)
         self.step = Step(self.model, None, device=self.device, dtype=dtype, skin=skin,
-                         pad=graphs if pad is None else pad)
+                         pad=graphs if pad is None else pad, compile=compiled)
         self.graphed = GraphedRun(self.step) if graphs else None
         self._coordinator = Coordinator(RankLoop(self.step, run=self.graphed), skin=skin,
                                         limits=limits)
@@ -81,6 +87,12 @@ class SingleRankEngine(OneProcess):
         """Bytes one engine call may take (``mlipd.engine.budget``); None: no budget."""
         memory = self._coordinator.memory
         return None if memory is None else float(memory.budget)
+
+    @property
+    def compiled(self) -> bool:
+        """The step runs compiled (``compile=1``, and not given up on the model)."""
+        c = self.step.compiled
+        return c is not None and c.failed is None
 
     @property
     def rebuilds(self) -> int:

@@ -5,12 +5,9 @@ gradients home, and the rank's output (``mlipd.engine.results.RankOutput``).
 At one rank (``comm is None``) there is no halo, no exchange and no collective: the
 same code with an identity ``exchange`` and every atom owned.
 
-The virial is taken from the cell gradient, not from a strain tensor: for
-x -> x (1 + eps), cell -> cell (1 + eps), -dE/d(eps) at eps = 0 is
--(sum_i x_i^T dE/dx_i + cell^T dE/dcell), summed per structure over a rank's local
-rows (owned and halo: each rank differentiates its own partial energy) and then over
-ranks. It saves two (N, 3) x (3, 3) products and their backward, a large share of a
-call when there are few neighbours per atom.
+The virial is taken from the cell gradient (``mlipd.engine.virial``), summed per
+structure over a rank's local rows (owned and halo: each rank differentiates its own
+partial energy) and then over ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlipd.engine.compiled import CompiledPhysics
 from mlipd.engine.halo import scatter_home_rows
 from mlipd.engine.padding import pad_topology
 from mlipd.engine.results import ExtraLayout, RankOutput, unpad
@@ -30,6 +28,7 @@ from mlipd.engine.topology import (
     build_topology,
     upload,
 )
+from mlipd.engine.virial import cell_virial, edge_shifts
 from mlipd.model_api import CandidateEdges, LocalGraph, Model
 
 
@@ -63,10 +62,13 @@ class Step:
            ``nonzero``). Default: on CUDA, where a host read drains the device's queue,
            with ``pad``, and for a model that takes no selection (``needs_masked_edges``:
            CHGNet); on a CPU a read costs nothing while masked candidates cost arithmetic
+    compile: run the model, forces and virial as one ``torch.compile``d function
+           (``mlipd.engine.compiled``; one rank only, else ignored)
     """
 
     def __init__(self, model: Model, comm, *, device: torch.device, dtype: torch.dtype,
-                 skin: float, pad: bool = False, masks: bool | None = None) -> None:
+                 skin: float, pad: bool = False, masks: bool | None = None,
+                 compile: bool = False) -> None:
         self.model = model
         self.comm = comm
         self.device = torch.device(device)
@@ -83,6 +85,8 @@ class Step:
         self.topology: Topology | None = None
         self.layout: tuple[ExtraLayout, ...] = ()  # of the last step's extras
         self.last_graph: LocalGraph | None = None  # for tests and counters
+        self.compiled = (CompiledPhysics(model, geometry_dtype=GEOMETRY_DTYPE)
+                         if compile and comm is None else None)
 
     @property
     def rank(self) -> int:
@@ -130,38 +134,34 @@ class Step:
         x = positions if topo.local_ids is None else positions[topo.local_ids]
         if topo.pad_positions is not None and x.shape[0] != topo.n_owned:
             x = torch.cat([x, topo.pad_positions])
+        compiled = self.compiled
+        if compiled is None or compiled.failed is not None:
+            return self._run_eager(topo, x, cells, virial=virial)
+        try:
+            return self._run_compiled(topo, x, cells, virial=virial)
+        except Exception as e:  # noqa: BLE001 - the eager step tells what it was
+            out = self._run_eager(topo, x, cells, virial=virial)  # the input's error, if any
+            compiled.give_up(e)
+            return out
+
+    def _run_eager(self, topo: Topology, x: torch.Tensor, cells: torch.Tensor, *,
+                   virial: bool) -> RankOutput:
         x = x.detach().requires_grad_(True)
         cells = cells.detach().requires_grad_(virial)
-        recv, send, images, images_f, eb = (topo.receivers, topo.senders, topo.images,
-                                            topo.images_f, topo.edge_batch)
-        edge_ids = candidates = edge_mask = None
-        prune = (self.skin > 0 or topo.pad_positions is not None) and recv.numel() > 0
         # the shifts autograd sees are those of the edges the model gets: computed once,
         # after the selection (the candidates' own are plain numbers)
-        shifts = _shifts(images_f, cells, eb) if self.masks or not prune else None
-        if prune:
-            with torch.no_grad():  # pairs beyond the cutoff count for nothing: = a fresh list
-                cand_shifts = _shifts(images_f, cells, eb) if shifts is None else shifts
-                vec = x.index_select(0, send) - x.index_select(0, recv) + cand_shifts
-                within = (vec * vec).sum(-1) < self.cutoff ** 2
-            candidates = CandidateEdges(receivers=recv, senders=send, images=images,
-                                        shifts=cand_shifts.detach(), skin=self.skin)
-            if self.masks:  # fixed shapes: no host read
-                edge_mask = within
-            else:  # the model takes the edges within the cutoff only: select (a host read)
-                keep = torch.nonzero(within).view(-1)
-                if keep.numel() < recv.numel():
-                    edge_ids = keep
-                    recv, send, images, images_f, eb = (
-                        recv[keep], send[keep], images[keep], images_f[keep], eb[keep])
-                shifts = _shifts(images_f, cells, eb)
+        shifts = (edge_shifts(topo.images_f, cells, topo.edge_batch)
+                  if self.masks or not self._prunes(topo) else None)
+        e = self._edges(topo, x, cells, shifts)
+        if e.shifts is None:
+            e.shifts = edge_shifts(e.images_f, cells, e.edge_batch)
         comm, n = self.comm, topo.n_owned
         graph = LocalGraph(
             n_owned=n, numbers=topo.numbers, positions=x, batch=topo.batch,
-            n_structures=topo.n_structures, cells=cells, receivers=recv, senders=send,
-            shifts=shifts, images=images, global_ids=topo.global_ids,
-            n_atoms=topo.n_atoms, dtype=self.dtype, candidates=candidates, edge_ids=edge_ids,
-            edge_mask=edge_mask, cache=topo.cache,
+            n_structures=topo.n_structures, cells=cells, receivers=e.receivers,
+            senders=e.senders, shifts=e.shifts, images=e.images, global_ids=topo.global_ids,
+            n_atoms=topo.n_atoms, dtype=self.dtype, candidates=e.candidates,
+            edge_ids=e.edge_ids, edge_mask=e.edge_mask, cache=topo.cache,
             **({} if comm is None else dict(
                 exchange=comm.atom_exchange(topo.plan), comm=comm, rank=comm.rank,
                 world_size=comm.world_size, owner=topo.owner)))
@@ -188,31 +188,95 @@ class Step:
             vir = None
             if virial:
                 g_cell = torch.zeros_like(cells) if grads[1] is None else grads[1]
-                vir = -_cell_virial(x, g_x, cells, g_cell, topo.batch)
-        self.layout = tuple(ExtraLayout(k, tuple(t.shape[1:])) for k, t in out.extras.items())
+                vir = -cell_virial(x, g_x, cells, g_cell, topo.batch)
+        return self._output(topo, e, energies, forces, vir, site.detach(), out.extras)
+
+    def _run_compiled(self, topo: Topology, x: torch.Tensor, cells: torch.Tensor, *,
+                      virial: bool) -> RankOutput:
+        """The same step through ``mlipd.engine.compiled`` (one rank only)."""
+        x, cells = x.detach(), cells.detach()
+        e = self._edges(topo, x, cells, None, always_ids=True)
+        n = topo.n_owned
+        self.last_graph = LocalGraph(
+            n_owned=n, numbers=topo.numbers, positions=x, batch=topo.batch,
+            n_structures=topo.n_structures, cells=cells, receivers=e.receivers,
+            senders=e.senders, shifts=e.shifts, images=e.images, global_ids=topo.global_ids,
+            n_atoms=topo.n_atoms, dtype=self.dtype, candidates=e.candidates,
+            edge_ids=e.edge_ids, edge_mask=e.edge_mask, cache=topo.cache)
+        energies, forces, vir, site, extras = self.compiled(
+            virial=virial, n=n, n_structures=topo.n_structures, x=x, cells=cells,
+            numbers=topo.numbers, batch=topo.batch, receivers=e.receivers,
+            senders=e.senders, images=e.images, images_f=e.images_f,
+            edge_batch=e.edge_batch, global_ids=topo.global_ids, n_atoms=topo.n_atoms,
+            dtype=self.dtype, candidates=e.candidates, edge_ids=e.edge_ids,
+            edge_mask=e.edge_mask, real=topo.real, cache=topo.cache)
+        return self._output(topo, e, energies, forces, vir, site, extras)
+
+    def _prunes(self, topo: Topology) -> bool:
+        """Whether this step selects its edges from the candidates (pairs within cutoff +
+        skin at the rebuild, or padding edges)."""
+        return ((self.skin > 0 or topo.pad_positions is not None)
+                and topo.receivers.numel() > 0)
+
+    def _edges(self, topo: Topology, x: torch.Tensor, cells: torch.Tensor,
+               shifts: torch.Tensor | None, *, always_ids: bool = False) -> Edges:
+        """The edges the model gets this step: the candidates within the cutoff, as a mask
+        (``masks``) or selected; ``shifts``, when given, are the candidates' (E, 3).
+        ``always_ids``: a selection that keeps every candidate still comes as
+        ``edge_ids`` (a compiled step then has one variant, not one per case)."""
+        e = Edges(topo.receivers, topo.senders, topo.images, topo.images_f, topo.edge_batch,
+                  shifts=shifts)
+        if not self._prunes(topo):
+            return e
+        with torch.no_grad():  # pairs beyond the cutoff count for nothing: = a fresh list
+            cand_shifts = edge_shifts(e.images_f, cells, e.edge_batch) if shifts is None \
+                else shifts
+            vec = x.index_select(0, e.senders) - x.index_select(0, e.receivers) + cand_shifts
+            within = (vec * vec).sum(-1) < self.cutoff ** 2
+        e.candidates = CandidateEdges(receivers=e.receivers, senders=e.senders,
+                                      images=e.images, shifts=cand_shifts.detach(),
+                                      skin=self.skin)
+        if self.masks:  # fixed shapes: no host read
+            e.edge_mask = within
+            return e
+        # the model takes the edges within the cutoff only: select (a host read)
+        keep = torch.nonzero(within).view(-1)
+        if keep.numel() < e.receivers.numel():
+            e.edge_ids = keep
+            e.receivers, e.senders, e.images, e.images_f, e.edge_batch = (
+                e.receivers[keep], e.senders[keep], e.images[keep], e.images_f[keep],
+                e.edge_batch[keep])
+        elif always_ids:  # every candidate kept, said as ids all the same
+            e.edge_ids = keep
+        e.shifts = None  # the selected edges': computed where autograd sees them
+        return e
+
+    def _output(self, topo: Topology, e: Edges, energies: torch.Tensor,
+                forces: torch.Tensor, vir: torch.Tensor | None, site: torch.Tensor,
+                extras: dict[str, torch.Tensor]) -> RankOutput:
+        n, dt = topo.n_owned, GEOMETRY_DTYPE
+        self.layout = tuple(ExtraLayout(k, tuple(t.shape[1:])) for k, t in extras.items())
         # the width from the trailing shape: a rank owning no atoms has (0, ...) rows
-        extras = tuple(t.detach().reshape(n, x.width).to(dt)
-                       for t, x in zip(out.extras.values(), self.layout, strict=True))
-        n_edges = recv.shape[0] if edge_mask is None else edge_mask.sum()
+        rows = tuple(t.detach().reshape(n, x.width).to(dt)
+                     for t, x in zip(extras.values(), self.layout, strict=True))
+        n_edges = e.receivers.shape[0] if e.edge_mask is None else e.edge_mask.sum()
         stats = (n if topo.real is None else topo.n_real_t, n_edges, topo.n_local - n)
         return RankOutput(energies=energies, virials=vir, forces=forces,
-                          site_energies=site.detach(), extras=extras, stats=stats)
+                          site_energies=site, extras=rows, stats=stats)
 
 
-def _shifts(images: torch.Tensor, cells: torch.Tensor, edge_batch: torch.Tensor
-            ) -> torch.Tensor:
-    """(E, 3) Å: images (E, 3) in lattice vectors times the cell of each edge's structure."""
-    if cells.shape[0] == 1:
-        return images @ cells[0]
-    return torch.bmm(images.unsqueeze(1), cells[edge_batch]).squeeze(1)
+@dataclass
+class Edges:
+    """One step's edges (``Step._edges``): per edge receiver, sender, image (int and
+    float), structure; shifts (E, 3) Å or None (computed with gradients later); the
+    candidates, the selection and the mask handed to the model."""
 
-
-def _cell_virial(x: torch.Tensor, g_x: torch.Tensor, cells: torch.Tensor,
-                 g_cells: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) eV: dE/d(eps) = x^T dE/dx + cell^T dE/dcell per structure (module doc)."""
-    w = cells.transpose(1, 2) @ g_cells
-    if cells.shape[0] == 1:
-        return w + (x.T @ g_x).unsqueeze(0)
-    outer = (x.unsqueeze(2) * g_x.unsqueeze(1)).view(-1, 9)
-    return w + torch.zeros(cells.shape[0], 9, dtype=x.dtype, device=x.device).index_add(
-        0, batch, outer).view(-1, 3, 3)
+    receivers: torch.Tensor
+    senders: torch.Tensor
+    images: torch.Tensor
+    images_f: torch.Tensor
+    edge_batch: torch.Tensor
+    shifts: torch.Tensor | None = None
+    candidates: CandidateEdges | None = None
+    edge_ids: torch.Tensor | None = None
+    edge_mask: torch.Tensor | None = None

@@ -61,9 +61,9 @@ import mlipd.testing.tolerances as tol
 from mlipd.testing.work import Measured, Run, Work, measure_runs
 from mlipd.types import Result, Structure
 
-# the backward of the edge shifts (images @ cell) into the cell: its (3, 3) product and
-# the cell's selection, once on every rank that computes a virial
-ENGINE_PER_RANK_VIRIAL = {"mm": (9, 0), "select_backward": (18, 0)}
+# the backward of the edge shifts (images @ cell) into the cell: its (3, 3) product, once
+# on every rank that computes a virial
+ENGINE_PER_RANK_VIRIAL = {"mm": (9, 0)}
 
 
 # where a rank owns a single atom, torch may run its one-row products as matrix-vector,

@@ -1,23 +1,26 @@
 """Overhead: what mlipd costs beyond the model's arithmetic.
 
-1. i-PI MD step with three clients, one after the other at each size (NVE, one bead,
+1. i-PI MD step with five clients, one after the other at each size (NVE, one bead,
    argon simple cubic, UNIX socket): ``i-pi-py_driver -m dummy`` (zero forces, no
-   physics), ``mlipd drive`` with LJ and a 3 Å cutoff (no neighbour at 3.8 Å spacing:
-   mlipd's whole path, engine call included, without physics) and with a 6 Å cutoff
-   (real LJ). Runs alternate between the clients (``ROUNDS``); a sample is the mean
-   step over a block of consecutive steps (``ipi_runs``, ``blocks``).
+   physics), ``mlipd drive`` with LJ and a 1 Å cutoff (no pair within cutoff + skin in
+   any step: mlipd's whole path, engine call and its gradient included, without physics)
+   and with a 6 Å cutoff (real LJ), each eager and with ``--compile 1``
+   (``mlipd.engine.compiled``). Runs alternate between the clients (``ROUNDS``); a
+   sample is the mean step over a block of consecutive steps (``ipi_runs``, ``blocks``).
 2. The same comparison timed end to end (8 atoms): the wall time of whole i-PI NVE
    runs of ``WHOLE_STEPS`` steps (500 and 2,000 at quick), from i-PI's start to its exit,
-   for ``i-pi-py_driver -m dummy`` and mlipd-zero; the slope between the two lengths is
-   the cost of one step with start-up and shutdown taken out.
+   for ``i-pi-py_driver -m dummy`` and mlipd-zero (eager, compiled); the slope between
+   the two lengths is the cost of one step with start-up and shutdown taken out.
 3. Where mlipd-zero's time goes, in this process: the driver's protocol path (decode
-   POSDATA, build Structures, encode FORCEREADY) against the engine call.
+   POSDATA, build Structures, encode FORCEREADY) against the engine call, eager and
+   compiled.
 4. Round-trip overhead per structure through one ``mlipd serve`` (``roundtrip``):
    ZeroMQ client, ``MlipdCalculator``, ASE's ``SocketIOCalculator`` and the real i-PI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -37,7 +40,8 @@ from mlipd.bench.workers import Worker
 
 REQUIRES = ("ipi",)
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
-BUDGET_S = {"tiny": 150.0, "quick": 150.0, "full": 3600.0}  # quick: ~80 s on a quiet machine
+# quick: ~150 s on a quiet machine (each compiled client compiles for a few s at its start)
+BUDGET_S = {"tiny": 240.0, "quick": 300.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
 STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
@@ -56,7 +60,11 @@ ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
 WHOLE_STEPS = {"tiny": (50, 150), "quick": (500, 2000), "full": (500, 2000)}
 WHOLE_ATOMS = 8
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
-CUTOFF = {"mlipd-zero": 3.0, "mlipd-lj": 6.0}  # 3 Å < the 3.8 Å spacing: no neighbours
+# zero: 1 Å + the 0.5 Å skin. A 3 Å cutoff (< the 3.8 Å spacing) was not enough: at 20 K
+# with no forces the atoms drift as a gas and came within 3.5 Å after a few hundred steps
+# (rebuilds, pairs, and a recompile of a compiled step inside a timed block)
+CUTOFF = {"mlipd-zero": 1.0, "mlipd-lj": 6.0}
+COMPILED = "-compiled"  # suffix of the clients run with --compile 1
 
 
 def lattice(n: int) -> Atoms:
@@ -68,9 +76,13 @@ def lattice(n: int) -> Atoms:
 
 
 def clients() -> dict[str, list[str]]:
-    return {"ipi-dummy": ipi_runs.ipi_client("dummy"),
-            **{k: ipi_runs.mlipd_client(LJ.format(c), dtype="float64")
-               for k, c in CUTOFF.items()}}
+    """ipi-dummy, then each mlipd client eager and compiled."""
+    mlipd = {}
+    for k, c in CUTOFF.items():
+        for suffix, options in (("", ()), (COMPILED, ("--compile", "1"))):
+            mlipd[k + suffix] = ipi_runs.mlipd_client(LJ.format(c), dtype="float64",
+                                                      options=options)
+    return {"ipi-dummy": ipi_runs.ipi_client("dummy"), **mlipd}
 
 
 def run(report: Report, *, size: str, device: str) -> None:
@@ -92,9 +104,8 @@ def run(report: Report, *, size: str, device: str) -> None:
 def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
     table = report.table("ms per i-PI MD step: mlipd drive vs i-pi-py_driver -m dummy, "
                          "median (min-max) of block means; the client's own CPU ms per step",
-                         ["atoms", "steps timed", "ipi-dummy", "mlipd-zero", "mlipd-lj",
-                          "zero / dummy", "lj / dummy", "CPU: dummy", "CPU: zero",
-                          "CPU: lj"])
+                         ["atoms", "client", "steps timed", "ms per step", "/ dummy",
+                          "client CPU ms per step"])
     for n in SIZES[size]:
         if deadline.passed:
             table.notes.append(f"{n} atoms and beyond: not run (deadline)")
@@ -117,13 +128,15 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
                     failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
         t = {k: Timing(tuple(v), failed.get(k)) for k, v in samples.items()}
         d = t["ipi-dummy"]
-        table.add(n, steps, d.cell(1e-3), t["mlipd-zero"].cell(1e-3), t["mlipd-lj"].cell(1e-3),
-                  d.ratio(t["mlipd-zero"]), d.ratio(t["mlipd-lj"]),
-                  *(f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else ""
-                    for k in ("ipi-dummy", "mlipd-zero", "mlipd-lj")))
+        for k in clients():
+            table.add(n, k, steps, t[k].cell(1e-3), d.ratio(t[k]) if k != "ipi-dummy" else "",
+                      f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else "")
     table.notes += [
-        "mlipd-zero: LJ with a 3 Å cutoff (no neighbours at 3.8 Å spacing): mlipd's full "
-        "path, engine call included, without physics; mlipd-lj: a 6 Å cutoff (real forces).",
+        "mlipd-zero: LJ with a 1 Å cutoff (no pair within cutoff + skin in any step): "
+        "mlipd's full path, engine call and gradient included, without physics; mlipd-lj: "
+        "a 6 Å cutoff (real forces). -compiled: the same with `--compile 1` (the model, "
+        "forces and virial as one torch.compile'd function; compiled at the client's first "
+        "step, before the warm-up).",
         f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP[size]} warm-up steps; each "
         f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
         "from the times i-PI's lines appear in its properties file, polled every ms: on a "
@@ -139,7 +152,7 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
 def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
                 deadline: Deadline) -> None:
     """The step timed end to end: whole i-PI runs of two lengths per client."""
-    names = ("ipi-dummy", "mlipd-zero")
+    names = ("ipi-dummy", "mlipd-zero", "mlipd-zero" + COMPILED)
     table = report.table(
         f"The same step timed end to end ({WHOLE_ATOMS} atoms): wall time of whole i-PI "
         "NVE runs, s, and the slope per step, ms",
@@ -165,9 +178,10 @@ def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
                  else "")
         table.add(name, *(f"{w:.2f}" for w in walls), f"{1e3 * slopes[name]:.3f}", ratio)
     table.notes += [
-        "One run per client and length, one after the other; wall time from i-PI's start "
-        "to its exit (the client's start-up, i-PI's start-up and shutdown cancel in the "
-        "slope).",
+        "One run per client and length, one after the other; wall time from i-PI's first "
+        "step (its line in the properties file) to its exit: the client's start-up and "
+        "first call (where a compiled client compiles) are out, i-PI's shutdown cancels in "
+        "the slope.",
         "Why the two ways differ: the per-step table is the mean interval between i-PI's "
         "property lines over blocks of consecutive steps inside one run, warm-up excluded; "
         "the slope is (T(long) - T(short)) / (long - short) over two separate runs, so it "
@@ -183,7 +197,9 @@ def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
 
 def _whole_run_s(workdir: Path, atoms, client: list[str], *, steps: int,
                  timeout: float) -> float:
-    """Seconds from i-PI's start to its exit, ``steps`` NVE steps forced by ``client``."""
+    """Seconds from i-PI's first step (its line in the properties file) to its exit,
+    ``steps`` NVE steps forced by ``client``: the client's start-up and first call (a
+    compiled client compiles there, for seconds that vary between runs) stay out."""
     workdir.mkdir(parents=True, exist_ok=True)
     sockdir = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))  # socket paths are short
     prefix = f"{sockdir}/ipi_"
@@ -208,8 +224,9 @@ def _whole_run_s(workdir: Path, atoms, client: list[str], *, steps: int,
             procs.append(subprocess.Popen(argv, cwd=workdir, stdout=clog,
                                           stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True))
-            rc = procs[0].wait(timeout=timeout)
-            wall = time.perf_counter() - t0
+            first = _first_step_seen(workdir / "sim.out", procs, t0 + timeout)
+            rc = procs[0].wait(timeout=max(t0 + timeout - time.perf_counter(), 1.0))
+            wall = time.perf_counter() - first
             if rc != 0:
                 raise RuntimeError(f"i-PI exited {rc}: "
                                    + (workdir / "ipi.log").read_text(errors="replace")[-500:])
@@ -222,6 +239,20 @@ def _whole_run_s(workdir: Path, atoms, client: list[str], *, steps: int,
                 p.wait()
         shutil.rmtree(sockdir, ignore_errors=True)
     return wall
+
+
+def _first_step_seen(out: Path, procs: list[subprocess.Popen], until: float) -> float:
+    """When the first step's line appeared in i-PI's properties file ``out``."""
+    while True:
+        now = time.perf_counter()
+        with contextlib.suppress(FileNotFoundError):
+            if any(line and not line.startswith("#") for line in out.read_text().splitlines()):
+                return now
+        if procs[0].poll() is not None or any(p.poll() is not None for p in procs[1:]):
+            return now  # an early exit: the caller reads i-PI's status
+        if now > until:
+            raise TimeoutError("i-PI wrote no step within the run's time limit")
+        time.sleep(0.001)
 
 
 def _split(report: Report, *, size: str, deadline: Deadline) -> None:
@@ -239,28 +270,33 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
 
     table = report.table("Where mlipd-zero's time goes, in this process: ms per step, "
                          "median (min-max) of 3 batches",
-                         ["atoms", "protocol path", "engine call (no neighbours)"])
+                         ["atoms", "protocol path", "engine call (no pairs)",
+                          "engine call, compiled"])
+    model = LJ.format(CUTOFF["mlipd-zero"])
     for n in SIZES[size]:
         if deadline.passed:
             break
         s = Structure.from_atoms(lattice(n))
-        engine = make_engine(LJ.format(CUTOFF["mlipd-zero"]), device="cpu", dtype="float64")
-        results = engine.compute([s])
+        engines = [make_engine(model, device="cpu", dtype="float64", compile=c)
+                   for c in ("0", "1")]
+        results = [e.compute([s]) for e in engines]  # the compiled one compiles here
         blob = ipi.encode_posdata(posdata_from_structures([s]))[ipi.HEADER_LEN:]
         k = max(3, 3000 // max(n // 100, 1))
-        wire, eng = [], []
+        wire, eng = [], [[] for _ in engines]
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(k):
                 m = ipi.read_posdata(io.BytesIO(blob).read)
                 structures_from_posdata(m, numbers=s.numbers, pbc=s.pbc)
-                ipi.encode_forceready(forceready_from_results(results))
+                ipi.encode_forceready(forceready_from_results(results[0]))
             wire.append((time.perf_counter() - t0) / k)
-            t0 = time.perf_counter()
-            for _ in range(max(k // 10, 5)):
-                engine.compute([s])
-            eng.append((time.perf_counter() - t0) / max(k // 10, 5))
-        table.add(n, Timing(tuple(wire)).cell(1e-3), Timing(tuple(eng)).cell(1e-3))
+            for engine, times in zip(engines, eng, strict=True):
+                t0 = time.perf_counter()
+                for _ in range(max(k // 10, 5)):
+                    engine.compute([s])
+                times.append((time.perf_counter() - t0) / max(k // 10, 5))
+        table.add(n, Timing(tuple(wire)).cell(1e-3),
+                  *(Timing(tuple(times)).cell(1e-3) for times in eng))
     table.notes.append(f"torch threads {torch.get_num_threads()}; the same structure every "
                        "call, so the engine reuses its neighbour list, as in MD.")
 
