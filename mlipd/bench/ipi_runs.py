@@ -127,7 +127,10 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
     log.info("i-PI run %s/%s: done in %.1f s", workdir.parent.name, workdir.name,
              time.monotonic() - t0)
     if client_cpu is not None and len(cpu) == 2:
-        client_cpu.append((cpu[steps + warmup] - cpu[warmup]) / steps)
+        before, after = cpu[warmup], cpu[steps + warmup]
+        # threads alive at the end, from where they were at the start (0: started since);
+        # a thread that ended in between takes its whole count with it, so it is left out
+        client_cpu.append(sum(t - before.get(k, 0.0) for k, t in after.items()) / steps)
     if blocks:
         edges = [warmup + round(i * steps / blocks) for i in range(blocks + 1)]
         return [(times[b] - times[a]) / (b - a) for a, b in itertools.pairwise(edges)]
@@ -136,11 +139,13 @@ def run(workdir: Path, atoms, client: Sequence[str], *, steps: int, warmup: int,
 
 
 def _step_times(out: Path, last: int, procs, deadline: Deadline, workdir: Path, *,
-                cpu_steps: Sequence[int] = ()) -> tuple[dict[int, float], dict[int, float]]:
+                cpu_steps: Sequence[int] = ()
+                ) -> tuple[dict[int, float], dict[int, dict[int, float]]]:
     """Wall time at which each step's line appeared, until step ``last``; and for each
-    of ``cpu_steps``, the client's (``procs[1]``) CPU seconds when its line appeared."""
+    of ``cpu_steps``, the client's (``procs[1]``) CPU seconds per thread when its line
+    appeared."""
     seen: dict[int, float] = {}
-    cpu: dict[int, float] = {}
+    cpu: dict[int, dict[int, float]] = {}
     size = 0
     while last not in seen:
         now = time.perf_counter()
@@ -162,15 +167,15 @@ def _step_times(out: Path, last: int, procs, deadline: Deadline, workdir: Path, 
     return seen, cpu
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds of process ``pid``'s live threads so far, to the nanosecond (the
+def _cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of process ``pid`` so far, to the nanosecond (the
     scheduler's run time, ``/proc/PID/task/*/schedstat``; ``stat``'s clock ticks are 10
     ms, too coarse for a few dozen steps of a millisecond)."""
-    total = 0
+    threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that just ended
-            total += int((task / "schedstat").read_text().split()[0])
-    return total * 1e-9
+            threads[int(task.name)] = int((task / "schedstat").read_text().split()[0]) * 1e-9
+    return threads
 
 
 def _wait_for(ready, procs, deadline: Deadline, workdir: Path) -> None:
