@@ -57,8 +57,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["0", "1"], default="0",
                    help="1: run the one-rank step (model, forces, virial) as one "
                         "torch.compile'd function: seconds of compiling at the first call, "
-                        "then less per-step overhead for small systems (one rank; a model "
-                        "it cannot compile runs eagerly, with a warning)")
+                        "then less per-step overhead for small systems with light, "
+                        "plain-torch models (LJ; CHGNet and MACE run slower); one rank; a "
+                        "model it cannot compile runs eagerly, with a warning")
     add_robustness_options(p)
 
 
