@@ -59,10 +59,7 @@ class CompiledPhysics:
     def __call__(self, **inputs: Any):
         """(energies, forces, virials or None, site energies, extras dict) of the step;
         raises what the compiled call raised (``give_up`` decides what it means)."""
-        # an empty tensor's strides are whatever made it ((0, 3) may come as stride 0 or
-        # 3): compiled code is specialised on strides, so give every empty one the same
-        return self._fn(**{k: v.new_empty(v.shape) if isinstance(v, torch.Tensor)
-                           and v.numel() == 0 else v for k, v in inputs.items()})
+        return self._fn(**inputs)
 
     def give_up(self, error: BaseException) -> None:
         """The compiled call failed where the eager step succeeded: eager from now on."""

@@ -84,7 +84,7 @@ class Step:
         self.h2d = HostToDevice(self.device)
         self.topology: Topology | None = None
         self.layout: tuple[ExtraLayout, ...] = ()  # of the last step's extras
-        self.last_graph: LocalGraph | None = None  # for tests and counters
+        self.last_graph: LocalGraph | None = None  # for tests and counters (eager steps)
         self.compiled = (CompiledPhysics(model, geometry_dtype=GEOMETRY_DTYPE)
                          if compile and comm is None else None)
 
@@ -156,9 +156,16 @@ class Step:
         if e.shifts is None:
             e.shifts = edge_shifts(e.images_f, cells, e.edge_batch)
         comm, n = self.comm, topo.n_owned
-        graph = self._graph(topo, e, x, cells, **({} if comm is None else dict(
-            exchange=comm.atom_exchange(topo.plan), comm=comm, rank=comm.rank,
-            world_size=comm.world_size, owner=topo.owner)))
+        graph = LocalGraph(
+            n_owned=n, numbers=topo.numbers, positions=x, batch=topo.batch,
+            n_structures=topo.n_structures, cells=cells, receivers=e.receivers,
+            senders=e.senders, shifts=e.shifts, images=e.images, global_ids=topo.global_ids,
+            n_atoms=topo.n_atoms, dtype=self.dtype, candidates=e.candidates,
+            edge_ids=e.edge_ids, edge_mask=e.edge_mask, cache=topo.cache,
+            **({} if comm is None else dict(
+                exchange=comm.atom_exchange(topo.plan), comm=comm, rank=comm.rank,
+                world_size=comm.world_size, owner=topo.owner)))
+        self.last_graph = graph
         out = self.model(graph)
         dt = GEOMETRY_DTYPE
         site = out.site_energy.to(dt)
@@ -190,7 +197,7 @@ class Step:
         x, cells = x.detach(), cells.detach()
         e = self._edges(topo, x, cells, None, always_ids=True)
         n = topo.n_owned
-        self._graph(topo, e, x, cells)  # for tests and counters: the model gets its own
+        self.last_graph = None  # the model's graph is built inside the compiled function
         energies, forces, vir, site, extras = self.compiled(
             virial=virial, n=n, n_structures=topo.n_structures, x=x, cells=cells,
             numbers=topo.numbers, batch=topo.batch, receivers=e.receivers,
@@ -199,18 +206,6 @@ class Step:
             dtype=self.dtype, candidates=e.candidates, edge_ids=e.edge_ids,
             edge_mask=e.edge_mask, real=topo.real, cache=topo.cache)
         return self._output(topo, e, energies, forces, vir, site, extras)
-
-    def _graph(self, topo: Topology, e: Edges, x: torch.Tensor, cells: torch.Tensor,
-               **ranks) -> LocalGraph:
-        """The model's input (kept as ``last_graph``); ``ranks``: the exchange and the
-        ranks' fields at P > 1."""
-        self.last_graph = LocalGraph(
-            n_owned=topo.n_owned, numbers=topo.numbers, positions=x, batch=topo.batch,
-            n_structures=topo.n_structures, cells=cells, receivers=e.receivers,
-            senders=e.senders, shifts=e.shifts, images=e.images, global_ids=topo.global_ids,
-            n_atoms=topo.n_atoms, dtype=self.dtype, candidates=e.candidates,
-            edge_ids=e.edge_ids, edge_mask=e.edge_mask, cache=topo.cache, **ranks)
-        return self.last_graph
 
     def _prunes(self, topo: Topology) -> bool:
         """Whether this step selects its edges from the candidates (pairs within cutoff +
