@@ -122,3 +122,18 @@ def test_what_cannot_be_compiled_is_refused_at_set_up():
         make_engine("lj", compile="yes")
     with pytest.raises(SetupError, match="pick one"):
         make_engine("lj", compile="1", cuda_graphs="1")
+
+
+def test_one_structure_compiles_with_several_threads():
+    """Inductor's parallel code for an index_add into a single slot failed to generate
+    (atomic_add into [1]) and the step fell back to eager on any multi-threaded CPU."""
+    eager, compiled = engines(MODELS["lj"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        structures = [small_triclinic()]
+        got = compiled.compute(structures)
+    finally:
+        torch.set_num_threads(before)
+    assert compiled.step.compiled.failed is None
+    assert_round_off(got, eager.compute(structures), structures, compiled.model)

@@ -95,7 +95,11 @@ class CompiledPhysics:
 
         (g_x, g_cells), (_, (site, extras)) = torch.func.grad_and_value(
             energy, argnums=(0, 1), has_aux=True)(x, cells)
-        energies = torch.zeros(n_structures, dtype=dt, device=x.device).index_add(
-            0, batch[:n], site)
+        if n_structures == 1:  # (a constant when traced) an index_add into one slot
+            # fails inductor's code generation with several threads (atomic_add into [1])
+            energies = site.sum().reshape(1)
+        else:
+            energies = torch.zeros(n_structures, dtype=dt, device=x.device).index_add(
+                0, batch[:n], site)
         virials = -cell_virial(x, g_x, cells, g_cells, batch) if virial else None
         return energies, -g_x[:n], virials, site, extras
