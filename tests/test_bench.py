@@ -31,7 +31,7 @@ CONTENDERS = {  # what each suite's tables must hold (contenders, columns, model
     "scaling": ["| P=1 |", "| P=2 |", "| P=4 |"],
     "partition": ["| slab |", "| rcb |", "| metis |"],
     "overhead": ["| ipi-dummy |", "| mlipd-zero |", "| mlipd-lj |", "| mlipd-zero-compiled |",
-                 "| mlipd-lj-compiled |", "| zmq-client |",
+                 "| mlipd-zero-compiled-busy |", "| mlipd-lj-compiled-busy |", "| zmq-client |",
                  "| zmq-ase |", "| ase-socket |", "| ipi (per MD step) |",
                  "| protocol path |"],
     "models": ["| tensornet | 64 |", "| mace | 64 |", "mlipd rebuilding", "| package |"],

@@ -196,6 +196,23 @@ def test_shm_mode_same_trajectory(processes, short_tmp, pimd_tcp, batch_size):
     same_trajectory(run, reference)
 
 
+def test_busy_poll_same_trajectory(processes, short_tmp, pimd_tcp):
+    """``--busy-poll-us``: the link polls for each next message before blocking; only
+    the waiting changes, so the trajectory is the same bits."""
+    reference, _ = pimd_tcp
+    write_argon(short_tmp)
+    run = run_ipi_and_driver(
+        processes, short_tmp,
+        xml_for=lambda _port: ipi_xml(
+            init_file="init.xyz", socket_xml=unix_socket_xml("busy"),
+            sockets_prefix=f"{short_tmp}/ipi_", nbeads=4, steps=20),
+        driver_args=["--address", f"unix:{short_tmp}/ipi_busy", "--busy-poll-us", "20000",
+                     "--species", "Ar", "--model", LJ, "--dtype", "float64"])
+    assert run.driver_rc == 0, run.driver_log
+    assert run.ipi_rc == 0, run.ipi_log
+    same_trajectory(run, reference)
+
+
 def test_two_connections_share_one_engine(processes, short_tmp, lj_engine):
     """Two connections of one driver process to one i-PI: both serve beads."""
     atoms = write_argon(short_tmp)

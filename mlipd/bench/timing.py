@@ -35,12 +35,14 @@ class Deadline:
     def passed(self) -> bool:
         return self.left() <= 0
 
-    def shares(self, items):
-        """``(item, deadline)`` pairs: each item gets an equal share of the time left
-        when its turn comes (so the first cannot use up the last's)."""
+    def shares(self, items, weights=None):
+        """``(item, deadline)`` pairs: each item gets its share (equal, or by
+        ``weights``) of the time left when its turn comes (so the first cannot use up
+        the last's)."""
         items = list(items)
+        weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
         for i, item in enumerate(items):
-            yield item, Deadline(self.left() / (len(items) - i))
+            yield item, Deadline(self.left() * weights[i] / sum(weights[i:]))
 
 
 @dataclass(frozen=True)

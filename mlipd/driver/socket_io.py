@@ -199,13 +199,20 @@ class FramedSocket:
     between messages (``recv_exact_or_eof``, which starts a message); once a message
     has begun, all of it must arrive within ``frame_timeout`` (s), so a peer that
     trickles a frame byte by byte cannot hold the connection.
+
+    ``busy_poll`` (s): wait for a next message by polling the socket without sleeping
+    for up to this long before blocking. A thread that sleeps through the MD code's
+    step wakes up late and with cold caches (measured: an 8-atom compiled step costs
+    ~0.29 ms of CPU back to back, ~0.62 ms after each 1.5 ms sleep); polling keeps one
+    core busy instead.
     """
 
     def __init__(self, sock: socket.socket, *, timeout: float,
-                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S) -> None:
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S, busy_poll: float = 0.0) -> None:
         self.sock = sock
         self.timeout = timeout
         self.frame_timeout = frame_timeout
+        self.busy_poll = busy_poll
         self.sock.settimeout(timeout)
         self._buf = bytearray(1 << 16)
         self._start = self._end = 0  # the bytes received and not yet read
@@ -230,11 +237,8 @@ class FramedSocket:
         ASE's server closes without EXIT)."""
         if self._end == self._start:
             self._make_room(n)
-            self.sock.settimeout(self.timeout)
             try:
-                got = self.sock.recv_into(memoryview(self._buf)[self._end:])
-            except TimeoutError:
-                raise ProtocolError(f"no message for {self.timeout:g} s") from None
+                got = self._recv_next(memoryview(self._buf)[self._end:])
             except ConnectionResetError:
                 return None
             if got == 0:
@@ -243,6 +247,24 @@ class FramedSocket:
         self._frame_deadline = time.monotonic() + self.frame_timeout
         self._fill(n)
         return self._take(n)
+
+    def _recv_next(self, view: memoryview) -> int:
+        """The first bytes of a next message into ``view`` (0: the peer closed): polled
+        for up to ``busy_poll``, then waited for up to ``timeout``."""
+        if self.busy_poll > 0:
+            self.sock.settimeout(0.0)
+            until = time.perf_counter() + self.busy_poll
+            while True:
+                try:
+                    return self.sock.recv_into(view)
+                except (BlockingIOError, InterruptedError):
+                    if time.perf_counter() >= until:
+                        break
+        self.sock.settimeout(self.timeout)
+        try:
+            return self.sock.recv_into(view)
+        except TimeoutError:
+            raise ProtocolError(f"no message for {self.timeout:g} s") from None
 
     def peer_closed(self) -> bool:
         """Whether the peer has closed (end of stream pending, nothing before it);

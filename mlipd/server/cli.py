@@ -110,20 +110,20 @@ def run(args: argparse.Namespace) -> int:
     options = None
     if args.ipi:
         from mlipd.driver.socket_io import parse_address, resolve
-        from mlipd.server.drive import check_link_args, say_missing_sockets, template_from_args
-        from mlipd.server.ipi_link import LinkOptions
+        from mlipd.server.drive import (
+            link_options_from_args,
+            say_missing_sockets,
+            template_from_args,
+        )
 
         if not (args.structure or args.species):
             raise SetupError("--ipi needs --structure FILE or --species SYMBOL "
                              "(i-PI sends no atomic numbers)")
-        check_link_args(args)
+        options = link_options_from_args(args, template_from_args(args), reconnect=True)
         ipi_addresses = [parse_address(a, sockets_prefix=args.sockets_prefix)
                          for a in args.ipi]
         for a in ipi_addresses:
             resolve(a)
-        options = LinkOptions(template=template_from_args(args), reconnect=True,
-                              idle_timeout_s=args.timeout, frame_timeout_s=args.frame_timeout,
-                              max_atoms=args.max_atoms)
         say_missing_sockets(ipi_addresses)
     if args.curve is not None:
         from mlipd.curve import CurveKeys

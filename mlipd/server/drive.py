@@ -51,6 +51,9 @@ def add_template_arguments(p: argparse.ArgumentParser, *, required: bool) -> Non
                         "periodic) and is 'yes' with --species")
 
 
+MAX_BUSY_POLL_US = 1e6  # a second of spinning per message is already far beyond a step
+
+
 def add_link_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the i-PI links, shared by ``drive`` and ``serve --ipi``."""
     p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
@@ -65,6 +68,12 @@ def add_link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sockets-prefix", default="/tmp/ipi_",
                    help="prefix of unix:NAME and shm:NAME socket files (i-PI's "
                         "sockets_prefix)")
+    p.add_argument("--busy-poll-us", type=float, default=0.0, metavar="US",
+                   help="after each answer, poll for the next message without sleeping for "
+                        "up to US microseconds before blocking (default 0). For short MD "
+                        "steps (small systems): a sleeping client wakes up late and with "
+                        "cold caches; polling costs one busy CPU core while the MD code "
+                        f"integrates (at most {MAX_BUSY_POLL_US:g})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +113,21 @@ def check_link_args(args: argparse.Namespace) -> None:
         raise SetupError(f"--max-atoms must be >= 1, got {args.max_atoms}")
     if args.timeout <= 0 or args.frame_timeout <= 0:
         raise SetupError("--timeout and --frame-timeout must be > 0")
+    if not 0 <= args.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise SetupError(f"--busy-poll-us must be within 0..{MAX_BUSY_POLL_US:g}, got "
+                         f"{args.busy_poll_us:g}")
+
+
+def link_options_from_args(args: argparse.Namespace, template, *, reconnect: bool,
+                           connect_timeout_s: float = float("inf")):
+    """The ``LinkOptions`` of the link options (``add_link_arguments``), checked."""
+    from mlipd.server.ipi_link import LinkOptions
+
+    check_link_args(args)
+    return LinkOptions(template=template, reconnect=reconnect,
+                       connect_timeout_s=connect_timeout_s, idle_timeout_s=args.timeout,
+                       frame_timeout_s=args.frame_timeout, max_atoms=args.max_atoms,
+                       busy_poll_s=args.busy_poll_us * 1e-6)
 
 
 def say_missing_sockets(addresses) -> None:
@@ -121,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
     from mlipd.errors import SetupError
     from mlipd.malloc import keep_freed_memory
     from mlipd.server.app import Server
-    from mlipd.server.ipi_link import LinkOptions
     from mlipd.server.signals import Interrupts
 
     keep_freed_memory()  # per-step buffers reuse their pages (see mlipd.malloc)
@@ -142,10 +165,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         template.check_species(engine.spec)  # before any connection
-        options = LinkOptions(template=template, reconnect=False,
-                              connect_timeout_s=args.connect_timeout,
-                              idle_timeout_s=args.timeout,
-                              frame_timeout_s=args.frame_timeout, max_atoms=args.max_atoms)
+        options = link_options_from_args(args, template, reconnect=False,
+                                         connect_timeout_s=args.connect_timeout)
         server = Server(engine, ipi=addresses, ipi_options=options,
                         max_wait_s=args.max_wait_ms / 1e3, shutdown_timeout_s=10.0)
     except BaseException:

@@ -63,6 +63,8 @@ class LinkOptions:
     idle_timeout_s:    longest silence between two messages (``--timeout``)
     frame_timeout_s:   a message begun must be complete within this
     max_atoms:         refuse messages with more atoms
+    busy_poll_s:       poll for the next message without sleeping for up to this long
+                       (``FramedSocket``'s ``busy_poll``; ``--busy-poll-us``)
     """
 
     template: Template
@@ -71,6 +73,7 @@ class LinkOptions:
     idle_timeout_s: float = 3600.0  # an MD code may think for a long time between steps
     frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S
     max_atoms: int = ipi.DEFAULT_MAX_ATOMS
+    busy_poll_s: float = 0.0
 
 
 class LinkCompute(Protocol):
@@ -262,7 +265,8 @@ class IpiLink:
                     self.outcome.error = str(e)
                     log.error("%s", e)
                 return
-            conn = FramedSocket(sock, timeout=o.idle_timeout_s, frame_timeout=o.frame_timeout_s)
+            conn = FramedSocket(sock, timeout=o.idle_timeout_s, frame_timeout=o.frame_timeout_s,
+                                busy_poll=o.busy_poll_s)
             with self._lock:
                 if self._stop.is_set():
                     conn.close()

@@ -1,16 +1,18 @@
 """Overhead: what mlipd costs beyond the model's arithmetic.
 
-1. i-PI MD step with five clients, one after the other at each size (NVE, one bead,
+1. i-PI MD step with six clients, one after the other at each size (NVE, one bead,
    argon simple cubic, UNIX socket): ``i-pi-py_driver -m dummy`` (zero forces, no
    physics), ``mlipd drive`` with LJ and a 1 Å cutoff (no pair within cutoff + skin in
-   any step: mlipd's whole path, engine call and its gradient included, without physics)
-   and with a 6 Å cutoff (real LJ), each eager and with ``--compile 1``
-   (``mlipd.engine.compiled``). Runs alternate between the clients (``ROUNDS``); a
-   sample is the mean step over a block of consecutive steps (``ipi_runs``, ``blocks``).
+   the timed steps: mlipd's whole path, engine call and its gradient included, without
+   physics) eager, with ``--compile 1`` (``mlipd.engine.compiled``) and with
+   ``--compile 1 --busy-poll-us`` (the link polls for the next message instead of
+   sleeping), and with a 6 Å cutoff (real LJ) eager and with both options. Runs
+   alternate between the clients (``ROUNDS``); a sample is the mean step over a block
+   of consecutive steps (``ipi_runs``, ``blocks``).
 2. The same comparison timed end to end (8 atoms): the wall time of whole i-PI NVE
    runs of ``WHOLE_STEPS`` steps (500 and 2,000 at quick), from i-PI's start to its exit,
-   for ``i-pi-py_driver -m dummy`` and mlipd-zero (eager, compiled); the slope between
-   the two lengths is the cost of one step with start-up and shutdown taken out.
+   for ``i-pi-py_driver -m dummy`` and the mlipd-zero clients; the slope between the
+   two lengths is the cost of one step with start-up and shutdown taken out.
 3. Where mlipd-zero's time goes, in this process: the driver's protocol path (decode
    POSDATA, build Structures, encode FORCEREADY) against the engine call, eager and
    compiled.
@@ -40,8 +42,8 @@ from mlipd.bench.workers import Worker
 
 REQUIRES = ("ipi",)
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
-# quick: ~150 s on a quiet machine (each compiled client compiles for a few s at its start)
-BUDGET_S = {"tiny": 240.0, "quick": 300.0, "full": 3600.0}
+# quick: ~250 s on a quiet machine (each compiled client compiles for a few s at its start)
+BUDGET_S = {"tiny": 240.0, "quick": 480.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
 STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
@@ -64,7 +66,18 @@ LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 # with no forces the atoms drift as a gas and came within 3.5 Å after a few hundred steps
 # (rebuilds, pairs, and a recompile of a compiled step inside a timed block)
 CUTOFF = {"mlipd-zero": 1.0, "mlipd-lj": 6.0}
-COMPILED = "-compiled"  # suffix of the clients run with --compile 1
+# beyond any i-PI step timed here (a longer one falls back to a blocking read)
+BUSY_POLL_US = 20_000
+VARIANTS = {  # suffix: drive's options
+    "": (),
+    "-compiled": ("--compile", "1"),
+    "-compiled-busy": ("--compile", "1", "--busy-poll-us", str(BUSY_POLL_US)),
+}
+KINDS = {"mlipd-zero": ("", "-compiled", "-compiled-busy"),
+         "mlipd-lj": ("", "-compiled-busy")}
+WHOLE_CLIENTS = ("ipi-dummy", *(f"mlipd-zero{v}" for v in KINDS["mlipd-zero"]))
+# the per-step table takes most of the suite's time: two runs per client and size
+SHARES = {"drivers": 5.0, "whole runs": 2.0, "split": 1.0, "round trips": 1.5}
 
 
 def lattice(n: int) -> Atoms:
@@ -76,17 +89,17 @@ def lattice(n: int) -> Atoms:
 
 
 def clients() -> dict[str, list[str]]:
-    """ipi-dummy, then each mlipd client eager and compiled."""
+    """ipi-dummy, then the mlipd clients (``KINDS``: each with its ``VARIANTS``)."""
     mlipd = {}
-    for k, c in CUTOFF.items():
-        for suffix, options in (("", ()), (COMPILED, ("--compile", "1"))):
-            mlipd[k + suffix] = ipi_runs.mlipd_client(LJ.format(c), dtype="float64",
-                                                      options=options)
+    for k, suffixes in KINDS.items():
+        for suffix in suffixes:
+            mlipd[k + suffix] = ipi_runs.mlipd_client(LJ.format(CUTOFF[k]), dtype="float64",
+                                                      options=VARIANTS[suffix])
     return {"ipi-dummy": ipi_runs.ipi_client("dummy"), **mlipd}
 
 
 def run(report: Report, *, size: str, device: str) -> None:
-    parts = report.deadline.shares(["drivers", "whole runs", "split", "round trips"])
+    parts = report.deadline.shares(SHARES, weights=SHARES.values())
     with tempfile.TemporaryDirectory(prefix="mlipd-bench-overhead-") as tmp:
         _, deadline = next(parts)
         _drivers(report, size=size, tmp=Path(tmp), deadline=deadline)
@@ -132,11 +145,14 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
             table.add(n, k, steps, t[k].cell(1e-3), d.ratio(t[k]) if k != "ipi-dummy" else "",
                       f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else "")
     table.notes += [
-        "mlipd-zero: LJ with a 1 Å cutoff (no pair within cutoff + skin in any step): "
-        "mlipd's full path, engine call and gradient included, without physics; mlipd-lj: "
-        "a 6 Å cutoff (real forces). -compiled: the same with `--compile 1` (the model, "
-        "forces and virial as one torch.compile'd function; compiled at the client's first "
-        "step, before the warm-up).",
+        "mlipd-zero: LJ with a 1 Å cutoff (no pair within cutoff + skin in the timed "
+        "steps): mlipd's full path, engine call and gradient included, without physics; "
+        "mlipd-lj: a 6 Å cutoff (real forces). -compiled: the same with `--compile 1` (the "
+        "model, forces and virial as one torch.compile'd function; compiled at the client's "
+        "first step, before the warm-up). -busy: and `--busy-poll-us "
+        f"{BUSY_POLL_US}` (between steps the client polls its socket instead of sleeping: "
+        "it wakes at once and with warm caches, and keeps one core busy, which its CPU "
+        "column shows).",
         f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP[size]} warm-up steps; each "
         f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
         "from the times i-PI's lines appear in its properties file, polled every ms: on a "
@@ -152,7 +168,7 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
 def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
                 deadline: Deadline) -> None:
     """The step timed end to end: whole i-PI runs of two lengths per client."""
-    names = ("ipi-dummy", "mlipd-zero", "mlipd-zero" + COMPILED)
+    names = WHOLE_CLIENTS
     table = report.table(
         f"The same step timed end to end ({WHOLE_ATOMS} atoms): wall time of whole i-PI "
         "NVE runs, s, and the slope per step, ms",
