@@ -26,6 +26,9 @@ class CountingSocket:
     def settimeout(self, t):
         self.sock.settimeout(t)
 
+    def sendall(self, data):
+        self.sock.sendall(data)
+
     def recv_into(self, view, *args):
         self.reads += 1
         try:
@@ -60,6 +63,26 @@ def test_a_message_within_the_window_is_read_by_polling(pair):
     # reads that found nothing (no sleep in between), then the one that got it
     assert mine.empty >= 2
     assert mine.reads == mine.empty + 1
+
+
+def test_a_reply_larger_than_the_socket_buffer_is_sent_whole(pair):
+    """After a polled read the socket blocks again: a 4 MB reply (65,536 atoms' forces
+    are 1.5 MB) waits for its reader instead of failing at a full buffer."""
+    mine, peer = pair
+    conn = FramedSocket(mine, timeout=30.0, busy_poll=30.0)
+    send_later(peer, 0.05, b"GETFORCE    ").join()
+    conn.recv_exact_or_eof(12)
+    got = bytearray()
+
+    def read_all():
+        while len(got) < 4 << 20:
+            got.extend(peer.recv(1 << 16))
+
+    reader = threading.Timer(0.2, read_all)  # starts once the buffer is full
+    reader.start()
+    conn.send(b"x" * (4 << 20))
+    reader.join()
+    assert len(got) == 4 << 20
 
 
 def test_a_message_after_the_window_is_read_by_blocking(pair):

@@ -251,16 +251,18 @@ class FramedSocket:
     def _recv_next(self, view: memoryview) -> int:
         """The first bytes of a next message into ``view`` (0: the peer closed): polled
         for up to ``busy_poll``, then waited for up to ``timeout``."""
-        if self.busy_poll > 0:
-            self.sock.settimeout(0.0)
-            until = time.perf_counter() + self.busy_poll
-            while True:
-                try:
-                    return self.sock.recv_into(view)
-                except (BlockingIOError, InterruptedError):
-                    if time.perf_counter() >= until:
-                        break
-        self.sock.settimeout(self.timeout)
+        try:
+            if self.busy_poll > 0:
+                self.sock.settimeout(0.0)  # non-blocking
+                until = time.perf_counter() + self.busy_poll
+                while True:
+                    try:
+                        return self.sock.recv_into(view)
+                    except (BlockingIOError, InterruptedError):
+                        if time.perf_counter() >= until:
+                            break
+        finally:  # blocking again: a large reply's sendall must not stop at a full buffer
+            self.sock.settimeout(self.timeout)
         try:
             return self.sock.recv_into(view)
         except TimeoutError:
