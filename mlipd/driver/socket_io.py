@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -261,6 +262,7 @@ class FramedSocket:
                     except (BlockingIOError, InterruptedError):
                         if time.perf_counter() >= until:
                             break
+                        os.sched_yield()  # a runnable thread here (the MD code's) goes first
         finally:  # blocking again: a large reply's sendall must not stop at a full buffer
             self.sock.settimeout(self.timeout)
         try:
