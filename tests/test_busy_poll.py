@@ -54,14 +54,17 @@ def send_later(sock: socket.socket, delay_s: float, data: bytes | None) -> threa
     return t
 
 
-def test_a_message_within_the_window_is_read_by_polling(pair):
+@pytest.mark.parametrize(("window_s", "delay_s", "empty"), [
+    (30.0, 0.05, 2),  # within the window: polls that found nothing, then the one that got it
+    (0.01, 0.3, 1),  # after the window: polls, then one blocking read got it
+])
+def test_a_message_is_read_by_polling_then_by_blocking(pair, window_s, delay_s, empty):
     mine, peer = pair
-    conn = FramedSocket(mine, timeout=30.0, busy_poll=30.0)
-    timer = send_later(peer, 0.05, b"GETFORCE    ")
-    assert bytes(conn.recv_exact_or_eof(12)) == b"GETFORCE    "
+    conn = FramedSocket(mine, timeout=30.0, busy_poll=window_s)
+    timer = send_later(peer, delay_s, b"POSDATA     ")
+    assert bytes(conn.recv_exact_or_eof(12)) == b"POSDATA     "
     timer.join()
-    # reads that found nothing (no sleep in between), then the one that got it
-    assert mine.empty >= 2
+    assert mine.empty >= empty
     assert mine.reads == mine.empty + 1
 
 
@@ -83,16 +86,6 @@ def test_a_reply_larger_than_the_socket_buffer_is_sent_whole(pair):
     conn.send(b"x" * (4 << 20))
     reader.join()
     assert len(got) == 4 << 20
-
-
-def test_a_message_after_the_window_is_read_by_blocking(pair):
-    mine, peer = pair
-    conn = FramedSocket(mine, timeout=30.0, busy_poll=0.01)
-    timer = send_later(peer, 0.3, b"POSDATA     ")
-    assert bytes(conn.recv_exact_or_eof(12)) == b"POSDATA     "
-    timer.join()
-    assert mine.empty >= 1  # polled, then one blocking read got it
-    assert mine.reads == mine.empty + 1
 
 
 def test_a_close_within_the_window_is_an_end(pair):
