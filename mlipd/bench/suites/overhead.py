@@ -64,7 +64,9 @@ WHOLE_ATOMS = 8
 LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 # zero: 1 Å + the 0.5 Å skin. A 3 Å cutoff (< the 3.8 Å spacing) was not enough: at 20 K
 # with no forces the atoms drift as a gas and came within 3.5 Å after a few hundred steps
-# (rebuilds, pairs, and a recompile of a compiled step inside a timed block)
+# (rebuilds, pairs, and a recompile of a compiled step inside a timed block). 1 Å holds for
+# the runs here (<= 250 steps at 1,000 atoms); by ~1,000 steps two of 1,000 atoms came
+# within 1 Å, and LJ's repulsion there blew the lattice apart
 CUTOFF = {"mlipd-zero": 1.0, "mlipd-lj": 6.0}
 # beyond any i-PI step timed here (a longer one falls back to a blocking read)
 BUSY_POLL_US = 20_000
