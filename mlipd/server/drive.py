@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     for a in addresses:
         resolve(a)
     template = template_from_args(args)
-    check_link_args(args)
+    options = link_options_from_args(args, template, reconnect=False,
+                                     connect_timeout_s=args.connect_timeout)
     if args.progress_every < 0:
         raise SetupError(f"--progress-every must be >= 0, got {args.progress_every}")
     if args.max_wait_ms < 0:
@@ -165,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         template.check_species(engine.spec)  # before any connection
-        options = link_options_from_args(args, template, reconnect=False,
-                                         connect_timeout_s=args.connect_timeout)
         server = Server(engine, ipi=addresses, ipi_options=options,
                         max_wait_s=args.max_wait_ms / 1e3, shutdown_timeout_s=10.0)
     except BaseException:
