@@ -6,9 +6,10 @@
    the timed steps: mlipd's whole path, engine call and its gradient included, without
    physics) eager, with ``--compile 1`` (``mlipd.engine.compiled``) and with
    ``--compile 1 --busy-poll-us`` (the link polls for the next message instead of
-   sleeping), and with a 6 Å cutoff (real LJ) eager and with both options. Runs
-   alternate between the clients (``ROUNDS``); a sample is the mean step over a block
-   of consecutive steps (``ipi_runs``, ``blocks``).
+   sleeping), and with a 6 Å cutoff (real LJ) eager and with both options. Each mlipd
+   run sits between two dummy runs (``ROUNDS`` rounds); a sample is the mean step over a
+   block of consecutive steps (``ipi_runs``, ``blocks``), a ratio is paired: the client's
+   median block over its two neighbouring dummy runs'.
 2. The same comparison timed end to end (8 atoms): the wall time of whole i-PI NVE
    runs of ``WHOLE_STEPS`` steps (500 and 2,000 at quick), from i-PI's start to its exit,
    for ``i-pi-py_driver -m dummy`` and the mlipd-zero clients; the slope between the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -36,14 +38,17 @@ import numpy as np
 from ase import Atoms
 
 from mlipd.bench import ipi_runs, roundtrip
-from mlipd.bench.report import Report
+from mlipd.bench.report import Report, Table
 from mlipd.bench.timing import Deadline, Timing
 from mlipd.bench.workers import Worker
 
+log = logging.getLogger(__name__)
+
 REQUIRES = ("ipi",)
 DESCRIPTION = "driver overhead vs i-PI's dummy driver; round trips of every front end"
-# quick: ~250 s on a quiet machine (each compiled client compiles for a few s at its start)
-BUDGET_S = {"tiny": 240.0, "quick": 480.0, "full": 3600.0}
+# quick: ~410 s (each compiled client compiles for a few s at its start; a dummy run
+# between every two clients)
+BUDGET_S = {"tiny": 240.0, "quick": 720.0, "full": 3600.0}
 GPU_BUDGET_S = {"full": 30.0}  # one GPU session: all suites in ~9 min
 SIZES = {"tiny": [8], "quick": [8, 1000], "full": [8, 1000, 65536]}
 STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
@@ -53,7 +58,7 @@ STEPS = {"tiny": {8: 20}, "quick": {8: 200, 1000: 100},
 WARMUP = {"tiny": 5, "quick": 50, "full": 50}
 RUN_TIMEOUT_S = 900.0  # one i-PI run, start-up included: a hung client ends here
 BLOCKS = 3
-ROUNDS = {"tiny": 1, "quick": 2, "full": 3}
+ROUNDS = {"tiny": 1, "quick": 3, "full": 3}
 ROUNDTRIP_REPEATS = {"tiny": {8: 10}, "quick": {8: 30, 1000: 10},
                      "full": {8: 300, 1000: 60, 65536: 6}}
 # two run lengths per size: the slope between them is one step. Both longer than i-PI's
@@ -78,7 +83,8 @@ VARIANTS = {  # suffix: drive's options
 KINDS = {"mlipd-zero": ("", "-compiled", "-compiled-busy"),
          "mlipd-lj": ("", "-compiled-busy")}
 WHOLE_CLIENTS = ("ipi-dummy", *(f"mlipd-zero{v}" for v in KINDS["mlipd-zero"]))
-# the per-step table takes most of the suite's time: two runs per client and size
+# the per-step table takes most of the suite's time: three runs per client and size,
+# a dummy run between every two
 SHARES = {"drivers": 5.0, "whole runs": 2.0, "split": 1.0, "round trips": 1.5}
 
 
@@ -118,34 +124,15 @@ def run(report: Report, *, size: str, device: str) -> None:
 
 def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
     table = report.table("ms per i-PI MD step: mlipd drive vs i-pi-py_driver -m dummy, "
-                         "median (min-max) of block means; the client's own CPU ms per step",
+                         "median (min-max) of block means; / dummy: median (min-max) of "
+                         "paired ratios; the client's own CPU ms per step",
                          ["atoms", "client", "steps timed", "ms per step", "/ dummy",
                           "client CPU ms per step"])
     for n in SIZES[size]:
         if deadline.passed:
             table.notes.append(f"{n} atoms and beyond: not run (deadline)")
             break
-        steps = STEPS[size][n]
-        samples: dict[str, list[float]] = {k: [] for k in clients()}
-        cpu: dict[str, list[float]] = {k: [] for k in clients()}
-        failed: dict[str, str] = {}
-        for r in range(ROUNDS[size]):
-            for name, argv in clients().items():
-                if name in failed or (r and deadline.passed):  # rounds are whole
-                    continue
-                try:
-                    samples[name] += ipi_runs.run(
-                        tmp / f"{n}-{name}-{r}", lattice(n), argv, steps=steps,
-                        warmup=WARMUP[size],
-                        threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
-                        client_cpu=cpu[name], temperature_k=20.0)
-                except (RuntimeError, TimeoutError) as e:
-                    failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
-        t = {k: Timing(tuple(v), failed.get(k)) for k, v in samples.items()}
-        d = t["ipi-dummy"]
-        for k in clients():
-            table.add(n, k, steps, t[k].cell(1e-3), d.ratio(t[k]) if k != "ipi-dummy" else "",
-                      f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else "")
+        _driver_rows(table, n=n, size=size, tmp=tmp, deadline=deadline)
     table.notes += [
         "mlipd-zero: LJ with a 1 Å cutoff (no pair within cutoff + skin in the timed "
         "steps): mlipd's full path, engine call and gradient included, without physics; "
@@ -155,7 +142,10 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
         f"{BUSY_POLL_US}` (between steps the client polls its socket instead of sleeping: "
         "it wakes at once and with warm caches, and keeps one core busy, which its CPU "
         "column shows).",
-        f"{ROUNDS[size]} run(s) per client, alternating; {WARMUP[size]} warm-up steps; each "
+        f"{ROUNDS[size]} run(s) per mlipd client, each between two runs of the dummy (the "
+        "paired ratio: the client's median block over the mean of its two neighbours'; "
+        "the machine's speed drifts between runs, the pairs cancel it); "
+        f"{WARMUP[size]} warm-up steps; each "
         f"run's timed steps split into {BLOCKS} blocks (a sample = a block's mean step, "
         "from the times i-PI's lines appear in its properties file, polled every ms: on a "
         "loaded machine a descheduled poller makes single blocks noisy). One torch thread "
@@ -165,6 +155,52 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
         "whatever else the machine runs. A step's time is i-PI's own work, the client's "
         "CPU, and the wake-ups between the two processes.",
     ]
+
+
+def _driver_rows(table: Table, *, n: int, size: str, tmp: Path, deadline: Deadline) -> None:
+    """``_drivers``' rows for ``n`` atoms."""
+    steps = STEPS[size][n]
+    samples: dict[str, list[float]] = {k: [] for k in clients()}
+    cpu: dict[str, list[float]] = {k: [] for k in clients()}
+    ratios: dict[str, list[float]] = {k: [] for k in clients()}
+    failed: dict[str, str] = {}
+
+    def timed(name: str, argv: list[str], tag: str) -> float | None:
+        """The run's median block (s), its blocks added to ``samples``."""
+        try:
+            blocks = ipi_runs.run(
+                tmp / f"{n}-{name}-{tag}", lattice(n), argv, steps=steps,
+                warmup=WARMUP[size], threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
+                client_cpu=cpu[name], temperature_k=20.0)
+        except (RuntimeError, TimeoutError) as e:
+            failed[name] = f"failed: {str(e).splitlines()[0][:200]}"
+            return None
+        samples[name] += blocks
+        log.info("%d atoms, %s, run %s: blocks %s ms", n, name, tag,
+                 " ".join(f"{1e3 * b:.3f}" for b in blocks))
+        return float(np.median(blocks))
+
+    argvs = clients()
+    for r in range(ROUNDS[size]):
+        if r and deadline.passed:  # rounds are whole
+            break
+        # the dummy before and after each mlipd client: this VM's speed drifts by tens
+        # of percent within minutes, so a client is compared with its neighbours in time
+        before = timed("ipi-dummy", argvs["ipi-dummy"], f"{r}-0")
+        for j, name in enumerate(k for k in argvs if k != "ipi-dummy"):
+            mine = None if name in failed else timed(name, argvs[name], str(r))
+            after = timed("ipi-dummy", argvs["ipi-dummy"], f"{r}-{j + 1}")
+            dummy = [t for t in (before, after) if t is not None]
+            if mine is not None and dummy:
+                ratios[name].append(mine / float(np.mean(dummy)))
+                log.info("%d atoms, %s / dummy: %.2f", n, name, ratios[name][-1])
+            before = after
+    t = {k: Timing(tuple(v), failed.get(k)) for k, v in samples.items()}
+    for k in argvs:
+        paired = Timing(tuple(ratios[k]), failed.get(k) or failed.get("ipi-dummy"))
+        table.add(n, k, steps, t[k].cell(1e-3),
+                  paired.cell(digits=2) if k != "ipi-dummy" else "",
+                  f"{1e3 * float(np.median(cpu[k])):.3f}" if cpu[k] else "")
 
 
 def _whole_runs(report: Report, *, lengths: tuple[int, int], tmp: Path,
