@@ -29,7 +29,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +75,10 @@ LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 # the runs here (<= 250 steps at 1,000 atoms); by ~1,000 steps two of 1,000 atoms came
 # within 1 Å, and LJ's repulsion there blew the lattice apart
 CUTOFF = {"mlipd-zero": 1.0, "mlipd-lj": 6.0}
+# round trips between i-PI and a driver from one force computation to the next: i-PI 3's
+# dispatch (ipi/interfaces/sockets.py) sends STATUS, POSDATA, STATUS, GETFORCE, STATUS;
+# all but POSDATA wait for an answer (the split table's last columns)
+EXCHANGES = 3
 # beyond any i-PI step timed here (a longer one falls back to a blocking read)
 BUSY_POLL_US = 20_000
 VARIANTS = {  # suffix: drive's options
@@ -325,7 +331,9 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
     table = report.table("Where mlipd-zero's time goes, in this process: ms per step, "
                          "median (min-max) of 3 batches",
                          ["atoms", "protocol path", "engine call (no pairs)",
-                          "engine call, compiled"])
+                          "engine call, compiled",
+                          f"after {EXCHANGES} socket round trips: engine call CPU",
+                          "compiled"])
     model = LJ.format(CUTOFF["mlipd-zero"])
     for n in SIZES[size]:
         if deadline.passed:
@@ -336,7 +344,7 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
         results = [e.compute([s]) for e in engines]  # the compiled one compiles here
         blob = ipi.encode_posdata(posdata_from_structures([s]))[ipi.HEADER_LEN:]
         k = max(3, 3000 // max(n // 100, 1))
-        wire, eng = [], [[] for _ in engines]
+        wire, eng, woken = [], [[] for _ in engines], [[] for _ in engines]
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(k):
@@ -349,10 +357,70 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
                 for _ in range(max(k // 10, 5)):
                     engine.compute([s])
                 times.append((time.perf_counter() - t0) / max(k // 10, 5))
+        with _Echo() as echo:
+            for _ in range(3):
+                for engine, times in zip(engines, woken, strict=True):
+                    times.append(echo.call_after_exchanges(engine.compute, [s],
+                                                           calls=max(k // 10, 5)))
         table.add(n, Timing(tuple(wire)).cell(1e-3),
-                  *(Timing(tuple(times)).cell(1e-3) for times in eng))
-    table.notes.append(f"torch threads {torch.get_num_threads()}; the same structure every "
-                       "call, so the engine reuses its neighbour list, as in MD.")
+                  *(Timing(tuple(times)).cell(1e-3) for times in eng),
+                  *(Timing(tuple(times)).cell(1e-3) for times in woken))
+    table.notes += [
+        f"torch threads {torch.get_num_threads()}; the same structure every call, so the "
+        "engine reuses its neighbour list, as in MD.",
+        f"After {EXCHANGES} socket round trips: before each call this process exchanges "
+        f"{EXCHANGES} 12-byte messages with another process over a UNIX socket pair, as a "
+        "driver does with i-PI between two force computations (two STATUS, one GETFORCE); "
+        "the column is the "
+        "call's own CPU time (this thread's). Each wait for an answer lets the core go "
+        "idle; on a VM the call then runs slower (caches and predictors cold): the gap "
+        "between the live client's CPU per step in the first table and the protocol path "
+        "plus the engine call here.",
+    ]
+
+
+class _Echo:
+    """A child process that answers each 12-byte message with 12 bytes (i-PI's side of
+    a STATUS exchange, without i-PI)."""
+
+    SCRIPT = ("import socket, sys\n"
+              "s = socket.socket(fileno=int(sys.argv[1]))\n"
+              "while (m := s.recv(12)):\n"
+              "    s.sendall(m)\n")
+
+    def __enter__(self) -> _Echo:
+        self.mine, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.mine.settimeout(30.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mine.close()  # the child reads EOF and ends
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def call_after_exchanges(self, fn, *args, calls: int) -> float:
+        """Mean CPU seconds of ``fn(*args)`` (this thread's), each call after
+        ``EXCHANGES`` round trips."""
+        total = 0.0
+        for _ in range(calls):
+            for _ in range(EXCHANGES):
+                self.mine.sendall(b"STATUS      ")
+                got = b""
+                while len(got) < 12:
+                    chunk = self.mine.recv(12 - len(got))
+                    if not chunk:
+                        raise RuntimeError("the echo process ended")
+                    got += chunk
+            t0 = time.thread_time()
+            fn(*args)
+            total += time.thread_time() - t0
+        return total / calls
 
 
 def _roundtrips(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> None:
