@@ -373,9 +373,10 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
         "driver does with i-PI between two force computations (two STATUS, one GETFORCE); "
         "the column is the "
         "call's own CPU time (this thread's). Each wait for an answer lets the core go "
-        "idle; on a VM the call then runs slower (caches and predictors cold): the gap "
-        "between the live client's CPU per step in the first table and the protocol path "
-        "plus the engine call here.",
+        "idle, and on a VM a call after idle waits can run with cold caches: the "
+        "difference to the engine-call columns is what the waits cost the call itself, a "
+        "part of what the live client spends per step (first table) beyond the protocol "
+        "path and the engine call back to back.",
     ]
 
 
