@@ -75,9 +75,10 @@ LJ = "lj:epsilon=0.0104,sigma=3.4,cutoff={}"
 # the runs here (<= 250 steps at 1,000 atoms); by ~1,000 steps two of 1,000 atoms came
 # within 1 Å, and LJ's repulsion there blew the lattice apart
 CUTOFF = {"mlipd-zero": 1.0, "mlipd-lj": 6.0}
-# round trips between i-PI and a driver from one force computation to the next: i-PI 3's
-# dispatch (ipi/interfaces/sockets.py) sends STATUS, POSDATA, STATUS, GETFORCE, STATUS;
-# all but POSDATA wait for an answer (the split table's last columns)
+# round trips before each call in the split table's last columns. From one force
+# computation to the next a driver waits four times: i-PI 3's dispatch
+# (ipi/interfaces/sockets.py) sends GETFORCE and STATUS after the forces, then integrates
+# and sends STATUS and POSDATA; three short round trips stand for those waits
 EXCHANGES = 3
 # beyond any i-PI step timed here (a longer one falls back to a blocking read)
 BUSY_POLL_US = 20_000
@@ -370,7 +371,8 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
         "engine reuses its neighbour list, as in MD.",
         f"After {EXCHANGES} socket round trips: before each call this process exchanges "
         f"{EXCHANGES} 12-byte messages with another process over a UNIX socket pair, as a "
-        "driver does with i-PI between two force computations (two STATUS, one GETFORCE); "
+        "driver waits for i-PI between two force computations (four times: GETFORCE, "
+        "STATUS, STATUS, POSDATA); "
         "the column is the "
         "call's own CPU time (this thread's). Each wait for an answer lets the core go "
         "idle, and on a VM a call after idle waits can run with cold caches: the "
