@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import replace
 
 import matgl
 import numpy as np
@@ -27,12 +28,13 @@ from model_cases import (
     slab,
     small_triclinic,
 )
+from torch._dynamo.utils import counters  # torch's own count of compiled graphs
 
 from mlipd.engine.single_rank import SingleRankEngine
 from mlipd.errors import SetupError
 from mlipd.models.registry import load_model
 from mlipd.models.tensornet import TensorNetModel
-from mlipd.testing import check_zero_redundancy
+from mlipd.testing import check_zero_redundancy, tolerances
 from mlipd.testing.hostreads import warm_step_reads
 from mlipd.testing.work import measure_runs
 from mlipd.types import Structure
@@ -106,6 +108,26 @@ def test_open_slab_equals_periodic_slab_with_vacuum():
     assert got.virial is None  # mlipd has no stress for a slab
     compare_to_ase(got, reference(pot, periodic), engine)
 
+
+def test_compiled_step_equals_the_eager_step(one_torch_thread):
+    """``compile=1`` with TensorNet (plain torch, no host read in its forward): compiled,
+    not run eagerly, and equal to the eager step to float64 round-off across the first
+    call, a reused list and a rebuild. One periodic cell only: each new variant of the
+    step compiles anew (a cluster after it took ~1 min on a 2-core CPU)."""
+    eager, compiled = (SingleRankEngine(TensorNetModel(potential=build_potential()),
+                                        dtype=torch.float64, compile=c) for c in ("0", "1"))
+    graphs = counters["stats"]["unique_graphs"]
+    s = Structure.from_atoms(small_triclinic(ZS))
+    spec = compiled.model.spec
+    rng = np.random.default_rng(7)
+    for scale in (0.0, 0.02, 0.4):
+        moved = replace(s, positions=s.positions + rng.normal(scale=scale, size=(s.n_atoms, 3)))
+        (got,), (ref,) = compiled.compute([moved]), eager.compute([moved])
+        bounds = tolerances.float64(ref, moved, spec.cutoff, layers=spec.n_layers)
+        tolerances.assert_within(got, ref, moved, bounds, "compiled vs eager")
+    assert compiled.step.compiled.failed is None
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly
+    assert compiled.rebuilds == eager.rebuilds == 2
 
 def test_model_directory_through_registry(tmp_path):
     pot = build_potential()

@@ -23,6 +23,7 @@ supported), and not with CUDA graphs, which replace the same per-op cost on a GP
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ class CompiledPhysics:
         self.model = model
         self.geometry_dtype = geometry_dtype
         self.failed: str | None = None
-        self._fn = torch.compile(self._physics, dynamic=True)
+        self._fn = torch.compile(_own_code(self._physics), dynamic=True)
 
     def __call__(self, **inputs: Any):
         """(energies, forces, virials or None, site energies, extras dict) of the step;
@@ -103,3 +104,17 @@ class CompiledPhysics:
                 0, batch[:n], site)
         virials = -cell_virial(x, g_x, cells, g_cells, batch) if virial else None
         return energies, -g_x[:n], virials, site, extras
+
+
+def _own_code(method: types.MethodType) -> types.MethodType:
+    """``method`` bound to a copy of its function's code object. Dynamo keeps compiled
+    variants per code object and stops compiling one after ``recompile_limit`` (8)
+    variants, silently running it eagerly from then on: with one shared ``_physics``
+    the engines of one process (several models, each with its own variants) used that
+    budget up together (a TensorNet engine created after the LJ and reference tests ran
+    uncompiled). A copy per engine gives each its own budget."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(own, method.__self__)
