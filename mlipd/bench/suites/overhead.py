@@ -166,17 +166,17 @@ def _drivers(report: Report, *, size: str, tmp: Path, deadline: Deadline) -> Non
 
 def _driver_rows(table: Table, *, n: int, size: str, tmp: Path, deadline: Deadline) -> None:
     """``_drivers``' rows for ``n`` atoms."""
-    steps = STEPS[size][n]
-    samples: dict[str, list[float]] = {k: [] for k in clients()}
-    cpu: dict[str, list[float]] = {k: [] for k in clients()}
-    ratios: dict[str, list[float]] = {k: [] for k in clients()}
+    steps, argvs = STEPS[size][n], clients()
+    samples: dict[str, list[float]] = {k: [] for k in argvs}
+    cpu: dict[str, list[float]] = {k: [] for k in argvs}
+    ratios: dict[str, list[float]] = {k: [] for k in argvs}
     failed: dict[str, str] = {}
 
-    def timed(name: str, argv: list[str], tag: str) -> float | None:
+    def timed(name: str, tag: str) -> float | None:
         """The run's median block (s), its blocks added to ``samples``."""
         try:
             blocks = ipi_runs.run(
-                tmp / f"{n}-{name}-{tag}", lattice(n), argv, steps=steps,
+                tmp / f"{n}-{name}-{tag}", lattice(n), argvs[name], steps=steps,
                 warmup=WARMUP[size], threads=1, timeout=RUN_TIMEOUT_S, blocks=BLOCKS,
                 client_cpu=cpu[name], temperature_k=20.0)
         except (RuntimeError, TimeoutError) as e:
@@ -187,16 +187,15 @@ def _driver_rows(table: Table, *, n: int, size: str, tmp: Path, deadline: Deadli
                  " ".join(f"{1e3 * b:.3f}" for b in blocks))
         return float(np.median(blocks))
 
-    argvs = clients()
     for r in range(ROUNDS[size]):
         if r and deadline.passed:  # rounds are whole
             break
         # the dummy before and after each mlipd client: this VM's speed drifts by tens
         # of percent within minutes, so a client is compared with its neighbours in time
-        before = timed("ipi-dummy", argvs["ipi-dummy"], f"{r}-0")
+        before = timed("ipi-dummy", f"{r}-0")
         for j, name in enumerate(k for k in argvs if k != "ipi-dummy"):
-            mine = None if name in failed else timed(name, argvs[name], str(r))
-            after = timed("ipi-dummy", argvs["ipi-dummy"], f"{r}-{j + 1}")
+            mine = None if name in failed else timed(name, str(r))
+            after = timed("ipi-dummy", f"{r}-{j + 1}")
             dummy = [t for t in (before, after) if t is not None]
             if mine is not None and dummy:
                 ratios[name].append(mine / float(np.mean(dummy)))
@@ -372,9 +371,8 @@ def _split(report: Report, *, size: str, deadline: Deadline) -> None:
         f"After {EXCHANGES} socket round trips: before each call this process exchanges "
         f"{EXCHANGES} 12-byte messages with another process over a UNIX socket pair, as a "
         "driver waits for i-PI between two force computations (four times: GETFORCE, "
-        "STATUS, STATUS, POSDATA); "
-        "the column is the "
-        "call's own CPU time (this thread's). Each wait for an answer lets the core go "
+        "STATUS, STATUS, POSDATA); the column is the call's own CPU time (this "
+        "thread's). Each wait for an answer lets the core go "
         "idle, and on a VM a call after idle waits can run with cold caches: the "
         "difference to the engine-call columns is what the waits cost the call itself, a "
         "part of what the live client spends per step (first table) beyond the protocol "
@@ -414,12 +412,8 @@ class _Echo:
         for _ in range(calls):
             for _ in range(EXCHANGES):
                 self.mine.sendall(b"STATUS      ")
-                got = b""
-                while len(got) < 12:
-                    chunk = self.mine.recv(12 - len(got))
-                    if not chunk:
-                        raise RuntimeError("the echo process ended")
-                    got += chunk
+                if len(self.mine.recv(12, socket.MSG_WAITALL)) < 12:
+                    raise RuntimeError("the echo process ended")
             t0 = time.thread_time()
             fn(*args)
             total += time.thread_time() - t0
